@@ -1,0 +1,13 @@
+"""gq-loss: the Gradient Quotient loss of *Learning ODIN* and faithful ODIN OOD detection.
+
+Public API (all importable from the top level)::
+
+    from gq_loss import GQLoss, gq_loss, class_gradient_norms, ODINDetector
+    from gq_loss.metrics import ood_metrics
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
