@@ -10,4 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from .kernels import class_gradient_norms
+from .loss import GQLoss, gq_loss
+
+__all__ = ["GQLoss", "__version__", "class_gradient_norms", "gq_loss"]

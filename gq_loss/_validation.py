@@ -1,0 +1,99 @@
+"""Argument checks shared by the public functions: messages name the argument, the expectation
+and the value received."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+NORM_ORDERS: tuple[float, ...] = (1, 2, math.inf)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
+def check_norm_order(p: Any) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or p not in NORM_ORDERS:
+        raise ValueError(f"`p` must be one of 1, 2 or math.inf, got {p!r}")
+    return float(p)
+
+
+def check_optional_int(name: str, value: Any, minimum: int = 1) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int or None, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_inputs(inputs: Any) -> None:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"`inputs` must be a floating-point tensor (its gradient is taken), got {inputs.dtype}"
+        )
+    if inputs.ndim < 2:
+        raise ValueError(
+            f"`inputs` must have shape (B, ...) with at least 2 dimensions, got {tuple(inputs.shape)}"
+        )
+
+
+def check_logits(logits: Any, batch_size: int) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"the model must return a torch.Tensor of logits, got {type(logits).__name__}"
+        )
+    if logits.ndim != 2 or logits.shape[0] != batch_size or not logits.is_floating_point():
+        raise ValueError(
+            f"the model must return floating-point logits of shape (B, N) = ({batch_size}, N), "
+            f"got {tuple(logits.shape)} {logits.dtype}"
+        )
+
+
+def check_class_indices(
+    name: str, index: Any, batch_size: int, num_classes: int, ndim: int
+) -> None:
+    """Checks an int64 index tensor of shape (B,) (ndim=1) or (B, K) (ndim=2) with values in [0, N)."""
+    if not isinstance(index, Tensor):
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor of class indices, got {type(index).__name__}"
+        )
+    if index.dtype != torch.long:
+        raise TypeError(f"`{name}` must hold int64 class indices, got dtype {index.dtype}")
+    expected = "(B,)" if ndim == 1 else "(B, K)"
+    if index.ndim != ndim or index.shape[0] != batch_size:
+        raise ValueError(
+            f"`{name}` must have shape {expected} with B = {batch_size}, got {tuple(index.shape)}"
+        )
+    if index.numel():
+        low, high = (int(v) for v in torch.aminmax(index))
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"`{name}` must hold class indices in [0, {num_classes}) for a model with "
+                f"{num_classes} outputs, got values in [{low}, {high}]"
+            )

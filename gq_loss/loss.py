@@ -1,0 +1,325 @@
+r"""The Gradient Quotient loss (Jevnisek & Avidan, *Learning ODIN*, BMVC 2022, Eq. 7).
+
+Per sample :math:`i` with label :math:`y_i` and :math:`S_j = \mathrm{softmax}(f(x)/T)_j`:
+
+.. math:: \mathrm{GQ}_i = \frac{\lVert \nabla_x S_{y_i}(x_i) \rVert_1}
+                              {\sum_{j \ne y_i} \lVert \nabla_x S_j(x_i) \rVert_1 + \epsilon}
+
+``formulation="reference"`` computes what the authors' public code computes instead: one ratio per
+batch of the L1 norms of the gradients of the *summed* target and non-target logits (two backward
+passes). On softmax that ratio is identically 1 (:math:`\sum_{j \ne y} S_j = 1 - S_y`), so it is
+refused there. ``docs/math.md`` explains the difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import (
+    check_choice,
+    check_class_indices,
+    check_nonnegative,
+    check_norm_order,
+    check_optional_int,
+    check_positive,
+)
+from .kernels import (
+    OPERANDS,
+    Method,
+    Operand,
+    _Job,
+    apply_operand,
+    forward,
+    norms_from_forward,
+    resolve_method,
+)
+
+__all__ = ["ESTIMATORS", "FORMULATIONS", "REDUCTIONS", "GQLoss", "gq_loss"]
+
+Formulation = Literal["paper", "reference"]
+Reduction = Literal["none", "mean", "sum"]
+Estimator = Literal["exact", "sampled"]
+FORMULATIONS: tuple[str, ...] = ("paper", "reference")
+REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
+ESTIMATORS: tuple[str, ...] = ("exact", "sampled")
+
+
+def gq_loss(
+    model: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    p: float = 1,
+    operand: Operand | None = None,
+    formulation: Formulation = "paper",
+    reduction: Reduction = "mean",
+    estimator: Estimator = "exact",
+    num_sampled: int | None = None,
+    method: Method = "auto",
+    chunk_size: int | None = None,
+    eps: float = 1e-12,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+) -> Any:
+    r"""Gradient Quotient of a batch, differentiable w.r.t. the model's parameters.
+
+    Args:
+        model: Maps ``inputs`` ``(B, *)`` to logits ``(B, N)``; used in its current mode. Under
+            DistributedDataParallel pass the wrapped model.
+        inputs: Batch ``(B, *)``, floating point. Not modified.
+        targets: True labels ``(B,)``, int64 in ``[0, N)``.
+        temperature: :math:`T > 0` of the softmax scores.
+        p: Norm order of the input gradients: ``1`` (paper), ``2`` or ``math.inf``.
+        operand: ``"softmax"`` (default for ``paper``, Eq. 7), ``"log_softmax"`` or ``"logits"``
+            (default for ``reference``).
+        formulation: ``"paper"`` (Eq. 7 per sample) or ``"reference"`` (authors' code: one
+            batch-level ratio; ``reduction`` ``"mean"``/``"sum"`` both give that ratio).
+        reduction: ``"none"`` -> ``(B,)``; ``"mean"`` | ``"sum"`` -> scalar.
+        estimator: ``"exact"`` (all N classes) or ``"sampled"``: the target, the
+            ``num_sampled // 2`` most probable other classes exactly, and the rest of
+            ``num_sampled`` drawn from the remaining tail with :math:`q_j \propto S_j`, weighted
+            :math:`1/(m q_j)` (unbiased for the denominator). For large N.
+        num_sampled: :math:`K` classes besides the target for ``estimator="sampled"``.
+        method: How the per-class gradients are computed (see :mod:`gq_loss.kernels`).
+        chunk_size: Classes differentiated at once; bounds peak memory (``method="recompute"``).
+        eps: Added to the denominator so that a zero denominator gives a finite value.
+        generator: Random generator of the sampled estimator.
+        return_logits: Also return the logits ``(B, N)`` of the one forward pass, with their
+            graph, so the training step can add cross-entropy without a second forward.
+
+    Returns:
+        ``(B,)`` or ``()``; ``(loss, logits)`` when ``return_logits``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        >>> x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+        >>> gq, logits = gq_loss(model, x, y, return_logits=True)
+        >>> loss = torch.nn.functional.cross_entropy(logits, y) + 1e-1 * gq
+        >>> loss.backward()
+        >>> bool(0 <= gq <= 1)
+        True
+    """
+    operand_name = _check_options(
+        temperature,
+        p,
+        operand,
+        formulation,
+        reduction,
+        estimator,
+        num_sampled,
+        method,
+        chunk_size,
+        eps,
+    )
+    resolved = resolve_method(method, chunk_size, model)
+    x, logits, rng_state = forward(model, inputs)
+    batch, num_classes = logits.shape
+    check_class_indices("targets", targets, batch, num_classes, ndim=1)
+    with torch.enable_grad():
+        op = apply_operand(logits, operand_name, temperature)
+        if formulation == "reference":
+            value = _reference_ratio(op, x, targets, p, eps)
+        else:
+            columns, weights = _columns(
+                logits, targets, temperature, estimator, num_sampled, generator
+            )
+            job = _Job(
+                model,
+                operand_name,
+                temperature,
+                p,
+                columns,
+                chunk_size,
+                rng_state,
+                inputs.requires_grad,
+            )
+            norms = norms_from_forward(x, op, job, resolved, create_graph=True)
+            value = _quotient(norms, targets, weights, columns is None, eps)
+        value = _reduce(value, reduction, logits)
+    return (value, logits) if return_logits else value
+
+
+class GQLoss(nn.Module):
+    r"""Module twin of :func:`gq_loss`: stores and validates the settings, takes the model per call.
+
+    The model is a call argument, never a submodule, so it does not appear in this module's
+    ``state_dict``. Arguments are those of :func:`gq_loss`.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        >>> criterion = GQLoss(temperature=2.0)
+        >>> criterion(model, torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        p: float = 1,
+        operand: Operand | None = None,
+        formulation: Formulation = "paper",
+        reduction: Reduction = "mean",
+        estimator: Estimator = "exact",
+        num_sampled: int | None = None,
+        method: Method = "auto",
+        chunk_size: int | None = None,
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        _check_options(
+            temperature,
+            p,
+            operand,
+            formulation,
+            reduction,
+            estimator,
+            num_sampled,
+            method,
+            chunk_size,
+            eps,
+        )
+        resolve_method(method, chunk_size, nn.Identity())
+        self.options: dict[str, Any] = dict(
+            temperature=temperature, p=p, operand=operand, formulation=formulation,
+            reduction=reduction, estimator=estimator, num_sampled=num_sampled, method=method,
+            chunk_size=chunk_size, eps=eps,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        model: Callable[[Tensor], Tensor],
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ) -> Any:
+        return gq_loss(
+            model, inputs, targets, generator=generator, return_logits=return_logits, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _check_options(
+    temperature: Any,
+    p: Any,
+    operand: Any,
+    formulation: Any,
+    reduction: Any,
+    estimator: Any,
+    num_sampled: Any,
+    method: Any,
+    chunk_size: Any,
+    eps: Any,
+) -> str:
+    """Validates every setting; returns the operand to use."""
+    check_positive("temperature", temperature)
+    check_norm_order(p)
+    check_choice("formulation", formulation, FORMULATIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_nonnegative("eps", eps)
+    if operand is None:
+        operand = "softmax" if formulation == "paper" else "logits"
+    check_choice("operand", operand, OPERANDS)
+    check_optional_int("num_sampled", num_sampled)
+    if (estimator == "sampled") != (num_sampled is not None):
+        raise ValueError(
+            "`num_sampled` must be given exactly when estimator='sampled', got "
+            f"estimator={estimator!r}, num_sampled={num_sampled!r}"
+        )
+    if formulation == "reference":
+        if operand == "softmax":
+            raise ValueError(
+                "formulation='reference' with operand='softmax' is identically 1 with zero gradient "
+                "(the non-target softmax scores sum to 1 - S_y); use operand='logits' (the "
+                "authors' published models) or formulation='paper'"
+            )
+        if (
+            reduction == "none"
+            or estimator != "exact"
+            or method != "auto"
+            or chunk_size is not None
+        ):
+            raise ValueError(
+                "formulation='reference' is one ratio per batch from two backward passes: it "
+                "takes reduction 'mean'/'sum', estimator='exact', method='auto' and no chunk_size, "
+                f"got reduction={reduction!r}, estimator={estimator!r}, method={method!r}, "
+                f"chunk_size={chunk_size!r}"
+            )
+    return str(operand)
+
+
+def _columns(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    estimator: str,
+    num_sampled: int | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Class columns ``(B, 1 + K)`` (target first) and denominator weights ``(B, K)``.
+
+    ``(None, None)`` means every class, exactly.
+    """
+    num_classes = logits.shape[1]
+    if estimator == "exact" or num_sampled is None or num_sampled >= num_classes - 1:
+        return None, None
+    top_k = num_sampled // 2
+    drawn = num_sampled - top_k
+    with torch.no_grad():
+        z = logits.detach().double() / temperature
+        masked = z.scatter(1, targets[:, None], float("-inf"))
+        top = masked.topk(top_k, dim=1).indices
+        # Proposal over the tail (neither the target nor the top classes), q_j proportional to S_j.
+        q = masked.scatter(1, top, float("-inf")).softmax(dim=1)
+        draws = torch.multinomial(q, drawn, replacement=True, generator=generator)
+        tail_weights = 1.0 / (drawn * q.gather(1, draws))
+        columns = torch.cat([targets[:, None], top, draws], dim=1)
+        weights = torch.cat([tail_weights.new_ones(top.shape), tail_weights], dim=1)
+    return columns, weights
+
+
+def _quotient(
+    norms: Tensor, targets: Tensor, weights: Tensor | None, all_classes: bool, eps: float
+) -> Tensor:
+    if all_classes:
+        numerator = norms.gather(1, targets[:, None]).squeeze(1)
+        denominator = norms.sum(dim=1) - numerator
+    else:
+        numerator = norms[:, 0]
+        denominator = (norms[:, 1:] * weights.to(norms.dtype)).sum(dim=1)  # type: ignore[union-attr]
+    return numerator / (denominator + eps)
+
+
+def _reference_ratio(op: Tensor, x: Tensor, targets: Tensor, p: float, eps: float) -> Tensor:
+    """Authors' formulation: ||grad sum_i o_{y_i}|| / ||grad sum_i sum_{j != y_i} o_j|| (batch)."""
+    target_sum = op.gather(1, targets[:, None]).sum()
+    other_sum = op.sum() - target_sum
+    norms = [
+        torch.linalg.vector_norm(
+            torch.autograd.grad(s, x, retain_graph=True, create_graph=True, materialize_grads=True)[
+                0
+            ].flatten(),
+            ord=p,
+        )
+        for s in (target_sum, other_sum)
+    ]
+    numerator, denominator = norms
+    return numerator / (denominator + eps)
+
+
+def _reduce(value: Tensor, reduction: str, logits: Tensor) -> Tensor:
+    if value.ndim == 0 or reduction == "none":
+        return value
+    if value.numel() == 0:
+        # Empty batch: 0, still connected to the parameters so backward() works.
+        return logits.sum() * 0.0
+    return value.mean() if reduction == "mean" else value.sum()
