@@ -180,7 +180,8 @@ def norms_from_forward(x: Tensor, op: Tensor, job: _Job, method: str, create_gra
         return _norms_loop(op, x, job.columns, job.p, create_graph)
     norms = _norms_loop(op, x, job.columns, job.p, create_graph=False)
     params = [q for q in _unwrap(job.model).parameters() if q.requires_grad]
-    return _RecomputeNorms.apply(norms, job, x, *params)  # type: ignore[no-any-return]
+    out: Tensor = _RecomputeNorms.apply(norms, job, x, *params)
+    return out
 
 
 def _norm_rows(grad: Tensor, p: float) -> Tensor:
@@ -300,8 +301,7 @@ class _RecomputeNorms(torch.autograd.Function):
                 "method='recompute' replays the forward pass and needs the original parameters"
             )
         model = _unwrap(job.model)
-        want = ([x] if job.input_grad else []) + list(params)
-        total_grads: list[Tensor | None] = [None] * len(want)
+        total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
         with torch.enable_grad(), _replay(model, job.rng_state, x.device):
             xr = x.detach().requires_grad_(True)
             sel = _selected(apply_operand(model(xr), job.operand, job.temperature), job.columns)
@@ -309,17 +309,13 @@ class _RecomputeNorms(torch.autograd.Function):
             width = sel.shape[1]
             step = job.chunk_size or max(width, 1)
             for start in range(0, width, step):
-                weighted = sum(
-                    (
-                        grad_norms[:, k] * _norm_rows(_input_grad(sel[:, k].sum(), xr, True), job.p)
-                    ).sum()
+                # Only this chunk's double-backward graph is alive; the forward graph is reused.
+                terms = [
+                    grad_norms[:, k] @ _norm_rows(_input_grad(sel[:, k].sum(), xr, True), job.p)
                     for k in range(start, min(start + step, width))
-                )
+                ]
                 grads = torch.autograd.grad(
-                    weighted,
-                    targets,
-                    retain_graph=True,
-                    allow_unused=True,
+                    torch.stack(terms).sum(), targets, retain_graph=True, allow_unused=True
                 )
                 total_grads = [
                     g if t is None else (t if g is None else t + g)
