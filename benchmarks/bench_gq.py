@@ -1,0 +1,192 @@
+"""Training-step cost of the Gradient Quotient, as ratios to a plain cross-entropy step.
+
+Every row is a full training step on the same model and batch (forward, loss, backward; no
+optimiser step), timed side by side in one process with interleaved repeats; the table gives
+medians and the ratios to the CE step and to a plainly written per-class loop. ``--memory`` runs
+each configuration in a fresh subprocess and reports the step's peak resident memory above the
+process's memory before the step (CPU; on CUDA the allocator's peak).
+
+    python benchmarks/bench_gq.py                         # small CNN and ResNet-18, N = 10 and 100
+    python benchmarks/bench_gq.py --models small_cnn --classes 100 --memory --chunk-sizes 5 10 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from models import build_model  # noqa: E402
+
+from gq_loss import gq_loss  # noqa: E402
+
+LAM = 1.0  # any non-zero weight: the cost does not depend on it
+
+
+def naive_loop_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Eq. 7 as a user would write it: one autograd.grad(create_graph=True) per class."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    probs = logits.softmax(dim=1)
+    norms = torch.stack(
+        [
+            torch.autograd.grad(probs[:, j].sum(), x, create_graph=True)[0].abs().flatten(1).sum(1)
+            for j in range(probs.shape[1])
+        ],
+        dim=1,
+    )
+    num = norms.gather(1, y[:, None]).squeeze(1)
+    gq = (num / (norms.sum(1) - num + 1e-12)).mean()
+    (F.cross_entropy(logits, y) + LAM * gq).backward()
+
+
+def make_steps(chunk_sizes: list[int], num_classes: int) -> dict[str, Callable[..., None]]:
+    def ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        F.cross_entropy(model(x), y).backward()
+
+    def gq(**options: object) -> Callable[..., None]:
+        def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+            value, logits = gq_loss(model, x, y, return_logits=True, **options)  # type: ignore[arg-type]
+            (F.cross_entropy(logits, y) + LAM * value).backward()
+
+        return step
+
+    steps: dict[str, Callable[..., None]] = {
+        "ce": ce,
+        "naive_loop": naive_loop_step,
+        "auto": gq(),
+        "loop": gq(method="loop"),
+        "batched": gq(method="batched"),
+    }
+    for c in chunk_sizes:
+        if c < num_classes:
+            steps[f"recompute_c{c}"] = gq(method="recompute", chunk_size=c)
+    steps["reference"] = gq(formulation="reference")
+    if num_classes > 11:
+        steps["sampled_k10"] = gq(estimator="sampled", num_sampled=10)
+    return steps
+
+
+def setup(name: str, num_classes: int, batch: int, device: str) -> tuple:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes).to(device).train()
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    return model, x, y
+
+
+def run_once(step: Callable[..., None], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(model, x, y)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_table(args: argparse.Namespace, name: str, num_classes: int, batch: int) -> list[dict]:
+    model, x, y = setup(name, num_classes, batch, args.device)
+    steps = make_steps(args.chunk_sizes, num_classes)
+    if args.only:
+        steps = {k: v for k, v in steps.items() if k in args.only or k == "ce"}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for k, step in steps.items():  # warm-up
+        run_once(step, model, x, y)
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every row alike
+        for k, step in steps.items():
+            times[k].append(run_once(step, model, x, y))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for k in steps:
+        rows.append(
+            dict(model=name, N=num_classes, batch=batch, step=k, ms=1e3 * med[k],
+                 x_ce=med[k] / med["ce"],
+                 x_naive=med[k] / med["naive_loop"] if "naive_loop" in med else float("nan"))
+        )  # fmt: skip
+    return rows
+
+
+def memory_probe(name: str, num_classes: int, batch: int, step_name: str, chunks: list[int]) -> None:
+    """Runs one step in this (fresh) process; prints its peak memory above the pre-step level."""
+    model, x, y = setup(name, num_classes, batch, "cpu")
+    step = make_steps(chunks, num_classes)[step_name]
+    run_once(make_steps([], num_classes)["ce"], model, x, y)
+    model.zero_grad(set_to_none=True)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    run_once(step, model, x, y)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_mib": max(peak - before, 0) / 2**20}))
+
+
+def memory_table(args: argparse.Namespace, name: str, num_classes: int, batch: int) -> list[dict]:
+    names = ["ce", "naive_loop", "loop", "auto"] + [
+        f"recompute_c{c}" for c in args.chunk_sizes if c < num_classes
+    ]
+    if num_classes > 11:
+        names.append("sampled_k10")
+    rows = []
+    for step_name in names:
+        out = subprocess.run(
+            [sys.executable, __file__, "--_probe", name, str(num_classes), str(batch), step_name,
+             *map(str, args.chunk_sizes)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rows.append(dict(model=name, N=num_classes, batch=batch, step=step_name,
+                         peak_mib=json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]))  # fmt: skip
+    return rows
+
+
+def print_markdown(rows: list[dict], columns: list[str]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+        print("| " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"])
+    parser.add_argument("--classes", nargs="+", type=int, default=[10, 100])
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of the small CNN")
+    parser.add_argument("--resnet-batch-size", type=int, default=16, help="batch of the ResNets")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[10, 25])
+    parser.add_argument("--only", nargs="+", help="time only these rows (and ce)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (CPU)")
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--_probe", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._probe:
+        name, n, b, step_name, *chunks = args._probe
+        memory_probe(name, int(n), int(b), step_name, [int(c) for c in chunks])
+        return
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    for name in args.models:
+        batch = args.batch_size if name.startswith("small") else args.resnet_batch_size
+        for n in args.classes:
+            if not args.no_timing:
+                print(f"\n### {name}, N={n}, batch {batch}: median of {args.repeats} interleaved steps")
+                print_markdown(time_table(args, name, n, batch), ["step", "ms", "x_ce", "x_naive"])
+            if args.memory and args.device == "cpu":
+                print(f"\n### {name}, N={n}, batch {batch}: peak memory of one step above the pre-step RSS")
+                print_markdown(memory_table(args, name, n, batch), ["step", "peak_mib"])
+
+
+if __name__ == "__main__":
+    main()
