@@ -12,5 +12,14 @@ __version__ = "0.1.0"
 
 from .kernels import class_gradient_norms
 from .loss import GQLoss, gq_loss
+from .scores import MahalanobisScore, energy_score, msp_score
 
-__all__ = ["GQLoss", "__version__", "class_gradient_norms", "gq_loss"]
+__all__ = [
+    "GQLoss",
+    "MahalanobisScore",
+    "__version__",
+    "class_gradient_norms",
+    "energy_score",
+    "gq_loss",
+    "msp_score",
+]

@@ -1,0 +1,306 @@
+"""Baseline OOD scores against direct float64 formulas and a plain numpy Mahalanobis."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gq_loss.scores import PINV_RTOL, MahalanobisScore, energy_score, msp_score
+
+# --------------------------------------------------------------------------- MSP and energy
+
+
+def _msp_ref(row: list[float], t: float) -> float:
+    exps = [math.exp((v - max(row)) / t) for v in row]
+    return max(exps) / math.fsum(exps)
+
+
+def _energy_ref(row: list[float], t: float) -> float:
+    m = max(row)
+    return m + t * math.log(math.fsum(math.exp((v - m) / t) for v in row))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0, 1000.0])
+def test_msp_and_energy_match_direct_formulas(temperature: float) -> None:
+    logits = torch.randn(7, 5, dtype=torch.float64) * 20.0
+    msp, energy = msp_score(logits, temperature), energy_score(logits, temperature=temperature)
+    assert msp.shape == energy.shape == (7,)
+    assert msp.dtype == energy.dtype == torch.float64
+    rows = logits.tolist()
+    want_msp = torch.tensor([_msp_ref(r, temperature) for r in rows], dtype=torch.float64)
+    want_energy = torch.tensor([_energy_ref(r, temperature) for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(msp, want_msp, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(energy, want_energy, rtol=1e-12, atol=1e-12)
+
+
+def test_scores_order_in_distribution_higher() -> None:
+    confident, flat = [10.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    logits = torch.tensor([confident, flat])
+    assert msp_score(logits)[0] > msp_score(logits)[1]
+    assert energy_score(logits)[0] > energy_score(logits)[1]
+
+
+def test_half_precision_logits_score_in_float32() -> None:
+    logits = torch.randn(4, 3).half()
+    for fn in (msp_score, energy_score):
+        out = fn(logits, 2.0)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, fn(logits.float(), 2.0))
+
+
+def test_empty_batch() -> None:
+    assert msp_score(torch.zeros(0, 3)).shape == (0,)
+    assert energy_score(torch.zeros(0, 3)).shape == (0,)
+
+
+@pytest.mark.parametrize("fn", [msp_score, energy_score])
+def test_logit_score_validation(fn) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TypeError, match=r"`logits` must be a torch.Tensor, got list"):
+        fn([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"`logits` must have shape \(B, N\).*got \(3,\)"):
+        fn(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"`logits` must have shape \(B, N\).*got \(2, 0\)"):
+        fn(torch.zeros(2, 0))
+    with pytest.raises(TypeError, match=r"`logits` must be floating point, got dtype torch.int64"):
+        fn(torch.zeros(2, 3, dtype=torch.long))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0"):
+            fn(torch.zeros(2, 3), bad)
+    for bad_type in (True, "1.0", None):
+        with pytest.raises(TypeError, match=r"`temperature` must be a real number > 0"):
+            fn(torch.zeros(2, 3), bad_type)
+
+
+# --------------------------------------------------------------------------- Mahalanobis
+
+
+def _maha_ref(
+    train: np.ndarray, labels: np.ndarray, test: np.ndarray, ridge: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means, tied MLE covariance and scores, one class and one sample at a time."""
+    classes = np.unique(labels)
+    means = np.stack([train[labels == c].mean(axis=0) for c in classes])
+    dim = train.shape[1]
+    cov = np.zeros((dim, dim))
+    for f, c in zip(train, labels):
+        d = f - means[c]
+        cov += np.outer(d, d)
+    cov /= len(train)
+    ridged = cov + ridge * np.eye(dim)
+    if np.linalg.matrix_rank(ridged) == dim:
+        prec = np.linalg.inv(ridged)
+    else:
+        prec = np.linalg.pinv(ridged, rtol=PINV_RTOL, hermitian=True)
+    scores = [-min((f - mu) @ prec @ (f - mu) for mu in means) for f in test]
+    return means, cov, np.array(scores)
+
+
+def _blobs(n: int = 60, dim: int = 4, classes: int = 3) -> tuple[Tensor, Tensor]:
+    y = torch.arange(n) % classes
+    x = torch.randn(n, dim, dtype=torch.float64) + 3.0 * torch.randn(classes, dim)[y].double()
+    return x, y
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_mahalanobis_feature_fn_matches_numpy(ridge: float) -> None:
+    model = _mlp()
+    x, y = _blobs()
+    x_test = torch.randn(15, 4, dtype=torch.float64) * 3.0
+
+    def body(t: Tensor) -> Tensor:
+        return model[1](model[0](t))
+
+    # uneven batches exercise the streaming mean/scatter merge
+    batches = [(x[:7], y[:7]), (x[7:8], y[7:8]), (x[8:40], y[8:40]), (x[40:], y[40:])]
+    maha = MahalanobisScore(feature_fn=body, ridge=ridge).fit(batches)
+    with torch.no_grad():
+        feats, feats_test = body(x).numpy(), body(x_test).numpy()
+    means, cov, want = _maha_ref(feats, y.numpy(), feats_test, ridge)
+    assert maha.means_ is not None and maha.covariance_ is not None
+    np.testing.assert_allclose(maha.means_.numpy(), means, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(maha.covariance_.numpy(), cov, rtol=1e-10, atol=1e-13)
+    got = maha.score(x_test)
+    assert got.shape == (15,) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
+    assert maha.class_counts_ is not None and maha.class_counts_.tolist() == [20, 20, 20]
+    # same fit from one (inputs, labels) tuple and from a DataLoader
+    one = MahalanobisScore(feature_fn=body, ridge=ridge).fit((x, y))
+    loader = DataLoader(TensorDataset(x, y), batch_size=9)
+    np.testing.assert_allclose(one.score(x_test).numpy(), want, rtol=1e-9, atol=1e-9)
+    from_loader = MahalanobisScore(feature_fn=body, ridge=ridge).fit(loader)
+    np.testing.assert_allclose(from_loader(x_test).numpy(), want, rtol=1e-9, atol=1e-9)
+
+
+def test_mahalanobis_singular_covariance_uses_pseudo_inverse() -> None:
+    # 5 samples in 8 dimensions: covariance rank <= 3
+    x = torch.randn(5, 8, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 1])
+    x_test = torch.randn(6, 8, dtype=torch.float64)
+    got = MahalanobisScore(feature_fn=lambda t: t).fit((x, y)).score(x_test)
+    *_, want = _maha_ref(x.numpy(), y.numpy(), x_test.numpy())
+    assert np.isfinite(got.numpy()).all()
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-8, atol=1e-8)
+
+
+def test_mahalanobis_labels_growing_across_batches() -> None:
+    x, y = _blobs(n=30)
+    order = torch.argsort(y, stable=True)  # first batches only see class 0
+    x, y = x[order], y[order]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 30, 4)]
+    got = MahalanobisScore(feature_fn=lambda t: t).fit(batches).score(x[:5])
+    *_, want = _maha_ref(x.numpy(), y.numpy(), x[:5].numpy())
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Dropout(0.5))
+        self.avgpool = nn.Identity()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.avgpool(self.body(x).view(-1, 5, 1)).flatten(1))
+
+
+def test_mahalanobis_layer_hook_matches_numpy_and_leaves_no_trace() -> None:
+    net = _Net().double()
+    with torch.no_grad():  # non-trivial running stats: eval-mode BN must use them
+        net.body[1].running_mean.uniform_(-1, 1)
+        net.body[1].running_var.uniform_(0.5, 2)
+    net.train()
+    net.body[1].eval()  # mixed modes must come back exactly
+    modes = {name: m.training for name, m in net.named_modules()}
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = _blobs()
+    x_test = torch.randn(9, 4, dtype=torch.float64)
+
+    maha = MahalanobisScore(net, layer="avgpool").fit(DataLoader(TensorDataset(x, y), 16))
+    got = maha.score(DataLoader(TensorDataset(x_test, torch.zeros(9, dtype=torch.long)), 4))
+
+    assert {name: m.training for name, m in net.named_modules()} == modes
+    assert all(not m._forward_hooks for m in net.modules())
+    assert all(p.grad is None for p in net.parameters())
+    for k, v in net.state_dict().items():  # eval mode: BN statistics untouched
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    net.eval()
+    with torch.no_grad():
+        feats, feats_test = net.body(x).numpy(), net.body(x_test).numpy()
+    *_, want = _maha_ref(feats, y.numpy(), feats_test)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(maha.score(x_test), got, rtol=1e-12, atol=1e-12)
+
+
+def test_mahalanobis_restores_mode_and_hook_when_forward_fails() -> None:
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.feat = nn.Linear(2, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.feat(x)
+            raise RuntimeError("boom")
+
+    net = Failing().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        MahalanobisScore(net, layer="feat").fit((torch.randn(3, 2), torch.tensor([0, 1, 0])))
+    assert net.training and net.feat.training
+    assert not net.feat._forward_hooks
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_mahalanobis_validation_errors() -> None:
+    net, x, y = _mlp(), *_blobs()
+    ident = lambda t: t  # noqa: E731
+    with pytest.raises(ValueError, match=r"pass exactly one of `feature_fn` or `layer`"):
+        MahalanobisScore(net)
+    with pytest.raises(ValueError, match=r"pass exactly one of `feature_fn` or `layer`"):
+        MahalanobisScore(net, layer="0", feature_fn=ident)
+    with pytest.raises(ValueError, match=r"`layer='0'` needs `model`, got model=None"):
+        MahalanobisScore(layer="0")
+    with pytest.raises(ValueError, match=r"`layer` 'fc' is not a submodule of `model`"):
+        MahalanobisScore(net, layer="fc")
+    with pytest.raises(TypeError, match=r"`layer` must be a submodule name \(str\), got 0"):
+        MahalanobisScore(net, layer=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module or None, got str"):
+        MahalanobisScore("net", feature_fn=ident)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`feature_fn` must be callable, got int"):
+        MahalanobisScore(feature_fn=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`ridge` must be finite and >= 0, got -0.1"):
+        MahalanobisScore(feature_fn=ident, ridge=-0.1)
+    with pytest.raises(TypeError, match=r"`ridge` must be a real number >= 0, got True"):
+        MahalanobisScore(feature_fn=ident, ridge=True)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=r"`num_classes` must be a positive int or None"):
+            MahalanobisScore(feature_fn=ident, num_classes=bad)  # type: ignore[arg-type]
+
+    maha = MahalanobisScore(feature_fn=ident)
+    with pytest.raises(RuntimeError, match=r"not fitted: call `fit\(id_train_data\)` first"):
+        maha.score(x)
+    with pytest.raises(ValueError, match=r"classes \[1\] have none"):
+        maha.fit((x[:4], torch.tensor([0, 2, 2, 0])))
+    with pytest.raises(ValueError, match=r"classes \[3\] have none"):
+        MahalanobisScore(feature_fn=ident, num_classes=4).fit((x, y))
+    with pytest.raises(ValueError, match=r"`labels` must be < num_classes=2, got 2"):
+        MahalanobisScore(feature_fn=ident, num_classes=2).fit((x, y))
+    with pytest.raises(TypeError, match=r"`labels` must be an integer tensor \(B,\), got list"):
+        maha.fit([(x, [0] * len(x))])
+    with pytest.raises(TypeError, match=r"`labels` must be an integer tensor.*torch.float64"):
+        maha.fit([(x, y.double())])
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(60,\), got \(59,\)"):
+        maha.fit((x, y[1:]))
+    with pytest.raises(ValueError, match=r"`labels` must be >= 0, got -1"):
+        maha.fit((x[:2], torch.tensor([0, -1])))
+    with pytest.raises(TypeError, match=r"`data` needs labels: pass \(inputs, labels\)"):
+        maha.fit(x)
+    with pytest.raises(TypeError, match=r"each batch of `data` must be \(inputs, labels, ...\)"):
+        maha.fit([x])
+    with pytest.raises(ValueError, match=r"`data` must contain at least one sample, got none"):
+        maha.fit([])
+    with pytest.raises(ValueError, match=r"features changed size from 4 to 3"):
+        maha.fit([(x[:5], y[:5]), (x[5:, :3], y[5:])])
+    with pytest.raises(TypeError, match=r"`inputs` must be a torch.Tensor, got ndarray"):
+        maha.fit((x, y)).score(x.numpy())
+    with pytest.raises(ValueError, match=r"features have size 3, but the score was fitted on 4"):
+        maha.score(x[:, :3])
+    with pytest.raises(ValueError, match=r"`inputs` must contain at least one batch, got none"):
+        maha.score([])
+
+    for fn, msg in (
+        (
+            lambda t: t[:, 0],
+            r"`feature_fn` must produce features \(B, D\) with B=60, got shape \(60,\)",
+        ),
+        (
+            lambda t: t[1:],
+            r"`feature_fn` must produce features \(B, D\) with B=60, got shape \(59, 4\)",
+        ),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            MahalanobisScore(feature_fn=fn).fit((x, y))
+    with pytest.raises(TypeError, match=r"`feature_fn` must produce a Tensor, got tuple"):
+        MahalanobisScore(feature_fn=lambda t: (t,)).fit((x, y))  # type: ignore[arg-type,return-value]
+
+    class TupleOut(nn.Module):
+        def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+            return t, t
+
+    tuple_net = nn.Sequential(TupleOut())
+    with pytest.raises(TypeError, match=r"`layer` '0' must produce a Tensor, got tuple"):
+        MahalanobisScore(tuple_net, layer="0").fit((x, y))
+    unused = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
+    unused.forward = lambda t: unused["used"](t)
+    with pytest.raises(RuntimeError, match=r"`layer` 'unused' did not run in model\(inputs\)"):
+        MahalanobisScore(unused, layer="unused").fit((x.float(), y))
+    assert not unused["unused"]._forward_hooks
