@@ -267,3 +267,9 @@ def test_validation_errors() -> None:
         fpr_at_tpr(good, good, rule="linear")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`fpr_rule` must be one of \('first', 'interpolate'\)"):
         ood_metrics(good, good, fpr_rule="last")  # type: ignore[arg-type]
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_are_accepted() -> None:
+    id_s, ood_s = torch.randn(100, dtype=torch.float64) + 1, torch.randn(80, dtype=torch.float64)
+    assert ood_metrics(id_s.cuda(), ood_s.cuda()) == ood_metrics(id_s, ood_s)

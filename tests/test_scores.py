@@ -304,3 +304,20 @@ def test_mahalanobis_validation_errors() -> None:
     with pytest.raises(RuntimeError, match=r"`layer` 'unused' did not run in model\(inputs\)"):
         MahalanobisScore(unused, layer="unused").fit((x.float(), y))
     assert not unused["unused"]._forward_hooks
+
+
+@pytest.mark.cuda
+def test_mahalanobis_and_logit_scores_on_cuda_match_cpu() -> None:
+    net = _Net().double().eval()
+    x, y = _blobs()
+    cpu = MahalanobisScore(net, layer="avgpool").fit((x, y)).score(x[:10])
+    gpu_net = _Net().double().eval()
+    gpu_net.load_state_dict(net.state_dict())
+    gpu_net.cuda()
+    # CPU batches are moved to the model's device; statistics live on the feature device
+    gpu = MahalanobisScore(gpu_net, layer="avgpool").fit((x, y)).score(x[:10])
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    for fn in (msp_score, energy_score):
+        torch.testing.assert_close(fn(logits.cuda(), 2.0).cpu(), fn(logits, 2.0))
