@@ -12,11 +12,13 @@ __version__ = "0.1.0"
 
 from .kernels import class_gradient_norms
 from .loss import GQLoss, gq_loss
+from .odin import ODINDetector
 from .scores import MahalanobisScore, energy_score, msp_score
 
 __all__ = [
     "GQLoss",
     "MahalanobisScore",
+    "ODINDetector",
     "__version__",
     "class_gradient_norms",
     "energy_score",
