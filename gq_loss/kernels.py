@@ -1,33 +1,26 @@
 r"""Per-class input-gradient norms, the cost centre of the Gradient Quotient.
 
-For a classifier :math:`f`, an operand :math:`o` (softmax, log-softmax or logits, all at
-temperature :math:`T`), every sample :math:`i` and class :math:`j`:
+For a classifier $f$, an operand $o$ (softmax, log-softmax or logits, all at temperature $T$),
+every sample $i$ and class $j$:
 
-.. math:: n_{ij} = \lVert \nabla_{x} \textstyle\sum_{k} o_j(x_k) \rVert_p \text{ restricted to row } i .
+$$ n_{ij} = \Big\lVert \Big[\nabla_{x} \textstyle\sum_{k} o_j(x_k)\Big]_i \Big\rVert_p . $$
 
-Every method differentiates the *batch sum* of class :math:`j`. For models whose samples are
-independent (eval-mode BatchNorm, no batch coupling) row :math:`i` of that gradient is exactly
-:math:`\nabla_{x_i} o_j(x_i)`. With train-mode BatchNorm the samples are coupled through the batch
-statistics and row :math:`i` also holds :math:`\nabla_{x_i} o_j(x_k)` for :math:`k \ne i`; that
-batch-sum definition is what this package computes (and what the authors' code differentiated).
+Every method differentiates the *batch sum* of class $j$. For models whose samples are
+independent (eval-mode BatchNorm, no batch coupling) row $i$ of that gradient is exactly
+$\nabla_{x_i} o_j(x_i)$. With train-mode BatchNorm the samples are coupled through the batch
+statistics and row $i$ also holds $\nabla_{x_i} o_j(x_k)$ for $k \ne i$; that batch-sum
+definition is what this package computes (and what the authors' code differentiated).
 
-Methods (all exact, same result, chosen by ``method``):
+Methods (all exact, same result):
 
-========== ============================================== ===================================
-method     how                                            peak memory with ``create_graph``
-========== ============================================== ===================================
-loop       one forward, one ``autograd.grad`` per class    grows with N: every class's
-                                                          double-backward graph lives until
-                                                          ``backward()``
-recompute  pass 1: the norms without a graph; backward     forward + ``chunk_size`` classes
-           recomputes the forward once and differentiates
-           ``chunk_size`` classes at a time
-batched    ``autograd.grad(is_grads_batched=True)`` over   like loop; for accelerators
-           ``chunk_size`` classes at a time (vmap)
-========== ============================================== ===================================
+| method | how | peak memory when training through the norms |
+|---|---|---|
+| `loop` | one forward, one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
+| `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
+| `batched` | `autograd.grad(is_grads_batched=True)` (vmap) over `chunk_size` classes at a time | like `loop`; meant for accelerators |
 
-``method="auto"`` picks ``recompute`` when ``chunk_size`` is given and ``loop`` otherwise
-(on the 2-core CPU ``loop`` was the fastest exact method; see ``docs/benchmarks.md``).
+`method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise; on the 2-core
+CPU `loop` was the fastest exact method (`docs/benchmarks.md`).
 """
 
 from __future__ import annotations
@@ -72,15 +65,15 @@ def class_gradient_norms(
 ) -> Tensor:
     r"""Input-gradient norm of every class's operand, per sample.
 
-    .. math:: n_{ij} = \lVert \nabla_{x_i} o_j(x_i) \rVert_p, \quad
-              o = \mathrm{softmax}(f(x)/T),\ \log\mathrm{softmax}(f(x)/T)\ \text{or}\ f(x)/T
+    $$ n_{ij} = \lVert \nabla_{x_i} o_j(x_i) \rVert_p, \qquad
+       o = \mathrm{softmax}(f(x)/T),\ \log\mathrm{softmax}(f(x)/T)\ \text{or}\ f(x)/T $$
 
     Args:
         model: Maps ``inputs`` ``(B, *)`` to logits ``(B, N)``. An ``nn.Module`` is needed for
             ``method="recompute"``. Its train/eval mode is used as it is.
         inputs: Batch ``(B, *)``, floating point. Not modified; its ``.grad`` is not touched.
         operand: ``"softmax"``, ``"log_softmax"`` or ``"logits"``, all at ``temperature``.
-        temperature: :math:`T > 0`.
+        temperature: $T > 0$.
         p: Norm order over all input elements of a sample: ``1``, ``2`` or ``math.inf``.
         classes: Optional int64 ``(B, K)``: compute only column ``classes[i, k]`` for sample ``i``.
         create_graph: Keep the graph so the norms can be differentiated w.r.t. the parameters

@@ -1,14 +1,14 @@
 r"""The Gradient Quotient loss (Jevnisek & Avidan, *Learning ODIN*, BMVC 2022, Eq. 7).
 
-Per sample :math:`i` with label :math:`y_i` and :math:`S_j = \mathrm{softmax}(f(x)/T)_j`:
+Per sample $i$ with label $y_i$ and $S_j = \mathrm{softmax}(f(x)/T)_j$:
 
-.. math:: \mathrm{GQ}_i = \frac{\lVert \nabla_x S_{y_i}(x_i) \rVert_1}
-                              {\sum_{j \ne y_i} \lVert \nabla_x S_j(x_i) \rVert_1 + \epsilon}
+$$ \mathrm{GQ}_i = \frac{\lVert \nabla_x S_{y_i}(x_i) \rVert_1}
+                       {\sum_{j \ne y_i} \lVert \nabla_x S_j(x_i) \rVert_1 + \epsilon} $$
 
-``formulation="reference"`` computes what the authors' public code computes instead: one ratio per
+`formulation="reference"` computes what the authors' public code computes instead: one ratio per
 batch of the L1 norms of the gradients of the *summed* target and non-target logits (two backward
-passes). On softmax that ratio is identically 1 (:math:`\sum_{j \ne y} S_j = 1 - S_y`), so it is
-refused there. ``docs/math.md`` explains the difference.
+passes). On softmax that ratio is identically 1 ($\sum_{j \ne y} S_j = 1 - S_y$), so it is
+refused there. `docs/math.md` explains the difference.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def gq_loss(
             DistributedDataParallel pass the wrapped model.
         inputs: Batch ``(B, *)``, floating point. Not modified.
         targets: True labels ``(B,)``, int64 in ``[0, N)``.
-        temperature: :math:`T > 0` of the softmax scores.
+        temperature: $T > 0$ of the softmax scores.
         p: Norm order of the input gradients: ``1`` (paper), ``2`` or ``math.inf``.
         operand: ``"softmax"`` (default for ``paper``, Eq. 7), ``"log_softmax"`` or ``"logits"``
             (default for ``reference``).
@@ -81,10 +81,10 @@ def gq_loss(
         reduction: ``"none"`` -> ``(B,)``; ``"mean"`` | ``"sum"`` -> scalar.
         estimator: ``"exact"`` (all N classes) or ``"sampled"``: the target, the
             ``num_sampled // 2`` most probable other classes exactly, and the rest of
-            ``num_sampled`` drawn from the remaining tail with :math:`q_j \propto S_j`, weighted
-            :math:`1/(m q_j)` (unbiased for the denominator). For large N.
-        num_sampled: :math:`K` classes besides the target for ``estimator="sampled"``.
-        method: How the per-class gradients are computed (see :mod:`gq_loss.kernels`).
+            ``num_sampled`` drawn from the remaining tail with $q_j \propto S_j$, weighted
+            $1/(m q_j)$ (unbiased for the denominator). For large N.
+        num_sampled: $K$ classes besides the target for ``estimator="sampled"``.
+        method: How the per-class gradients are computed (see `gq_loss.kernels`).
         chunk_size: Classes differentiated at once; bounds peak memory (``method="recompute"``).
         eps: Added to the denominator so that a zero denominator gives a finite value.
         generator: Random generator of the sampled estimator.
@@ -144,10 +144,10 @@ def gq_loss(
 
 
 class GQLoss(nn.Module):
-    r"""Module twin of :func:`gq_loss`: stores and validates the settings, takes the model per call.
+    r"""Module twin of `gq_loss`: stores and validates the settings, takes the model per call.
 
     The model is a call argument, never a submodule, so it does not appear in this module's
-    ``state_dict``. Arguments are those of :func:`gq_loss`.
+    ``state_dict``. Arguments are those of `gq_loss`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
