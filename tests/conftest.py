@@ -3,6 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The tests use tiny tensors: one intra-op thread avoids thread start-up and oversubscription
+# costs that make them several times slower on a 2-core machine.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
