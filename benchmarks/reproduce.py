@@ -83,7 +83,7 @@ def grad_share(model: torch.nn.Module, criterion: GQLoss, x: torch.Tensor, y: to
     g_ce = torch.autograd.grad(F.cross_entropy(logits, y), params, retain_graph=True, allow_unused=True)
     g_gq = torch.autograd.grad(gq, params, allow_unused=True)
     norm = lambda gs: math.sqrt(sum(float(g.pow(2).sum()) for g in gs if g is not None))  # noqa: E731
-    return float(gq), lam * norm(g_gq) / max(norm(g_ce), 1e-30)
+    return float(gq.detach()), lam * norm(g_gq) / max(norm(g_ce), 1e-30)
 
 
 def train_epochs(model: torch.nn.Module, train: Any, epochs: int, lr: float, seed: int, form: str,
@@ -129,9 +129,12 @@ def train_epochs(model: torch.nn.Module, train: Any, epochs: int, lr: float, see
     return log
 
 
-def pretrained(args: argparse.Namespace, seed: int, train: Any) -> dict:
-    """The CE pre-training shared by every arm of a seed (cached on disk)."""
+def pretrained(args: argparse.Namespace, seed: int, train: Any, wait: bool = False) -> dict:
+    """The CE pre-training shared by every arm of a seed (cached on disk; with ``wait``, another
+    worker is computing it)."""
     path = os.path.join(args.out_dir, "pretrain", f"seed{seed}.pt")
+    while wait and not os.path.isfile(path):
+        time.sleep(5)
     if not os.path.isfile(path):
         print(f"pre-training seed {seed}: {args.pretrain_epochs} CE epochs", flush=True)
         torch.manual_seed(seed)
@@ -148,7 +151,7 @@ def pretrained(args: argparse.Namespace, seed: int, train: Any) -> dict:
 def train_run(args: argparse.Namespace, form: str, lam: float, seed: int, train: Any) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
     model = build_model(args.arch, 10)
-    base = pretrained(args, seed, train) if args.pretrain_epochs else None
+    base = pretrained(args, seed, train, wait=args.workers > 1) if args.pretrain_epochs else None
     if base is not None:
         model.load_state_dict(base["model"])
     start = time.perf_counter()
@@ -309,6 +312,8 @@ def write_figures(args: argparse.Namespace, runs: dict[str, dict[int, dict]], ar
 def run_grid(args: argparse.Namespace, grid: list, train: Any, test: Any, oods: dict) -> None:
     """Trains and evaluates the grid items ``k`` with ``k % workers == worker``; skips finished ones."""
     t0 = time.perf_counter()
+    for seed in args.seeds[args.worker :: args.workers] if args.pretrain_epochs else []:
+        pretrained(args, seed, train)  # this worker's share of the pre-training
     for k, ((arm, form, lam), seed) in enumerate(grid):
         path = os.path.join(args.out_dir, arm, f"seed{seed}.json")
         if k % args.workers != args.worker or os.path.isfile(path):
@@ -356,8 +361,6 @@ def main() -> None:
             run_grid(args, grid, train, test, ood_sets(args.data_dir, args.ood_size))
             return
         start = time.perf_counter()
-        for seed in args.seeds if args.pretrain_epochs else []:
-            pretrained(args, seed, train)
         if args.workers == 1:
             args.worker = 0
             run_grid(args, grid, train, test, ood_sets(args.data_dir, args.ood_size))
