@@ -1,0 +1,511 @@
+"""class_gradient_norms against brute-force float64 references, identities, side effects, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import pytest
+import torch
+from _oracles import (
+    VARIANTS,
+    Flat,
+    Shifted,
+    batch_sum_norms,
+    brute_norms,
+    buffers,
+    input_shape,
+    make_model,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from gq_loss import class_gradient_norms
+from gq_loss.kernels import METHODS, OPERANDS
+
+F64 = torch.float64
+NORMS = (1, 2, math.inf)
+HYPO = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def test_variants_cover_every_method() -> None:
+    assert {m for m, _ in VARIANTS} == set(METHODS)
+    assert set(OPERANDS) == {"softmax", "log_softmax", "logits"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def param_grads(model: nn.Module, out: Tensor, weights: Tensor) -> list[Tensor]:
+    """d/dtheta sum(weights * out); zeros where a parameter is not reached."""
+    params = list(model.parameters())
+    if not out.requires_grad:
+        return [torch.zeros_like(q) for q in params]
+    grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads)]
+
+
+def compare(errors: list[str], label: str, got: object, want: object, rtol: float = 1e-8) -> None:
+    try:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-10)
+    except AssertionError as err:
+        errors.append(f"{label}: {str(err).splitlines()[0:6]}")
+
+
+def check_parity(
+    model: nn.Module,
+    x: Tensor,
+    operand: str,
+    p: float,
+    temperature: float,
+    classes: Tensor | None,
+    oracle: Callable[..., Tensor] = brute_norms,
+    seed: int | None = None,
+) -> list[str]:
+    """Runs every variant against ``oracle``; returns the list of mismatches."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    want_full = oracle(model, x, operand, temperature, p)
+    want = want_full if classes is None else want_full.gather(1, classes)
+    weights = torch.rand(want.shape, dtype=F64) + 0.5
+    want_grads = param_grads(model, want, weights)
+    errors: list[str] = []
+    for method, chunk in VARIANTS:
+        if seed is not None:
+            torch.manual_seed(seed)
+        got = class_gradient_norms(
+            model,
+            x,
+            operand=operand,
+            temperature=temperature,
+            p=p,
+            classes=classes,
+            create_graph=True,
+            method=method,
+            chunk_size=chunk,
+        )
+        torch.rand(7)  # consume RNG between the call and its backward (recompute must replay)
+        label = f"{method}/{chunk} {operand} p={p} T={temperature}"
+        compare(errors, label + " value", got, want)
+        compare(errors, label + " grad", param_grads(model, got, weights), want_grads)
+    return errors
+
+
+# --------------------------------------------------------------------------- oracle parity
+
+
+@pytest.mark.parametrize("operand", ["softmax", "log_softmax", "logits"])
+@pytest.mark.parametrize("p", NORMS)
+def test_parity_grid(operand: str, p: float) -> None:
+    model = make_model("conv_bn", (2, 3, 3), 4, seed=1)
+    x = torch.randn(3, 2, 3, 3, dtype=F64)
+    classes = torch.tensor([[0, 3], [2, 2], [1, 0]])
+    errors = check_parity(model, x, operand, p, 0.7, None)
+    errors += check_parity(model, x, operand, p, 2.5, classes)
+    assert not errors, "\n".join(errors)
+
+
+@HYPO
+@given(
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    rank=st.integers(2, 4),
+    batch=st.integers(0, 4),
+    n=st.integers(1, 5),
+    operand=st.sampled_from(["softmax", "log_softmax", "logits"]),
+    p=st.sampled_from(NORMS),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]),
+    k=st.one_of(st.none(), st.integers(1, 3)),
+    seed=st.integers(0, 2**16),
+)
+def test_parity_hypothesis(
+    kind: str,
+    rank: int,
+    batch: int,
+    n: int,
+    operand: str,
+    p: float,
+    temperature: float,
+    k: int | None,
+    seed: int,
+) -> None:
+    shape = input_shape(kind, rank)
+    model = make_model(kind, shape, n, seed=seed)
+    x = torch.randn(batch, *shape, dtype=F64)
+    classes = None if k is None else torch.randint(0, n, (batch, k))
+    errors = check_parity(model, x, operand, p, temperature, classes)
+    assert not errors, "\n".join(errors)
+
+
+def test_empty_batch_shapes() -> None:
+    model = make_model("mlp_gelu", (4,), 3)
+    for method, chunk in VARIANTS:
+        out = class_gradient_norms(
+            model, torch.zeros(0, 4, dtype=F64), method=method, chunk_size=chunk, create_graph=True
+        )
+        assert out.shape == (0, 3) and out.dtype == F64
+
+
+# --------------------------------------------------------------------------- coupled batches
+
+
+def dropout_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(5, 8),
+        nn.Dropout(0.4),
+        nn.GELU(),
+        nn.Linear(8, 8),
+        nn.Dropout(0.3),
+        nn.Linear(8, 4),
+    ).to(F64)
+
+
+@pytest.mark.parametrize("operand", ["softmax", "logits"])
+def test_dropout_train_mode_replays_masks(operand: str) -> None:
+    model = dropout_model().train()
+    x = torch.randn(4, 5, dtype=F64)
+    # Dropout samples independently, so with the same seed the batch-sum oracle is per-sample.
+    errors = check_parity(model, x, operand, 1, 1.5, None, oracle=batch_sum_norms, seed=11)
+    assert not errors, "\n".join(errors)
+    assert model.training
+    # The masks matter: another seed gives other norms (so the comparison above can fail).
+    torch.manual_seed(11)
+    a = class_gradient_norms(model, x, operand=operand)
+    torch.manual_seed(12)
+    b = class_gradient_norms(model, x, operand=operand)
+    assert not torch.allclose(a, b)
+
+
+def bn_train_model() -> nn.Module:
+    torch.manual_seed(4)
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.GELU(),
+            Flat(),
+            nn.Linear(3 * 9, 6),
+            nn.BatchNorm1d(6),
+            nn.Tanh(),
+            nn.Linear(6, 3),
+        )
+        .to(F64)
+        .train()
+    )
+
+
+@pytest.mark.parametrize("operand", ["softmax", "log_softmax"])
+def test_train_batchnorm_batch_sum_and_running_stats(operand: str) -> None:
+    base = bn_train_model()
+    x = torch.randn(5, 2, 3, 3, dtype=F64)
+    once = copy.deepcopy(base)
+    once(x)  # one plain forward from the same state
+    expected_stats = buffers(once)
+    oracle_model = copy.deepcopy(base)
+    want = batch_sum_norms(oracle_model, x, operand, 1.3, 1)
+    weights = torch.rand(want.shape, dtype=F64) + 0.5
+    want_grads = param_grads(oracle_model, want, weights)
+    # The batch-sum definition really differs from per-sample derivatives here.
+    per_sample = brute_norms(copy.deepcopy(base).eval(), x, operand, 1.3, 1)
+    assert not torch.allclose(want, per_sample, rtol=1e-3)
+    errors: list[str] = []
+    for method, chunk in VARIANTS:
+        model = copy.deepcopy(base)
+        got = class_gradient_norms(
+            model,
+            x,
+            operand=operand,
+            temperature=1.3,
+            create_graph=True,
+            method=method,
+            chunk_size=chunk,
+        )
+        label = f"{method}/{chunk}"
+        compare(errors, label + " value", got, want)
+        compare(errors, label + " grad", param_grads(model, got, weights), want_grads)
+        compare(errors, label + " running stats", buffers(model), expected_stats, rtol=0)
+        # backward() (the training-step path) must not update the statistics again either.
+        model2 = copy.deepcopy(base)
+        out = class_gradient_norms(
+            model2, x, operand=operand, create_graph=True, method=method, chunk_size=chunk
+        )
+        (out * weights).sum().backward()
+        compare(errors, label + " stats after backward", buffers(model2), expected_stats, rtol=0)
+        assert model.training and model2.training
+    assert not errors, "\n".join(errors)
+
+
+# --------------------------------------------------------------------------- identities
+
+
+@pytest.mark.parametrize("p", NORMS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_linear_model_logit_norms_are_weight_row_norms(p: float, temperature: float) -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(Flat(), nn.Linear(12, 4)).to(F64)
+    x = torch.randn(6, 3, 2, 2, dtype=F64)
+    rows = torch.linalg.vector_norm(model[1].weight.detach(), ord=p, dim=1) / temperature
+    for method, chunk in VARIANTS:
+        got = class_gradient_norms(
+            model,
+            x,
+            operand="logits",
+            p=p,
+            temperature=temperature,
+            method=method,
+            chunk_size=chunk,
+        )
+        torch.testing.assert_close(got, rows.expand(6, 4), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("operand", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("input_dependent", [False, True])
+def test_invariance_to_common_shift(operand: str, input_dependent: bool) -> None:
+    inner = make_model("softplus", (2, 3), 4)
+    x = torch.randn(3, 2, 3, dtype=F64)
+    base = class_gradient_norms(inner, x, operand=operand, p=2)
+    for method, chunk in VARIANTS:
+        got = class_gradient_norms(
+            Shifted(inner, 37.0, input_dependent),
+            x,
+            operand=operand,
+            p=2,
+            method=method,
+            chunk_size=chunk,
+        )
+        torch.testing.assert_close(got, base, rtol=1e-9, atol=1e-12)
+    # Logit gradients are not invariant to an input-dependent shift: the check above can fail.
+    if input_dependent:
+        shifted = class_gradient_norms(Shifted(inner, 37.0, True), x, operand="logits")
+        assert not torch.allclose(shifted, class_gradient_norms(inner, x, operand="logits"))
+
+
+# --------------------------------------------------------------------------- side effects
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_no_side_effects(training: bool) -> None:
+    model = make_model("conv_bn", (2, 3, 3), 3).train(training)
+    x = torch.randn(4, 2, 3, 3, dtype=F64)
+    x_copy = x.clone()
+    stats = buffers(model)
+    for method, chunk in VARIANTS:
+        for create_graph in (False, True):
+            out = class_gradient_norms(
+                model, x, create_graph=create_graph, method=method, chunk_size=chunk
+            )
+            assert out.requires_grad == create_graph
+            assert model.training == training
+            assert all(q.grad is None for q in model.parameters())
+            assert not x.requires_grad and x.grad is None
+            assert torch.equal(x, x_copy)
+            assert hook_count(model) == 0
+            if not training:
+                assert all(torch.equal(v, stats[k]) for k, v in model.named_buffers())
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+@pytest.mark.parametrize("operand", ["softmax", "logits"])
+def test_input_gradient_flows_to_caller(leaf: bool, operand: str) -> None:
+    model = make_model("mlp_gelu", (2, 3), 4)
+    data = torch.randn(3, 2, 3, dtype=F64)
+    weights = torch.rand(3, 4, dtype=F64)
+
+    def make_inputs() -> tuple[Tensor, Tensor]:
+        root = data.clone().requires_grad_(True)
+        return root, (root if leaf else root * 1.5)
+
+    root, inputs = make_inputs()
+    want = brute_norms(model, inputs, operand, 1.2, 1)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), root)
+    assert want_grad.abs().sum() > 0
+    for method, chunk in VARIANTS:
+        root, inputs = make_inputs()
+        got = class_gradient_norms(
+            model,
+            inputs,
+            operand=operand,
+            temperature=1.2,
+            create_graph=True,
+            method=method,
+            chunk_size=chunk,
+        )
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        (got_grad,) = torch.autograd.grad((got * weights).sum(), root)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-12)
+        assert root.grad is None and inputs.requires_grad
+        assert all(q.grad is None for q in model.parameters())
+
+
+def test_works_under_no_grad() -> None:
+    model = make_model("softplus", (5,), 3)
+    x = torch.randn(4, 5, dtype=F64)
+    want = brute_norms(model, x, "softmax", 1.0, 1).detach()
+    for method, chunk in VARIANTS:
+        with torch.no_grad():
+            got = class_gradient_norms(model, x, method=method, chunk_size=chunk)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert torch.is_grad_enabled()
+
+
+def test_float32_model_gives_float32_norms() -> None:
+    model = make_model("mlp_gelu", (4,), 3).float()
+    x = torch.randn(2, 4)
+    got = class_gradient_norms(model, x)
+    assert got.dtype == torch.float32
+    want = brute_norms(model.double(), x.double(), "softmax", 1.0, 1).detach()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def tiny() -> nn.Module:
+    return nn.Sequential(Flat(), nn.Linear(4, 3)).to(F64)
+
+
+X = torch.zeros(2, 4, dtype=F64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"operand": "probs"}, ValueError, r"`operand` must be one of .*'probs'"),
+        ({"operand": None}, ValueError, r"`operand` must be one of"),
+        ({"method": "vmap"}, ValueError, r"`method` must be one of .*'vmap'"),
+        ({"p": 3}, ValueError, r"`p` must be one of 1, 2 or math.inf, got 3"),
+        ({"p": 0}, ValueError, r"`p` must be one of"),
+        ({"p": True}, ValueError, r"`p` must be one of .*True"),
+        ({"p": "inf"}, ValueError, r"`p` must be one of"),
+        ({"p": math.nan}, ValueError, r"`p` must be one of"),
+        ({"temperature": 0}, ValueError, r"`temperature` must be finite and > 0, got 0"),
+        ({"temperature": -1.0}, ValueError, r"`temperature` must be finite and > 0, got -1.0"),
+        ({"temperature": math.nan}, ValueError, r"`temperature` must be finite and > 0, got nan"),
+        ({"temperature": math.inf}, ValueError, r"`temperature` must be finite and > 0, got inf"),
+        ({"temperature": True}, TypeError, r"`temperature` must be a real number, got bool"),
+        ({"temperature": "1"}, TypeError, r"`temperature` must be a real number, got str"),
+        ({"chunk_size": 0, "method": "recompute"}, ValueError, r"`chunk_size` must be >= 1, got 0"),
+        ({"chunk_size": -1}, ValueError, r"`chunk_size` must be >= 1, got -1"),
+        ({"chunk_size": 1.5}, TypeError, r"`chunk_size` must be an int or None, got float"),
+        ({"chunk_size": True}, TypeError, r"`chunk_size` must be an int or None, got bool"),
+        ({"chunk_size": 2, "method": "loop"}, ValueError, r"`chunk_size` has no effect"),
+        ({"classes": [[0], [1]]}, TypeError, r"`classes` must be a torch.Tensor .*list"),
+        ({"classes": torch.zeros(2, 1)}, TypeError, r"`classes` must hold int64 .*float32"),
+        (
+            {"classes": torch.zeros(2, 1, dtype=torch.int32)},
+            TypeError,
+            r"`classes` must hold int64 .*int32",
+        ),
+        (
+            {"classes": torch.zeros(2, dtype=torch.long)},
+            ValueError,
+            r"`classes` must have shape \(B, K\) with B = 2, got \(2,\)",
+        ),
+        (
+            {"classes": torch.zeros(3, 1, dtype=torch.long)},
+            ValueError,
+            r"`classes` must have shape .*got \(3, 1\)",
+        ),
+        (
+            {"classes": torch.tensor([[0], [3]])},
+            ValueError,
+            r"`classes` must hold class indices in \[0, 3\) .*\[0, 3\]",
+        ),
+        (
+            {"classes": torch.tensor([[-1], [0]])},
+            ValueError,
+            r"`classes` must hold class indices in \[0, 3\) .*\[-1, 0\]",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        class_gradient_norms(tiny(), X, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "match"),
+    [
+        ([[0.0] * 4] * 2, TypeError, r"`inputs` must be a torch.Tensor, got list"),
+        (
+            torch.zeros(2, 4, dtype=torch.long),
+            TypeError,
+            r"`inputs` must be a floating-point .*int64",
+        ),
+        (
+            torch.zeros(4, dtype=F64),
+            ValueError,
+            r"`inputs` must have shape \(B, ...\) .*got \(4,\)",
+        ),
+        (torch.zeros((), dtype=F64), ValueError, r"at least 2 dimensions, got \(\)"),
+    ],
+)
+def test_bad_inputs(inputs: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        class_gradient_norms(tiny(), inputs)
+
+
+class Returns(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], object]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).to(F64)
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> object:
+        return self.fn(self.lin(x))
+
+
+@pytest.mark.parametrize(
+    ("fn", "error", "match"),
+    [
+        (lambda z: z.sum(1), ValueError, r"shape \(B, N\) = \(2, N\), got \(2,\)"),
+        (lambda z: z[:1], ValueError, r"shape \(B, N\) = \(2, N\), got \(1, 3\)"),
+        (lambda z: z[:, :, None], ValueError, r"got \(2, 3, 1\)"),
+        (lambda z: z.long(), ValueError, r"floating-point logits .*torch.int64"),
+        (lambda z: (z,), TypeError, r"must return a torch.Tensor of logits, got tuple"),
+        (lambda z: {"logits": z}, TypeError, r"got dict"),
+    ],
+)
+def test_bad_model_output(
+    fn: Callable[[Tensor], object], error: type[Exception], match: str
+) -> None:
+    for method in METHODS:
+        with pytest.raises(error, match=match):
+            class_gradient_norms(Returns(fn), X, method=method)
+
+
+def test_bad_model() -> None:
+    with pytest.raises(TypeError, match=r"`model` must be callable .*got int"):
+        class_gradient_norms(3, X)
+    linear = tiny()
+
+    def plain(x: Tensor) -> Tensor:
+        return linear(x)
+
+    # A plain function works with the methods that never replay the model...
+    for method in ("auto", "loop", "batched"):
+        torch.testing.assert_close(
+            class_gradient_norms(plain, X, method=method),
+            class_gradient_norms(linear, X),
+        )
+    # ...but recompute needs the module to find and replay its parameters.
+    with pytest.raises(
+        TypeError, match=r"method='recompute' needs an nn.Module model, got function"
+    ):
+        class_gradient_norms(plain, X, method="recompute")
+    with pytest.raises(TypeError, match=r"needs an nn.Module"):
+        class_gradient_norms(plain, X, chunk_size=2)  # auto -> recompute

@@ -1,0 +1,665 @@
+"""gq_loss / GQLoss against brute-force float64 references, identities, training-step behaviour."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _oracles import (
+    VARIANTS,
+    Flat,
+    Shifted,
+    brute_gq,
+    brute_norms,
+    buffers,
+    input_shape,
+    make_model,
+    reference_formulation,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gq_loss import GQLoss, gq_loss
+from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS
+
+F64 = torch.float64
+NORMS = (1, 2, math.inf)
+HYPO = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def grads(model: nn.Module, value: Tensor, weights: Tensor | None = None) -> list[Tensor]:
+    """Parameter gradient of ``value`` (weighted sum when it is a vector); zeros where unused."""
+    params = list(model.parameters())
+    total = value.sum() if weights is None else (value * weights).sum()
+    if not total.requires_grad:
+        return [torch.zeros_like(q) for q in params]
+    out = torch.autograd.grad(total, params, allow_unused=True)
+    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, out)]
+
+
+def reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_sample
+    if per_sample.numel() == 0:
+        return per_sample.new_zeros(())
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+def check(errors: list[str], label: str, got: Any, want: Any, rtol: float = 1e-8) -> None:
+    try:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-10)
+    except AssertionError as err:
+        errors.append(f"{label}: {str(err).splitlines()[:6]}")
+
+
+# --------------------------------------------------------------------------- paper formulation
+
+
+def check_paper(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    operand: str,
+    p: float,
+    temperature: float,
+    reduction: str,
+) -> list[str]:
+    want = reduce(brute_gq(model, x, y, temperature, p, 1e-12, operand), reduction)
+    weights = torch.rand(want.shape, dtype=F64) + 0.5 if reduction == "none" else None
+    want_grads = grads(model, want, weights)
+    errors: list[str] = []
+    for method, chunk in VARIANTS:
+        got = gq_loss(
+            model,
+            x,
+            y,
+            operand=operand,
+            p=p,
+            temperature=temperature,
+            reduction=reduction,
+            method=method,
+            chunk_size=chunk,
+        )
+        label = f"{method}/{chunk} {operand} p={p} T={temperature} {reduction}"
+        check(errors, label + " value", got, want)
+        check(errors, label + " grad", grads(model, got, weights), want_grads)
+    return errors
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("p", NORMS)
+def test_paper_matches_brute_force(reduction: str, p: float) -> None:
+    model = make_model("conv_bn", (2, 3, 3), 4, seed=2)
+    x = torch.randn(3, 2, 3, 3, dtype=F64)
+    y = torch.tensor([3, 0, 1])
+    errors = check_paper(model, x, y, "softmax", p, 1.0, reduction)
+    errors += check_paper(model, x, y, "softmax", p, 2.5, reduction)
+    assert not errors, "\n".join(errors)
+
+
+@HYPO
+@given(
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    rank=st.integers(2, 4),
+    batch=st.integers(0, 4),
+    n=st.integers(2, 5),
+    operand=st.sampled_from(["softmax", "log_softmax", "logits"]),
+    p=st.sampled_from(NORMS),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]),
+    reduction=st.sampled_from(REDUCTIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_paper_hypothesis(
+    kind: str,
+    rank: int,
+    batch: int,
+    n: int,
+    operand: str,
+    p: float,
+    temperature: float,
+    reduction: str,
+    seed: int,
+) -> None:
+    shape = input_shape(kind, rank)
+    model = make_model(kind, shape, n, seed=seed)
+    x = torch.randn(batch, *shape, dtype=F64)
+    y = torch.randint(0, n, (batch,))
+    errors = check_paper(model, x, y, operand, p, temperature, reduction)
+    assert not errors, "\n".join(errors)
+
+
+def test_module_equals_function_and_holds_no_state() -> None:
+    model = make_model("mlp_gelu", (5,), 4)
+    x, y = torch.randn(3, 5, dtype=F64), torch.tensor([0, 3, 2])
+    settings_ = dict(temperature=2.0, p=2, reduction="sum", method="recompute", chunk_size=2)
+    criterion = GQLoss(**settings_)
+    got = criterion(model, x, y)
+    want = gq_loss(model, x, y, **settings_)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(grads(model, got), grads(model, want), rtol=1e-12, atol=0)
+    assert list(criterion.parameters()) == [] and list(criterion.buffers()) == []
+    assert criterion.state_dict() == {}
+    text = repr(criterion)
+    for part in ("temperature=2.0", "p=2", "reduction='sum'", "method='recompute'", "chunk_size=2"):
+        assert part in text, text
+    assert "formulation='paper'" in text and "estimator='exact'" in text
+    # The model is a call argument, not a submodule.
+    assert list(criterion.children()) == []
+
+
+# --------------------------------------------------------------------------- identities
+
+
+@HYPO
+@given(
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    n=st.integers(2, 6),
+    p=st.sampled_from(NORMS),
+    temperature=st.sampled_from([0.3, 1.0, 4.0]),
+    scale=st.sampled_from([0.1, 1.0, 20.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_softmax_gq_at_most_one(
+    kind: str, n: int, p: float, temperature: float, scale: float, seed: int
+) -> None:
+    # sum_j grad S_j = 0, so ||grad S_y|| <= sum_{j != y} ||grad S_j|| (triangle inequality).
+    shape = input_shape(kind, 4)
+    model = make_model(kind, shape, n, seed=seed)
+    x = scale * torch.randn(5, *shape, dtype=F64)
+    y = torch.randint(0, n, (5,))
+    gq = gq_loss(model, x, y, p=p, temperature=temperature, reduction="none")
+    assert (gq >= 0).all() and (gq <= 1 + 1e-9).all(), gq
+
+
+@pytest.mark.parametrize("operand", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("input_dependent", [False, True])
+def test_invariance_to_common_shift(operand: str, input_dependent: bool) -> None:
+    inner = make_model("mlp_gelu", (2, 3), 5)
+    x, y = torch.randn(4, 2, 3, dtype=F64), torch.tensor([0, 4, 2, 2])
+    want = gq_loss(inner, x, y, operand=operand, reduction="none")
+    want_grads = grads(inner, want, torch.arange(1.0, 5.0, dtype=F64))
+    shifted = Shifted(inner, -12.5, input_dependent)
+    for method, chunk in VARIANTS:
+        got = gq_loss(
+            shifted,
+            x,
+            y,
+            operand=operand,
+            reduction="none",
+            method=method,
+            chunk_size=chunk,
+        )
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            grads(inner, got, torch.arange(1.0, 5.0, dtype=F64)), want_grads, rtol=1e-8, atol=1e-12
+        )
+
+
+class Centred(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        return out - out.mean(dim=1, keepdim=True)
+
+
+def test_large_temperature_limit_is_centred_logit_gq() -> None:
+    # grad S_j = S_j (grad f_j - sum_k S_k grad f_k) / T and S_k -> 1/N as T -> inf, so the softmax
+    # GQ tends to the logit GQ of the CENTRED logits f - mean_k f_k (which softmax cannot tell from
+    # f); it equals the plain logit GQ only when sum_k grad f_k = 0.
+    model = make_model("softplus", (2, 3), 4, seed=7)
+    x, y = torch.randn(5, 2, 3, dtype=F64), torch.tensor([0, 1, 2, 3, 1])
+    limit = gq_loss(Centred(model), x, y, operand="logits", reduction="none").detach()
+    gaps = [
+        (gq_loss(model, x, y, temperature=t, reduction="none").detach() - limit).abs().max().item()
+        for t in (1.0, 10.0, 100.0, 1e4)
+    ]
+    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[0] > 1e-2 and gaps[-1] < 1e-4, gaps  # the gap shrinks like 1/T
+    # Logit GQ does not depend on T; with sum_k grad f_k != 0 it is not the limit.
+    plain = gq_loss(model, x, y, operand="logits", reduction="none").detach()
+    torch.testing.assert_close(
+        gq_loss(model, x, y, operand="logits", temperature=1e4, reduction="none").detach(), plain
+    )
+    assert (plain - limit).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+def tanh_model() -> nn.Module:
+    torch.manual_seed(8)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+
+
+class LossOf(nn.Module):
+    """Wraps the model so that functional_call can swap its parameters for gradcheck inputs."""
+
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        super().__init__()
+        self.model, self.options = model, options
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return gq_loss(self.model, x, y, reduction="none", **self.options)
+
+
+GRADCHECK_VARIANTS = [("loop", None), ("recompute", None), ("recompute", 1), ("batched", 2)]
+
+
+@pytest.mark.parametrize(("method", "chunk"), GRADCHECK_VARIANTS)
+def test_gradcheck_parameters(method: str, chunk: int | None) -> None:
+    model = tanh_model()
+    x, y = torch.randn(2, 3, dtype=F64), torch.tensor([0, 2])
+    wrapper = LossOf(model, method=method, chunk_size=chunk, p=2)
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    params = tuple(q.detach().clone().requires_grad_(True) for q in model.parameters())
+
+    def f(*ps: Tensor) -> Tensor:
+        return functional_call(wrapper, dict(zip(names, ps)), (x, y))
+
+    assert torch.autograd.gradcheck(f, params)
+    if method != "recompute":  # recompute is first-order only
+        assert torch.autograd.gradgradcheck(f, params)
+
+
+@pytest.mark.parametrize(("method", "chunk"), GRADCHECK_VARIANTS)
+def test_gradcheck_inputs(method: str, chunk: int | None) -> None:
+    model, y = tanh_model(), torch.tensor([1, 0])
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+
+    def f(inp: Tensor) -> Tensor:
+        return gq_loss(model, inp, y, reduction="none", method=method, chunk_size=chunk)
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize(("method", "chunk"), GRADCHECK_VARIANTS)
+def test_functional_call_gradients_reach_the_swapped_parameters(
+    method: str, chunk: int | None
+) -> None:
+    # torch.func.functional_call (ensembles, meta-learning, gradcheck above) swaps the module's
+    # parameters only while the call runs; the GQ gradient must reach the tensors passed in.
+    model, y = tanh_model(), torch.tensor([0, 2])
+    x = torch.randn(2, 3, dtype=F64)
+    wrapper = LossOf(model, method=method, chunk_size=chunk)
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    params = [(q.detach() * 1.5).requires_grad_(True) for q in model.parameters()]
+    with torch.no_grad():
+        scaled = copy.deepcopy(model)
+        for q in scaled.parameters():
+            q.mul_(1.5)
+    want = brute_gq(scaled, x, y)
+    value = functional_call(wrapper, dict(zip(names, params)), (x, y))
+    torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
+    got = torch.autograd.grad(value.sum(), params, allow_unused=True)
+    assert all(g is not None for g in got), "no GQ gradient reached the swapped parameters"
+    torch.testing.assert_close(list(got), grads(scaled, want), rtol=1e-8, atol=1e-12)
+    assert all(q.grad is None for q in model.parameters())
+
+
+def test_recompute_under_create_graph_is_right_or_refused() -> None:
+    # loss.backward(create_graph=True) (gradient penalties, second-order optimisers): recompute
+    # must either refuse with a RuntimeError or give the right first-order gradient, and then the
+    # second-order one must be right or refused too -- never silently wrong.
+    model, y = tanh_model(), torch.tensor([0, 2])
+    x = torch.randn(2, 3, dtype=F64)
+    params = list(model.parameters())
+    gq, logits = gq_loss(model, x, y, method="loop", return_logits=True)
+    want = torch.autograd.grad(F.cross_entropy(logits, y) + gq, params, create_graph=True)
+    (want_hvp,) = torch.autograd.grad(sum((g * g).sum() for g in want), params[:1])
+    gq, logits = gq_loss(model, x, y, method="recompute", return_logits=True)
+    try:
+        got = torch.autograd.grad(F.cross_entropy(logits, y) + gq, params, create_graph=True)
+    except RuntimeError:
+        return  # refused
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+    try:
+        (got_hvp,) = torch.autograd.grad(sum((g * g).sum() for g in got), params[:1])
+    except RuntimeError:
+        return  # refused
+    torch.testing.assert_close(got_hvp, want_hvp, rtol=1e-8, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- training step
+
+
+class Counter:
+    def __init__(self, model: nn.Module) -> None:
+        self.calls = 0
+        model.register_forward_hook(self.hook)
+
+    def hook(self, *args: Any) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize(
+    ("method", "chunk", "forwards_in_backward"),
+    [
+        ("auto", None, 0),
+        ("loop", None, 0),
+        ("batched", None, 0),
+        ("recompute", 2, 1),
+        ("auto", 2, 1),
+    ],
+)
+def test_return_logits_one_forward(
+    method: str, chunk: int | None, forwards_in_backward: int
+) -> None:
+    """One forward pass for the loss and the logits; recompute replays it once more in backward."""
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    x, y = torch.randn(3, 2, 3, 3, dtype=F64), torch.tensor([1, 0, 3])
+    counter = Counter(model)
+    gq, logits = gq_loss(model, x, y, method=method, chunk_size=chunk, return_logits=True)
+    assert counter.calls == 1
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
+    counter.calls = 0
+    lam = 0.3
+    loss = F.cross_entropy(logits, y) + lam * gq
+    got = grads(model, loss)
+    assert counter.calls == forwards_in_backward
+    # The combined gradient is CE's plus lam times the brute-force GQ gradient.
+    ce = grads(model, F.cross_entropy(model(x), y))
+    gq_want = grads(model, brute_gq(model, x, y).mean())
+    torch.testing.assert_close(
+        got, [a + lam * b for a, b in zip(ce, gq_want)], rtol=1e-8, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("loop", None), ("recompute", 1), ("batched", None)])
+def test_train_batchnorm_stats_updated_once_per_step(method: str, chunk: int | None) -> None:
+    torch.manual_seed(9)
+    base = (
+        nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+        .to(F64)
+        .train()
+    )
+    x, y = torch.randn(5, 4, dtype=F64), torch.tensor([0, 1, 2, 1, 0])
+    once = copy.deepcopy(base)
+    once(x)
+    model = copy.deepcopy(base)
+    gq, logits = gq_loss(model, x, y, method=method, chunk_size=chunk, return_logits=True)
+    (F.cross_entropy(logits, y) + 1e-2 * gq).backward()
+    for (name, got), want in zip(model.named_buffers(), once.buffers()):
+        assert torch.equal(got, want), name
+    assert all(q.grad is not None for q in model.parameters())
+    assert not torch.equal(buffers(base)["1.running_mean"], buffers(model)["1.running_mean"])
+
+
+# --------------------------------------------------------------------------- reference formulation
+
+
+@pytest.mark.parametrize("operand", ["logits", "log_softmax"])
+@pytest.mark.parametrize("p", NORMS)
+def test_reference_matches_independent_implementation(operand: str, p: float) -> None:
+    model = make_model("conv_bn", (2, 3, 3), 5, seed=3)
+    x, y = torch.randn(4, 2, 3, 3, dtype=F64), torch.tensor([4, 0, 0, 2])
+    for temperature in (1.0, 2.0):
+        want = reference_formulation(model, x, y, p, 1e-12, operand, temperature)
+        want_grads = grads(model, want)
+        for reduction in ("mean", "sum"):  # one batch-level ratio either way
+            got = gq_loss(
+                model,
+                x,
+                y,
+                formulation="reference",
+                operand=operand,
+                p=p,
+                temperature=temperature,
+                reduction=reduction,
+            )
+            assert got.shape == ()
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(grads(model, got), want_grads, rtol=1e-8, atol=1e-12)
+    # Default operand of the reference formulation is the logits (the authors' published models).
+    torch.testing.assert_close(
+        gq_loss(model, x, y, formulation="reference"), reference_formulation(model, x, y)
+    )
+    # It is not the paper's per-sample mean.
+    assert not torch.allclose(
+        reference_formulation(model, x, y), gq_loss(model, x, y, operand="logits")
+    )
+
+
+def test_reference_softmax_is_degenerate_and_refused() -> None:
+    model = make_model("mlp_gelu", (5,), 6, seed=4)
+    x, y = torch.randn(8, 5, dtype=F64), torch.randint(0, 6, (8,))
+    # Independently of the package: sum_{j != y} S_j = 1 - S_y, so num == den.
+    value = reference_formulation(model, x, y, 1, 0.0, "softmax")
+    torch.testing.assert_close(value, torch.ones((), dtype=F64), rtol=1e-12, atol=0)
+    assert max(g.abs().max().item() for g in grads(model, value)) < 1e-12
+    # ... while the logits version has a real gradient.
+    assert (
+        max(g.abs().max().item() for g in grads(model, reference_formulation(model, x, y))) > 1e-3
+    )
+    with pytest.raises(ValueError, match=r"identically 1"):
+        gq_loss(model, x, y, formulation="reference", operand="softmax")
+    with pytest.raises(ValueError, match=r"identically 1"):
+        GQLoss(formulation="reference", operand="softmax")
+
+
+# --------------------------------------------------------------------------- sampled estimator
+
+
+def test_sampled_with_enough_classes_is_exact() -> None:
+    model = make_model("mlp_gelu", (4,), 5)
+    x, y = torch.randn(4, 4, dtype=F64), torch.tensor([0, 4, 1, 1])
+    want = gq_loss(model, x, y, reduction="none")
+    weights = torch.arange(1.0, 5.0, dtype=F64)
+    want_grads = grads(model, want, weights)
+    for k in (4, 9):
+        got = gq_loss(model, x, y, estimator="sampled", num_sampled=k, reduction="none")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(grads(model, got, weights), want_grads, rtol=1e-12, atol=0)
+
+
+def denominators(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> tuple[Tensor, Tensor]:
+    """Exact denominators ``(B,)`` and the mean of ``draws`` sampled-estimator denominators."""
+    norms = brute_norms(model, x).detach()
+    num = norms.gather(1, y[:, None]).squeeze(1)
+    exact = norms.sum(1) - num
+    total = torch.zeros_like(exact)
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(draws):
+        gq = gq_loss(
+            model,
+            x,
+            y,
+            estimator="sampled",
+            num_sampled=6,
+            eps=0.0,
+            reduction="none",
+            generator=gen,
+        ).detach()
+        total += num / gq
+    return exact, total / draws
+
+
+@pytest.mark.parametrize("peaked", [False, True])
+def test_sampled_denominator_is_unbiased(peaked: bool) -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 20)).to(F64)
+    if peaked:
+        with torch.no_grad():
+            model[2].weight.mul_(10.0)
+            model[2].bias.mul_(10.0)
+    x, y = torch.randn(6, 6, dtype=F64), torch.tensor([0, 5, 19, 7, 7, 12])
+    exact, mean_est = denominators(model, x, y, draws=300)
+    rel = ((mean_est - exact) / exact).abs()
+    assert rel.max() < 0.03, rel
+    # Not exact per draw: the estimator really samples (so the mean is a real test).
+    single = gq_loss(model, x, y, estimator="sampled", num_sampled=6, eps=0.0, reduction="none")
+    exact_gq = gq_loss(model, x, y, eps=0.0, reduction="none")
+    assert not torch.allclose(single, exact_gq, rtol=1e-6)
+
+
+def test_sampled_generator_reproducible() -> None:
+    model = make_model("mlp_gelu", (4,), 12)
+    x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 12, (5,))
+
+    def run(seed: int) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return gq_loss(
+            model, x, y, estimator="sampled", num_sampled=3, reduction="none", generator=gen
+        )
+
+    torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
+    assert not torch.equal(run(1), run(2))
+    criterion = GQLoss(estimator="sampled", num_sampled=3, reduction="none")
+    torch.testing.assert_close(
+        criterion(model, x, y, generator=torch.Generator().manual_seed(1)), run(1), rtol=0, atol=0
+    )
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize(("method", "chunk"), VARIANTS)
+def test_empty_batch(method: str, chunk: int | None) -> None:
+    model = make_model("mlp_gelu", (4,), 3)
+    x, y = torch.zeros(0, 4, dtype=F64), torch.zeros(0, dtype=torch.long)
+    for reduction in ("mean", "sum"):
+        value = gq_loss(model, x, y, reduction=reduction, method=method, chunk_size=chunk)
+        assert value.shape == () and value.item() == 0.0 and value.requires_grad
+        value.backward()
+        assert all(q.grad is not None and not q.grad.any() for q in model.parameters())
+        model.zero_grad(set_to_none=True)
+    none = gq_loss(model, x, y, reduction="none", method=method, chunk_size=chunk)
+    assert none.shape == (0,) and none.dtype == F64
+
+
+class Constant(nn.Module):
+    """Logits whose input gradient is zero: cut off from the input, or through dead ReLUs."""
+
+    def __init__(self, connected: bool) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(3, dtype=F64))
+        self.lin = nn.Linear(2, 3).to(F64)
+        self.connected = connected
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.connected:
+            return self.bias + torch.relu(self.lin(x) - 100.0)
+        return self.bias.expand(x.shape[0], 3) + 0.0 * self.lin(torch.ones_like(x))
+
+
+@pytest.mark.parametrize("connected", [True, False])
+@pytest.mark.parametrize(("method", "chunk"), VARIANTS)
+def test_eps_gives_finite_value_for_zero_gradients(
+    method: str, chunk: int | None, connected: bool
+) -> None:
+    model = Constant(connected)
+    x, y = torch.randn(3, 2, dtype=F64), torch.tensor([0, 1, 2])
+    value = gq_loss(model, x, y, method=method, chunk_size=chunk)
+    assert value.item() == 0.0
+    assert all(torch.isfinite(g).all() for g in grads(model, value))
+    # Without eps the quotient is 0 / 0.
+    assert torch.isnan(gq_loss(model, x, y, eps=0.0, method=method, chunk_size=chunk)).item()
+
+
+# --------------------------------------------------------------------------- validation
+
+OPTION_ERRORS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"temperature": 0.0}, ValueError, r"`temperature` must be finite and > 0, got 0.0"),
+    ({"temperature": -2}, ValueError, r"`temperature` must be finite and > 0, got -2"),
+    ({"temperature": math.nan}, ValueError, r"`temperature` must be finite and > 0, got nan"),
+    ({"temperature": False}, TypeError, r"`temperature` must be a real number, got bool"),
+    ({"temperature": "1"}, TypeError, r"`temperature` must be a real number, got str"),
+    ({"p": 3}, ValueError, r"`p` must be one of 1, 2 or math.inf, got 3"),
+    ({"p": "l1"}, ValueError, r"`p` must be one of .*'l1'"),
+    ({"operand": "probs"}, ValueError, r"`operand` must be one of .*'probs'"),
+    ({"formulation": "authors"}, ValueError, r"`formulation` must be one of .*'authors'"),
+    ({"reduction": "avg"}, ValueError, r"`reduction` must be one of .*'avg'"),
+    ({"reduction": None}, ValueError, r"`reduction` must be one of .*None"),
+    ({"estimator": "topk"}, ValueError, r"`estimator` must be one of .*'topk'"),
+    ({"estimator": "sampled"}, ValueError, r"`num_sampled` must be given exactly when .*None"),
+    ({"num_sampled": 3}, ValueError, r"`num_sampled` must be given exactly when .*'exact'"),
+    ({"estimator": "sampled", "num_sampled": 0}, ValueError, r"`num_sampled` must be >= 1, got 0"),
+    ({"estimator": "sampled", "num_sampled": 2.0}, TypeError, r"`num_sampled` must be an int"),
+    ({"eps": -1e-3}, ValueError, r"`eps` must be finite and >= 0, got -0.001"),
+    ({"eps": math.inf}, ValueError, r"`eps` must be finite and >= 0, got inf"),
+    ({"eps": True}, TypeError, r"`eps` must be a real number, got bool"),
+    ({"method": "jacrev"}, ValueError, r"`method` must be one of .*'jacrev'"),
+    ({"chunk_size": 0}, ValueError, r"`chunk_size` must be >= 1, got 0"),
+    ({"chunk_size": 2, "method": "loop"}, ValueError, r"`chunk_size` has no effect"),
+    ({"formulation": "reference", "reduction": "none"}, ValueError, r"reduction='none'"),
+    ({"formulation": "reference", "method": "loop"}, ValueError, r"method='loop'"),
+    ({"formulation": "reference", "chunk_size": 2}, ValueError, r"chunk_size=2"),
+    (
+        {"formulation": "reference", "estimator": "sampled", "num_sampled": 2},
+        ValueError,
+        r"estimator='sampled'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), OPTION_ERRORS)
+def test_bad_options(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3)).to(F64)
+    x, y = torch.zeros(2, 4, dtype=F64), torch.tensor([0, 1])
+    with pytest.raises(error, match=match):
+        gq_loss(model, x, y, **kwargs)
+    with pytest.raises(error, match=match):
+        GQLoss(**kwargs)
+
+
+def test_choices_are_the_dispatched_constants() -> None:
+    assert set(FORMULATIONS) == {"paper", "reference"}
+    assert set(REDUCTIONS) == {"none", "mean", "sum"}
+    assert set(ESTIMATORS) == {"exact", "sampled"}
+
+
+@pytest.mark.parametrize(
+    ("targets", "error", "match"),
+    [
+        ([0, 1], TypeError, r"`targets` must be a torch.Tensor of class indices, got list"),
+        (torch.tensor([0.0, 1.0]), TypeError, r"`targets` must hold int64 .*float32"),
+        (torch.tensor([0, 1], dtype=torch.int32), TypeError, r"`targets` must hold int64 .*int32"),
+        (
+            torch.tensor([0, 1, 2]),
+            ValueError,
+            r"`targets` must have shape \(B,\) with B = 2, got \(3,\)",
+        ),
+        (torch.tensor([[0], [1]]), ValueError, r"`targets` must have shape \(B,\) .*got \(2, 1\)"),
+        (
+            torch.tensor([-1, 0]),
+            ValueError,
+            r"`targets` must hold class indices in \[0, 3\) .*\[-1, 0\]",
+        ),
+        (
+            torch.tensor([0, 3]),
+            ValueError,
+            r"`targets` must hold class indices in \[0, 3\) .*\[0, 3\]",
+        ),
+    ],
+)
+def test_bad_targets(targets: object, error: type[Exception], match: str) -> None:
+    model = nn.Sequential(Flat(), nn.Linear(4, 3)).to(F64)
+    x = torch.zeros(2, 4, dtype=F64)
+    with pytest.raises(error, match=match):
+        gq_loss(model, x, targets)
+    with pytest.raises(error, match=match):
+        GQLoss()(model, x, targets)
+
+
+def test_bad_model_and_inputs() -> None:
+    linear = nn.Linear(4, 3).to(F64)
+    y = torch.tensor([0, 1])
+    with pytest.raises(TypeError, match=r"`inputs` must be a floating-point"):
+        gq_loss(linear, torch.zeros(2, 4, dtype=torch.long), y)
+    with pytest.raises(ValueError, match=r"logits of shape \(B, N\) = \(2, N\), got \(2,\)"):
+        gq_loss(lambda z: linear(z).sum(1), torch.zeros(2, 4, dtype=F64), y)
+    with pytest.raises(TypeError, match=r"method='recompute' needs an nn.Module"):
+        GQLoss(method="recompute")(lambda z: linear(z), torch.zeros(2, 4, dtype=F64), y)
