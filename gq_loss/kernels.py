@@ -221,8 +221,16 @@ def _norms_batched(
         basis = op.new_zeros(cols.shape[1], batch, num_classes)
         basis.scatter_(2, cols.T.unsqueeze(-1), 1.0)
         (grad,) = torch.autograd.grad(
-            op, x, basis, retain_graph=True, create_graph=create_graph, is_grads_batched=True
+            op,
+            x,
+            basis,
+            retain_graph=True,
+            create_graph=create_graph,
+            is_grads_batched=True,
+            allow_unused=True,
         )
+        if grad is None:  # the operand does not depend on the input
+            grad = x.new_zeros(cols.shape[1], *x.shape)
         parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=p, dim=2).T)
     return torch.cat(parts, dim=1) if parts else op.new_zeros(batch, 0)
 
@@ -279,6 +287,7 @@ class _RecomputeNorms(torch.autograd.Function):
     def forward(ctx: Any, norms: Tensor, job: _Job, x: Tensor, *params: Tensor) -> Tensor:
         ctx.job = job
         ctx.params = params
+        ctx.names = [n for n, q in _unwrap(job.model).named_parameters() if q.requires_grad]
         ctx.versions = [q._version for q in params]
         ctx.save_for_backward(x)
         return norms.clone()
@@ -286,6 +295,13 @@ class _RecomputeNorms(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_norms: Tensor) -> tuple[Tensor | None, ...]:
         job: _Job = ctx.job
+        if torch.is_grad_enabled():
+            # The replay's gradients are not differentiable again: refuse rather than drop terms.
+            raise RuntimeError(
+                "gq_loss: method='recompute' supports first-order gradients only, got a backward "
+                "with create_graph=True; use method='loop' for higher-order gradients"
+            )
+        grad_norms = grad_norms.detach()
         (x,) = ctx.saved_tensors
         params: Sequence[Tensor] = ctx.params
         if any(q._version != v for q, v in zip(params, ctx.versions)):
@@ -297,7 +313,11 @@ class _RecomputeNorms(torch.autograd.Function):
         total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
         with torch.enable_grad(), _replay(model, job.rng_state, x.device):
             xr = x.detach().requires_grad_(True)
-            sel = _selected(apply_operand(model(xr), job.operand, job.temperature), job.columns)
+            # Replay with the very tensors this Function received (also under functional_call).
+            logits = torch.func.functional_call(
+                model, dict(zip(ctx.names, params)), (xr,), strict=False
+            )
+            sel = _selected(apply_operand(logits, job.operand, job.temperature), job.columns)
             targets = ([xr] if job.input_grad else []) + list(params)
             width = sel.shape[1]
             step = job.chunk_size or max(width, 1)
