@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu | cuda | ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise sets and fit subset")
-    p.add_argument("--out-dir", default="eval_output")
+    p.add_argument("--out-dir", default="outputs/evaluate_ood", help="default: %(default)s")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
