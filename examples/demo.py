@@ -264,7 +264,7 @@ def train(data: DigitsData, lam: float, args: argparse.Namespace, name: str) -> 
 
 
 def gradient_ratio(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """``||grad_theta GQ|| / ||grad_theta CE||`` (L2 over all parameters) on one batch."""
+    """``||grad_theta GQ|| / ||grad_theta CE||`` (L2 over all parameters) on the batch ``x, y``."""
     params = [p for p in model.parameters() if p.requires_grad]
     gq, logits = GQLoss()(model, x, y, return_logits=True)
     ce = F.cross_entropy(logits, y)
