@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from models import build_model  # noqa: E402
+from models import build_model
 
-from gq_loss import gq_loss  # noqa: E402
+from gq_loss import gq_loss
 
 LAM = 1.0  # any non-zero weight: the cost does not depend on it
 
@@ -85,7 +85,9 @@ def setup(name: str, num_classes: int, batch: int, device: str) -> tuple:
     return model, x, y
 
 
-def run_once(step: Callable[..., None], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def run_once(
+    step: Callable[..., None], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> float:
     model.zero_grad(set_to_none=True)
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -102,7 +104,7 @@ def time_table(args: argparse.Namespace, name: str, num_classes: int, batch: int
     if args.only:
         steps = {k: v for k, v in steps.items() if k in args.only or k == "ce"}
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for k, step in steps.items():  # warm-up
+    for step in steps.values():  # warm-up
         run_once(step, model, x, y)
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every row alike
         for k, step in steps.items():
@@ -118,7 +120,9 @@ def time_table(args: argparse.Namespace, name: str, num_classes: int, batch: int
     return rows
 
 
-def memory_probe(name: str, num_classes: int, batch: int, step_name: str, chunks: list[int]) -> None:
+def memory_probe(
+    name: str, num_classes: int, batch: int, step_name: str, chunks: list[int]
+) -> None:
     """Runs one step in this (fresh) process; prints its peak memory above the pre-step level."""
     model, x, y = setup(name, num_classes, batch, "cpu")
     step = make_steps(chunks, num_classes)[step_name]
@@ -159,7 +163,9 @@ def print_markdown(rows: list[dict], columns: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"])
     parser.add_argument("--classes", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--batch-size", type=int, default=64, help="batch of the small CNN")
@@ -181,10 +187,14 @@ def main() -> None:
         batch = args.batch_size if name.startswith("small") else args.resnet_batch_size
         for n in args.classes:
             if not args.no_timing:
-                print(f"\n### {name}, N={n}, batch {batch}: median of {args.repeats} interleaved steps")
+                print(
+                    f"\n### {name}, N={n}, batch {batch}: median of {args.repeats} interleaved steps"
+                )
                 print_markdown(time_table(args, name, n, batch), ["step", "ms", "x_ce", "x_naive"])
             if args.memory and args.device == "cpu":
-                print(f"\n### {name}, N={n}, batch {batch}: peak memory of one step above the pre-step RSS")
+                print(
+                    f"\n### {name}, N={n}, batch {batch}: peak memory of one step above the pre-step RSS"
+                )
                 print_markdown(memory_table(args, name, n, batch), ["step", "peak_mib"])
 
 

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from data import augmentation_params, crop_flip, load_cifar, npz_dataset  # noqa: E402
-from models import MODEL_NAMES, build_model  # noqa: E402
+from data import augmentation_params, crop_flip, load_cifar, npz_dataset
+from models import MODEL_NAMES, build_model
 
-from gq_loss import GQLoss, ODINDetector, class_gradient_norms  # noqa: E402
-from gq_loss.metrics import ood_metrics  # noqa: E402
-from gq_loss.scores import energy_score, msp_score  # noqa: E402
+from gq_loss import GQLoss, ODINDetector, class_gradient_norms
+from gq_loss.metrics import ood_metrics
+from gq_loss.scores import energy_score, msp_score
 
 METHODS = ("odin", "msp", "energy")
 T_ODIN, EPS_ODIN = 1000.0, 0.001
@@ -59,14 +59,19 @@ def ood_sets(data_dir: str, n: int, seed: int = 1234) -> dict[str, torch.Tensor]
     try:
         from sklearn.datasets import load_sample_images
 
-        photos = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
+        photos = [
+            torch.from_numpy(im).permute(2, 0, 1).float() / 255
+            for im in load_sample_images().images
+        ]
         crops = []
         for k in range(n):
             im = photos[k % len(photos)]
             size = int(torch.randint(32, 97, (1,), generator=gen))
             i = int(torch.randint(0, im.shape[1] - size, (1,), generator=gen))
             j = int(torch.randint(0, im.shape[2] - size, (1,), generator=gen))
-            crops.append(F.interpolate(im[None, :, i : i + size, j : j + size], size=32, mode="area")[0])
+            crops.append(
+                F.interpolate(im[None, :, i : i + size, j : j + size], size=32, mode="area")[0]
+            )
         sets["photos"] = torch.stack(crops)
     except ImportError:
         pass
@@ -76,18 +81,30 @@ def ood_sets(data_dir: str, n: int, seed: int = 1234) -> dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- training
-def grad_share(model: torch.nn.Module, criterion: GQLoss, x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[float, float]:
+def grad_share(
+    model: torch.nn.Module, criterion: GQLoss, x: torch.Tensor, y: torch.Tensor, lam: float
+) -> tuple[float, float]:
     """(GQ value, ||lam * dGQ/dtheta|| / ||dCE/dtheta||) on one batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     gq, logits = criterion(model, x, y, return_logits=True)
-    g_ce = torch.autograd.grad(F.cross_entropy(logits, y), params, retain_graph=True, allow_unused=True)
+    g_ce = torch.autograd.grad(
+        F.cross_entropy(logits, y), params, retain_graph=True, allow_unused=True
+    )
     g_gq = torch.autograd.grad(gq, params, allow_unused=True)
     norm = lambda gs: math.sqrt(sum(float(g.pow(2).sum()) for g in gs if g is not None))  # noqa: E731
     return float(gq.detach()), lam * norm(g_gq) / max(norm(g_ce), 1e-30)
 
 
-def train_epochs(model: torch.nn.Module, train: Any, epochs: int, lr: float, seed: int, form: str,
-                 lam: float, batch_size: int) -> list[dict]:
+def train_epochs(
+    model: torch.nn.Module,
+    train: Any,
+    epochs: int,
+    lr: float,
+    seed: int,
+    form: str,
+    lam: float,
+    batch_size: int,
+) -> list[dict]:
     """SGD (momentum 0.9, weight decay 5e-4), cosine to 0 over the run, crop + flip augmentation."""
     x_all, y_all = train.tensors
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -143,12 +160,17 @@ def pretrained(args: argparse.Namespace, seed: int, train: Any, wait: bool = Fal
         log = train_epochs(model, train, args.pretrain_epochs, args.pretrain_lr, seed, "none", 0.0,
                            args.batch_size)  # fmt: skip
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(dict(model=model.state_dict(), log=log, seconds=time.perf_counter() - start), path + ".tmp")
+        torch.save(
+            dict(model=model.state_dict(), log=log, seconds=time.perf_counter() - start),
+            path + ".tmp",
+        )
         os.replace(path + ".tmp", path)
     return torch.load(path)
 
 
-def train_run(args: argparse.Namespace, form: str, lam: float, seed: int, train: Any) -> tuple[torch.nn.Module, dict]:
+def train_run(
+    args: argparse.Namespace, form: str, lam: float, seed: int, train: Any
+) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
     model = build_model(args.arch, 10)
     base = pretrained(args, seed, train, wait=args.workers > 1) if args.pretrain_epochs else None
@@ -171,9 +193,11 @@ def evaluate(model: torch.nn.Module, test: Any, oods: dict[str, torch.Tensor]) -
     model.eval()
     x_id, y_id = test.tensors
     detector = ODINDetector(model, temperature=T_ODIN, epsilon=EPS_ODIN, batch_size=500)
+
     def all_scores(x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = logits_of(model, x)
         return dict(odin=detector.score(x), msp=msp_score(logits), energy=energy_score(logits))
+
     id_scores = all_scores(x_id)
     acc = float((logits_of(model, x_id).argmax(1) == y_id).float().mean())
     results: dict[str, Any] = dict(accuracy=acc, ood={})
@@ -183,7 +207,9 @@ def evaluate(model: torch.nn.Module, test: Any, oods: dict[str, torch.Tensor]) -
     return results
 
 
-def figure_data(model: torch.nn.Module, test: Any, oods: dict[str, torch.Tensor], n: int = 500) -> dict:
+def figure_data(
+    model: torch.nn.Module, test: Any, oods: dict[str, torch.Tensor], n: int = 500
+) -> dict:
     """Per-sample quantities of the paper's Fig. 1 (input-gradient L1 norm of log-softmax at T for
     the predicted class) and Fig. 2 (top-1 minus top-2 logit)."""
     model.eval()
@@ -191,9 +217,13 @@ def figure_data(model: torch.nn.Module, test: Any, oods: dict[str, torch.Tensor]
     for name, x in [("id", test.tensors[0][:n])] + [(k, v[:n]) for k, v in oods.items()]:
         logits = logits_of(model, x)
         pred = logits.argmax(1, keepdim=True)
-        norms = class_gradient_norms(model, x, operand="log_softmax", temperature=T_ODIN, classes=pred)
+        norms = class_gradient_norms(
+            model, x, operand="log_softmax", temperature=T_ODIN, classes=pred
+        )
         top2 = logits.topk(2, dim=1).values
-        out[name] = dict(grad_norm=norms[:, 0].tolist(), logit_gap=(top2[:, 0] - top2[:, 1]).tolist())
+        out[name] = dict(
+            grad_norm=norms[:, 0].tolist(), logit_gap=(top2[:, 0] - top2[:, 1]).tolist()
+        )
     return out
 
 
@@ -204,8 +234,31 @@ def t_critical(df: int) -> float:
 
         return float(t.ppf(0.975, df))
     except ImportError:  # two-sided 95% quantiles for small df
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+        table = {
+            1: 12.706,
+            2: 4.303,
+            3: 3.182,
+            4: 2.776,
+            5: 2.571,
+            6: 2.447,
+            7: 2.365,
+            8: 2.306,
+            9: 2.262,
+        }
         return table.get(df, 1.96)
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample std over seeds) in percent."""
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{100 * np.mean(values):.2f} ± {100 * std:.2f}"
+
+
+def paired_ci(diffs: list[float]) -> str:
+    """Mean of paired differences with a two-sided 95% t interval."""
+    d = np.asarray(diffs)
+    half = t_critical(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}]"
 
 
 def mean_over_ood(run: dict, method: str, key: str) -> float:
@@ -225,10 +278,12 @@ def write_report(args: argparse.Namespace, runs: dict[str, dict[int, dict]], arm
         rs = list(runs.get(arm, {}).values())
         if not rs:
             continue
-        cell = lambda v: f"{100 * np.mean(v):.2f} ± {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}"  # noqa: E731
-        cols = [cell([r["accuracy"] for r in rs])]
+        cols = [mean_std([r["accuracy"] for r in rs])]
         for m in METHODS:
-            cols += [cell([mean_over_ood(r, m, "auroc") for r in rs]), cell([mean_over_ood(r, m, "fpr95") for r in rs])]
+            cols += [
+                mean_std([mean_over_ood(r, m, "auroc") for r in rs]),
+                mean_std([mean_over_ood(r, m, "fpr95") for r in rs]),
+            ]
         cols += [f"{np.mean([r['train']['log'][-1]['gq_paper'] for r in rs]):.3f}",
                  f"{np.mean([r['train']['log'][-1]['grad_share'] for r in rs]):.1e}",
                  f"{np.mean([r['train']['train_seconds'] for r in rs]):.0f}"]  # fmt: skip
@@ -241,14 +296,16 @@ def write_report(args: argparse.Namespace, runs: dict[str, dict[int, dict]], arm
         seeds = sorted(set(runs.get(arm, {})) & set(ce))
         if len(seeds) < 2:
             continue
-        def diff(f: Any) -> str:
-            d = np.array([f(runs[arm][s]) - f(ce[s]) for s in seeds]) * 100
-            half = t_critical(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-            return f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}]"
-        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join([
-            diff(lambda r: r["accuracy"]), diff(lambda r: mean_over_ood(r, "odin", "auroc")),
-            diff(lambda r: mean_over_ood(r, "odin", "fpr95")), diff(lambda r: mean_over_ood(r, "msp", "auroc")),
-            diff(lambda r: mean_over_ood(r, "energy", "auroc"))]) + " |")  # fmt: skip
+
+        metrics = [
+            lambda r: r["accuracy"],
+            lambda r: mean_over_ood(r, "odin", "auroc"),
+            lambda r: mean_over_ood(r, "odin", "fpr95"),
+            lambda r: mean_over_ood(r, "msp", "auroc"),
+            lambda r: mean_over_ood(r, "energy", "auroc"),
+        ]
+        cells = [paired_ci([100 * (f(runs[arm][s]) - f(ce[s])) for s in seeds]) for f in metrics]
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
     lines += ["", "## ODIN per OOD set (AUROC / FPR95, mean over seeds, %)", "",
               "| arm | " + " | ".join(ood_names) + " |", "|---|" + "---|" * len(ood_names)]  # fmt: skip
     for arm, _, _ in arm_list:
@@ -260,7 +317,9 @@ def write_report(args: argparse.Namespace, runs: dict[str, dict[int, dict]], arm
     return "\n".join(lines) + "\n"
 
 
-def write_figures(args: argparse.Namespace, runs: dict[str, dict[int, dict]], arm_list: list) -> list[str]:
+def write_figures(
+    args: argparse.Namespace, runs: dict[str, dict[int, dict]], arm_list: list
+) -> list[str]:
     try:
         import matplotlib
 
@@ -276,12 +335,22 @@ def write_figures(args: argparse.Namespace, runs: dict[str, dict[int, dict]], ar
         for arm, f, lam in arm_list:
             if f == form and runs.get(arm):
                 v = [mean_over_ood(r, "odin", "auroc") * 100 for r in runs[arm].values()]
-                xs.append(lam), ms.append(np.mean(v)), ss.append(np.std(v, ddof=1) if len(v) > 1 else 0)
+                (
+                    xs.append(lam),
+                    ms.append(np.mean(v)),
+                    ss.append(np.std(v, ddof=1) if len(v) > 1 else 0),
+                )
         if xs:
             ax.errorbar(xs, ms, yerr=ss, marker=marker, capsize=3, label=f"CE + λ·GQ ({form})")
     if runs.get("ce"):
         v = [mean_over_ood(r, "odin", "auroc") * 100 for r in runs["ce"].values()]
-        ax.axhspan(np.mean(v) - np.std(v, ddof=1), np.mean(v) + np.std(v, ddof=1), color="grey", alpha=0.3, label="CE only (mean ± std)")
+        ax.axhspan(
+            np.mean(v) - np.std(v, ddof=1),
+            np.mean(v) + np.std(v, ddof=1),
+            color="grey",
+            alpha=0.3,
+            label="CE only (mean ± std)",
+        )
     ax.set_xscale("log"), ax.set_xlabel("λ"), ax.set_ylabel("ODIN AUROC, mean over OOD sets (%)")
     ax.set_title("ODIN AUROC by λ (error bars: std over seeds)"), ax.legend(fontsize=8)
     fig.tight_layout()
@@ -299,8 +368,14 @@ def write_figures(args: argparse.Namespace, runs: dict[str, dict[int, dict]], ar
                 for set_name, vals in sets.items():
                     v = np.asarray(vals[key])
                     v = np.log10(np.maximum(v, 1e-30)) if key == "grad_norm" else v
-                    ax.hist(v, bins=40, density=True, histtype="step", label=set_name, linewidth=1.5)
-                ax.set_title(arm), ax.set_xlabel(("log10 " if key == "grad_norm" else "") + xlabel), ax.set_ylabel("density")
+                    ax.hist(
+                        v, bins=40, density=True, histtype="step", label=set_name, linewidth=1.5
+                    )
+                (
+                    ax.set_title(arm),
+                    ax.set_xlabel(("log10 " if key == "grad_norm" else "") + xlabel),
+                    ax.set_ylabel("density"),
+                )
                 ax.legend(fontsize=7)
             fig.tight_layout()
             paths.append(os.path.join(args.out_dir, name))
@@ -318,9 +393,14 @@ def run_grid(args: argparse.Namespace, grid: list, train: Any, test: Any, oods: 
         path = os.path.join(args.out_dir, arm, f"seed{seed}.json")
         if k % args.workers != args.worker or os.path.isfile(path):
             continue
-        print(f"[{k + 1}/{len(grid)}] {arm} seed {seed} ({time.perf_counter() - t0:.0f}s elapsed)", flush=True)
+        print(
+            f"[{k + 1}/{len(grid)}] {arm} seed {seed} ({time.perf_counter() - t0:.0f}s elapsed)",
+            flush=True,
+        )
         model, info = train_run(args, form, lam, seed, train)
-        result = evaluate(model, test, oods) | dict(train=info, arm=arm, seed=seed, lam=lam, formulation=form)
+        result = evaluate(model, test, oods) | dict(
+            train=info, arm=arm, seed=seed, lam=lam, formulation=form
+        )
         if seed == args.seeds[0] and arm in ("ce", args.figure_arm):
             fig_path = os.path.join(args.out_dir, f"figure_data_{arm}.json")
             json.dump(figure_data(model, test, oods), open(fig_path, "w"))
@@ -330,14 +410,23 @@ def run_grid(args: argparse.Namespace, grid: list, train: Any, test: Any, oods: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out-dir", default="runs/reproduce")
     p.add_argument("--arch", default="tiny_cnn", choices=MODEL_NAMES)
-    p.add_argument("--pretrain-epochs", type=int, default=6, help="CE epochs shared by all arms of a seed (0: from scratch)")
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=6,
+        help="CE epochs shared by all arms of a seed (0: from scratch)",
+    )
     p.add_argument("--pretrain-lr", type=float, default=0.05)
     p.add_argument("--epochs", type=int, default=1, help="epochs of each arm's own loss")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate of the arm phase (cosine to 0)")
+    p.add_argument(
+        "--lr", type=float, default=0.01, help="learning rate of the arm phase (cosine to 0)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -367,7 +456,10 @@ def main() -> None:
         else:
             import subprocess
 
-            children = [subprocess.Popen([sys.executable, *sys.argv, "--worker", str(w)]) for w in range(args.workers)]
+            children = [
+                subprocess.Popen([sys.executable, *sys.argv, "--worker", str(w)])
+                for w in range(args.workers)
+            ]
             if any(c.wait() for c in children):
                 raise SystemExit("a worker failed; rerun the same command to resume")
         with open(os.path.join(args.out_dir, "wall_time.txt"), "a") as f:
