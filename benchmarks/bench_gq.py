@@ -153,11 +153,54 @@ def memory_table(args: argparse.Namespace, name: str, num_classes: int, batch: i
     return rows
 
 
+def value_and_grad(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, params: list, **options: object
+) -> tuple[float, torch.Tensor]:
+    """GQ of the batch and its flattened parameter gradient."""
+    value = gq_loss(model, x, y, **options)  # type: ignore[arg-type]
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return float(value.detach()), torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def estimator_error(
+    args: argparse.Namespace, name: str, num_classes: int, batch: int
+) -> list[dict]:
+    """Error of ``estimator="sampled"`` against exact Eq. 7 on one batch: relative error of the
+    batch mean and cosine of the parameter gradients, over several draws, for the model at
+    initialisation and with a peaked softmax (last layer scaled by 100)."""
+    rows = []
+    for state in ("init", "peaked"):
+        model, x, y = setup(name, num_classes, batch, args.device)
+        model.eval()  # per-sample definition; BatchNorm statistics untouched
+        if state == "peaked":
+            last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+            with torch.no_grad():
+                last.weight.mul_(100.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            max_prob = float(model(x).softmax(1).max(1).values.mean())
+
+        exact, g_exact = value_and_grad(model, x, y, params)
+        for k in args.num_sampled:
+            errors, cosines = [], []
+            for draw in range(args.draws):
+                gen = torch.Generator(device=x.device).manual_seed(draw)
+                value, g = value_and_grad(
+                    model, x, y, params, estimator="sampled", num_sampled=k, generator=gen
+                )
+                errors.append(100 * abs(value - exact) / exact)
+                cosines.append(float(F.cosine_similarity(g, g_exact, dim=0)))
+            rows.append(dict(model=name, N=num_classes, state=state, max_prob=max_prob, K=k, exact_gq=exact,
+                             mean_err_pct=statistics.mean(errors), max_err_pct=max(errors),
+                             min_cosine=min(cosines), mean_cosine=statistics.mean(cosines)))  # fmt: skip
+    return rows
+
+
 def print_markdown(rows: list[dict], columns: list[str]) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:
-        cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+        cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
 
@@ -176,6 +219,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (CPU)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument(
+        "--estimator-error",
+        action="store_true",
+        help="measure the sampled estimator against exact GQ instead of timing",
+    )
+    parser.add_argument("--num-sampled", nargs="+", type=int, default=[10])
+    parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--_probe", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._probe:
@@ -186,6 +236,14 @@ def main() -> None:
     for name in args.models:
         batch = args.batch_size if name.startswith("small") else args.resnet_batch_size
         for n in args.classes:
+            if args.estimator_error:
+                print(
+                    f"\n### {name}, N={n}, batch {batch}: sampled estimator vs exact, {args.draws} draws"
+                )
+                print_markdown(estimator_error(args, name, n, batch),
+                               ["state", "max_prob", "K", "exact_gq", "mean_err_pct", "max_err_pct",
+                                "mean_cosine", "min_cosine"])  # fmt: skip
+                continue
             if not args.no_timing:
                 print(
                     f"\n### {name}, N={n}, batch {batch}: median of {args.repeats} interleaved steps"
