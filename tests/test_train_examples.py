@@ -125,11 +125,13 @@ def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["", "--gq-method recompute --chunk-size 4"])
+def test_ddp_two_processes_match_single_process(tmp_path: Path, method: str) -> None:
     # GroupNorm: per-sample statistics, so splitting the batch over processes changes nothing
-    # (train-mode BatchNorm would normalise each half with its own statistics).
+    # (train-mode BatchNorm would normalise each half with its own statistics). The recompute
+    # method hands its parameter gradients to DDP through the step's single backward().
     folder = _write_cifar(tmp_path / "data", n_train=48, n_test=16)
-    opts = "--arch small_cnn_gn --epochs 1 --batch-size 16 --lam 0.5"
+    opts = f"--arch small_cnn_gn --epochs 1 --batch-size 16 --lam 0.5 {method}"
     args = [*opts.split(), "--data-dir", str(folder), *QUIET]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
