@@ -10,10 +10,17 @@ import math
 from typing import Callable
 
 import torch
+from hypothesis import HealthCheck, settings
 from torch import Tensor, nn
 
 Model = Callable[[Tensor], Tensor]
 F64 = torch.float64
+NORMS = (1, 2, math.inf)
+HYPO = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # (method, chunk_size) pairs run by the parity tests; every method appears, with and without chunks.
 VARIANTS: tuple[tuple[str, int | None], ...] = (

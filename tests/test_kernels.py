@@ -9,6 +9,9 @@ from typing import Callable
 import pytest
 import torch
 from _oracles import (
+    F64,
+    HYPO,
+    NORMS,
     VARIANTS,
     Flat,
     Shifted,
@@ -18,20 +21,12 @@ from _oracles import (
     input_shape,
     make_model,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from gq_loss import class_gradient_norms
 from gq_loss.kernels import METHODS, OPERANDS
-
-F64 = torch.float64
-NORMS = (1, 2, math.inf)
-HYPO = settings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 
 def test_variants_cover_every_method() -> None:

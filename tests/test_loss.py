@@ -10,6 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _oracles import (
+    F64,
+    HYPO,
+    NORMS,
     VARIANTS,
     Flat,
     Shifted,
@@ -20,21 +23,13 @@ from _oracles import (
     make_model,
     reference_formulation,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from gq_loss import GQLoss, gq_loss
 from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS
-
-F64 = torch.float64
-NORMS = (1, 2, math.inf)
-HYPO = settings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 
 def grads(model: nn.Module, value: Tensor, weights: Tensor | None = None) -> list[Tensor]:
