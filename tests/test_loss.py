@@ -658,3 +658,47 @@ def test_bad_model_and_inputs() -> None:
         gq_loss(lambda z: linear(z).sum(1), torch.zeros(2, 4, dtype=F64), y)
     with pytest.raises(TypeError, match=r"method='recompute' needs an nn.Module"):
         GQLoss(method="recompute")(lambda z: linear(z), torch.zeros(2, 4, dtype=F64), y)
+
+
+def _device_parity(device: str) -> None:
+    """Every method on ``device`` (float64 and float32) against the CPU float64 oracle, and the
+    Dropout replay of ``recompute`` on ``device`` against ``loop`` there."""
+    cpu = make_model("conv_bn", input_shape("conv_bn", 4), 5)
+    x = torch.randn(6, *input_shape("conv_bn", 4), dtype=F64)
+    y = torch.randint(0, 5, (6,))
+    expected = brute_gq(cpu, x, y).mean()
+    expected_grads = grads(cpu, expected)
+    for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-4)):
+        model = copy.deepcopy(cpu).to(device=device, dtype=dtype)
+        for method, chunk in VARIANTS:
+            value = gq_loss(
+                model, x.to(device, dtype), y.to(device), method=method, chunk_size=chunk
+            )
+            got = [g.double().cpu() for g in grads(model, value)]
+            torch.testing.assert_close(value.double().cpu(), expected, rtol=tol, atol=tol)
+            for g, e in zip(got, expected_grads):
+                torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    drop = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 4)
+    )
+    drop = drop.to(device=device, dtype=F64).train()
+    xd, yd = (
+        torch.randn(5, 3, 2, 2, dtype=F64, device=device),
+        torch.randint(0, 4, (5,), device=device),
+    )
+    results = []
+    for method, chunk in (("loop", None), ("recompute", 2)):
+        torch.manual_seed(3)
+        value = gq_loss(drop, xd, yd, method=method, chunk_size=chunk)
+        results.append([value, *grads(drop, value)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_device_parity_runs_on_cpu() -> None:
+    _device_parity("cpu")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_float64() -> None:
+    _device_parity("cuda")
