@@ -2,8 +2,9 @@
 
 Public API (all importable from the top level)::
 
-    from gq_loss import GQLoss, gq_loss, class_gradient_norms, ODINDetector
-    from gq_loss.metrics import ood_metrics
+    from gq_loss import GQLoss, gq_loss, class_gradient_norms      # training
+    from gq_loss import ODINDetector, msp_score, energy_score, MahalanobisScore  # detection
+    from gq_loss.metrics import ood_metrics                         # evaluation
 """
 
 from __future__ import annotations
