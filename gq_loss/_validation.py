@@ -4,6 +4,7 @@ and the value received."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,20 +19,32 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be finite and > 0, got {value!r}")
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    number = _check_real(name, value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"`{name}` must be finite and > 0, got {value!r}")
+    return number
 
 
 def check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
+    number = _check_real(name, value)
+    if not (math.isfinite(number) and number >= 0):
         raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}")
-    return float(value)
+    return number
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A share in ``(0, 1]`` (a target TPR)."""
+    number = _check_real(name, value)
+    if not 0.0 < number <= 1.0:  # also rejects NaN
+        raise ValueError(f"`{name}` must be in (0, 1], got {value!r}")
+    return number
 
 
 def check_norm_order(p: Any) -> float:

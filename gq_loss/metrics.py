@@ -32,6 +32,8 @@ from typing import Literal, Union
 import numpy as np
 import torch
 
+from ._validation import check_fraction
+
 __all__ = [
     "FPR_RULES",
     "POSITIVES",
@@ -91,14 +93,6 @@ def _check_positive(positive: str) -> None:
 def _check_rule(rule: str, name: str) -> None:
     if rule not in FPR_RULES:
         raise ValueError(f"`{name}` must be one of {FPR_RULES}, got {rule!r}")
-
-
-def _check_tpr(tpr: float) -> float:
-    if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`tpr` must be a real number in (0, 1], got {tpr!r}")
-    if not 0.0 < float(tpr) <= 1.0:  # also rejects NaN
-        raise ValueError(f"`tpr` must be in (0, 1], got {tpr!r}")
-    return float(tpr)
 
 
 # --------------------------------------------------------------------------- core
@@ -272,7 +266,7 @@ def fpr_at_tpr(
         >>> fpr_at_tpr([4.0, 3.0, 2.0, 1.0], [3.5, 0.5], tpr=0.75, positive="ood")
         0.75
     """
-    tpr = _check_tpr(tpr)
+    tpr = check_fraction("tpr", tpr)
     _check_positive(positive)
     _check_rule(rule, "rule")
     return _fpr_at_tpr(_prepare(id_scores, ood_scores), tpr, positive, rule)
@@ -363,7 +357,7 @@ def ood_metrics(
         >>> {k: round(v, 4) for k, v in m.items()}
         {'auroc': 0.75, 'fpr75': 0.5, 'aupr_in': 0.8875, 'aupr_out': 0.75, 'detection_error': 0.25}
     """
-    tpr = _check_tpr(tpr)
+    tpr = check_fraction("tpr", tpr)
     _check_positive(positive)
     _check_rule(fpr_rule, "fpr_rule")
     counts = _prepare(id_scores, ood_scores)

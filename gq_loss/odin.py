@@ -43,6 +43,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from ._validation import check_fraction, check_nonnegative, check_positive
 from .metrics import ood_metrics
 
 __all__ = ["CRITERIA", "TUNE_EPSILONS", "TUNE_TEMPERATURES", "ODINDetector"]
@@ -55,17 +56,6 @@ TUNE_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005, 0.01, 0.05, 0
 #: Selection criteria of :meth:`ODINDetector.tune` with OOD data -> whether larger is better.
 CRITERIA: dict[str, bool] = {"fpr95": False, "auroc": True}
 SIGNS_OF_ZERO: tuple[int, ...] = (0, 1)
-
-
-def _real(name: str, value: Any, *, strict: bool) -> float:
-    """``value`` as a finite float that is > 0 (``strict``) or >= 0, else raise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or (value <= 0 if strict else value < 0):
-        raise ValueError(
-            f"`{name}` must be finite and {'> 0' if strict else '>= 0'}, got {value!r}"
-        )
-    return float(value)
 
 
 def _per_channel(name: str, value: PerChannel, *, positive: bool) -> Tensor:
@@ -231,7 +221,7 @@ class ODINDetector:
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self._temperature = _real("temperature", value, strict=True)
+        self._temperature = check_positive("temperature", value)
 
     @property
     def epsilon(self) -> float:
@@ -240,7 +230,7 @@ class ODINDetector:
 
     @epsilon.setter
     def epsilon(self, value: float) -> None:
-        self._epsilon = _real("epsilon", value, strict=False)
+        self._epsilon = check_nonnegative("epsilon", value)
 
     def __repr__(self) -> str:
         return (
@@ -447,9 +437,7 @@ class ODINDetector:
         Returns:
             ``self``.
         """
-        tpr = _real("tpr", tpr, strict=True)
-        if tpr > 1:
-            raise ValueError(f"`tpr` must be in (0, 1], got {tpr!r}")
+        tpr = check_fraction("tpr", tpr)
         scores = self._run(id_data, (self.temperature,), (self.epsilon,), "id_data")[0][0, 0]
         if scores.numel() == 0:
             raise ValueError("`id_data` contains no samples")
@@ -567,7 +555,8 @@ class ODINDetector:
     def _grid(name: str, values: Sequence[float], *, strict: bool) -> tuple[float, ...]:
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
             raise TypeError(f"`{name}` must be a sequence of numbers, got {values!r}")
-        grid = tuple(_real(name, v, strict=strict) for v in values)
+        check = check_positive if strict else check_nonnegative
+        grid = tuple(check(name, v) for v in values)
         if not grid:
             raise ValueError(f"`{name}` must not be empty")
         return grid

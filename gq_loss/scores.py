@@ -12,6 +12,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
+from ._validation import check_nonnegative, check_positive
+
 __all__ = ["MahalanobisScore", "energy_score", "msp_score"]
 
 #: Eigenvalues of the (ridged) covariance below this share of the largest one count as zero.
@@ -31,14 +33,6 @@ def _check_logits(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"`temperature` must be a real number > 0, got {temperature!r}")
-    if not 0.0 < float(temperature) < float("inf"):
-        raise ValueError(f"`temperature` must be finite and > 0, got {temperature!r}")
-    return float(temperature)
-
-
 def msp_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
     r"""Maximum softmax probability (Hendrycks & Gimpel, 2017), optionally temperature-scaled.
 
@@ -55,7 +49,7 @@ def msp_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
         >>> msp_score(torch.tensor([[2.0, 0.0], [0.0, 0.0]])).tolist()
         [0.8807970285415649, 0.5]
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_positive("temperature", temperature)
     return torch.softmax(_check_logits(logits) / temperature, dim=1).amax(dim=1)
 
 
@@ -75,7 +69,7 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
         >>> energy_score(torch.tensor([[0.0, 0.0], [3.0, -50.0]]), temperature=1.0).tolist()
         [0.6931471824645996, 3.0]
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_positive("temperature", temperature)
     return temperature * torch.logsumexp(_check_logits(logits) / temperature, dim=1)
 
 
@@ -163,10 +157,7 @@ class MahalanobisScore:
             self._module = modules[layer]
         if feature_fn is not None and not callable(feature_fn):
             raise TypeError(f"`feature_fn` must be callable, got {type(feature_fn).__name__}")
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
-            raise TypeError(f"`ridge` must be a real number >= 0, got {ridge!r}")
-        if not 0.0 <= float(ridge) < float("inf"):
-            raise ValueError(f"`ridge` must be finite and >= 0, got {ridge!r}")
+        check_nonnegative("ridge", ridge)
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):

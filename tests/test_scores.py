@@ -72,7 +72,7 @@ def test_logit_score_validation(fn) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0"):
             fn(torch.zeros(2, 3), bad)
     for bad_type in (True, "1.0", None):
-        with pytest.raises(TypeError, match=r"`temperature` must be a real number > 0"):
+        with pytest.raises(TypeError, match=r"`temperature` must be a real number"):
             fn(torch.zeros(2, 3), bad_type)
 
 
@@ -239,7 +239,7 @@ def test_mahalanobis_validation_errors() -> None:
         MahalanobisScore(feature_fn=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`ridge` must be finite and >= 0, got -0.1"):
         MahalanobisScore(feature_fn=ident, ridge=-0.1)
-    with pytest.raises(TypeError, match=r"`ridge` must be a real number >= 0, got True"):
+    with pytest.raises(TypeError, match=r"`ridge` must be a real number, got bool True"):
         MahalanobisScore(feature_fn=ident, ridge=True)
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=r"`num_classes` must be a positive int or None"):
