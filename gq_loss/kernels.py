@@ -172,8 +172,10 @@ def norms_from_forward(x: Tensor, op: Tensor, job: _Job, method: str, create_gra
     if method == "loop" or not create_graph:
         return _norms_loop(op, x, job.columns, job.p, create_graph)
     norms = _norms_loop(op, x, job.columns, job.p, create_graph=False)
-    params = [q for q in _unwrap(job.model).parameters() if q.requires_grad]
-    out: Tensor = _RecomputeNorms.apply(norms, job, x, *params)
+    named = [(n, q) for n, q in _unwrap(job.model).named_parameters() if q.requires_grad]
+    out: Tensor = _RecomputeNorms.apply(
+        norms, job, [n for n, _ in named], x, *(q for _, q in named)
+    )
     return out
 
 
@@ -284,10 +286,12 @@ class _RecomputeNorms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, norms: Tensor, job: _Job, x: Tensor, *params: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, norms: Tensor, job: _Job, names: list[str], x: Tensor, *params: Tensor
+    ) -> Tensor:
         ctx.job = job
         ctx.params = params
-        ctx.names = [n for n, q in _unwrap(job.model).named_parameters() if q.requires_grad]
+        ctx.names = names
         ctx.versions = [q._version for q in params]
         ctx.save_for_backward(x)
         return norms.clone()
@@ -335,4 +339,4 @@ class _RecomputeNorms(torch.autograd.Function):
                     for t, g in zip(total_grads, grads)
                 ]
         grad_x = total_grads.pop(0) if job.input_grad else None
-        return (None, None, grad_x, *total_grads)
+        return (None, None, None, grad_x, *total_grads)

@@ -138,7 +138,7 @@ def gq_loss(
                 inputs.requires_grad,
             )
             norms = norms_from_forward(x, op, job, resolved, create_graph=True)
-            value = _quotient(norms, targets, weights, columns is None, eps)
+            value = _quotient(norms, targets, weights, eps)
         value = _reduce(value, reduction, logits)
     return (value, logits) if return_logits else value
 
@@ -287,15 +287,14 @@ def _columns(
     return columns, weights
 
 
-def _quotient(
-    norms: Tensor, targets: Tensor, weights: Tensor | None, all_classes: bool, eps: float
-) -> Tensor:
-    if all_classes:
+def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float) -> Tensor:
+    """Eq. 7 from all N norms (``weights`` None) or from the sampled columns (target first)."""
+    if weights is None:
         numerator = norms.gather(1, targets[:, None]).squeeze(1)
         denominator = norms.sum(dim=1) - numerator
     else:
         numerator = norms[:, 0]
-        denominator = (norms[:, 1:] * weights.to(norms.dtype)).sum(dim=1)  # type: ignore[union-attr]
+        denominator = (norms[:, 1:] * weights.to(norms.dtype)).sum(dim=1)
     return numerator / (denominator + eps)
 
 
