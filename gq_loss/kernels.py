@@ -96,7 +96,7 @@ def class_gradient_norms(
     temperature = check_positive("temperature", temperature)
     p = check_norm_order(p)
     resolved = resolve_method(method, chunk_size, model)
-    x, logits, rng_state = forward(model, inputs)
+    x, logits, rng_state = forward(model, inputs, resolved)
     if classes is not None:
         check_class_indices("classes", classes, logits.shape[0], logits.shape[1], ndim=2)
     with torch.enable_grad():
@@ -123,18 +123,20 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
     return str(method)
 
 
-def forward(model: Callable[[Tensor], Tensor], inputs: Tensor) -> tuple[Tensor, Tensor, Any]:
+def forward(
+    model: Callable[[Tensor], Tensor], inputs: Tensor, method: str
+) -> tuple[Tensor, Tensor, Any]:
     """Runs the model once on a gradient-tracking view of ``inputs``.
 
     Returns ``(x, logits, rng_state)``: ``x`` is ``inputs`` itself when it already requires grad
-    (so the caller's graph continues) and a detached leaf otherwise; ``rng_state`` lets
-    ``recompute`` replay the same Dropout masks.
+    (so the caller's graph continues) and a detached leaf otherwise; ``rng_state`` (kept only
+    for ``method="recompute"``) lets the replay draw the same Dropout masks.
     """
     check_inputs(inputs)
     if not callable(model):
         raise TypeError(f"`model` must be callable (an nn.Module), got {type(model).__name__}")
     x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-    rng_state = _get_rng_state(x.device)
+    rng_state = _get_rng_state(x.device) if method == "recompute" else None
     with torch.enable_grad():
         logits = model(x)
     check_logits(logits, x.shape[0])

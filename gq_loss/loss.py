@@ -116,7 +116,7 @@ def gq_loss(
         eps,
     )
     resolved = resolve_method(method, chunk_size, model)
-    x, logits, rng_state = forward(model, inputs)
+    x, logits, rng_state = forward(model, inputs, resolved)
     batch, num_classes = logits.shape
     check_class_indices("targets", targets, batch, num_classes, ndim=1)
     with torch.enable_grad():
