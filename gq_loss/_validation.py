@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -76,16 +76,67 @@ def check_inputs(inputs: Any) -> None:
         )
 
 
-def check_logits(logits: Any, batch_size: int) -> None:
+def check_logits(
+    logits: Any, batch_size: int | None = None, *, what: str = "the model's output"
+) -> None:
+    """Checks a logits tensor ``(B, N)`` with ``N >= 2`` classes; the one rule for every entry point.
+
+    A model that returns a dict or tuple (HuggingFace style) gets a message showing the one-line
+    wrapper that fixes it; one output (``N = 1``) is refused because a softmax over one class is
+    identically 1, which makes GQ 0 and every ODIN/MSP score 1.
+    """
     if not isinstance(logits, Tensor):
+        if isinstance(logits, Mapping):
+            keys = list(logits.keys())[:5]
+            key = "logits" if "logits" in keys else (keys[0] if keys else "logits")
+            fix = f"lambda x: model(x)[{key!r}]"
+            got = f"{type(logits).__name__} with keys {keys}"
+        elif isinstance(logits, (tuple, list)):
+            fix, got = "lambda x: model(x)[0]", f"{type(logits).__name__} of length {len(logits)}"
+        else:
+            fix, got = "lambda x: <your logits>(model(x))", type(logits).__name__
         raise TypeError(
-            f"the model must return a torch.Tensor of logits, got {type(logits).__name__}"
+            f"{what} must be a tensor of logits (B, N), got {got}; pass a callable that returns "
+            f"the logits instead of the model, e.g. `{fix}`"
         )
-    if logits.ndim != 2 or logits.shape[0] != batch_size or not logits.is_floating_point():
+    batch = "B" if batch_size is None else f"B = {batch_size}"
+    if (
+        logits.ndim != 2
+        or (batch_size is not None and logits.shape[0] != batch_size)
+        or not logits.is_floating_point()
+    ):
         raise ValueError(
-            f"the model must return floating-point logits of shape (B, N) = ({batch_size}, N), "
-            f"got {tuple(logits.shape)} {logits.dtype}"
+            f"{what} must be floating-point logits of shape (B, N) with {batch}, "
+            f"got shape {tuple(logits.shape)} and dtype {logits.dtype}"
         )
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"{what} must have N >= 2 classes, got N = {logits.shape[1]} (shape "
+            f"{tuple(logits.shape)}): a softmax over one class is identically 1, so GQ and every "
+            "softmax-based OOD score would be constant"
+        )
+
+
+def model_dtype(model: Any) -> torch.dtype | None:
+    """Floating dtype of the first floating parameter of an ``nn.Module``; None otherwise."""
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return None
+    param = next((q for q in parameters() if q.is_floating_point()), None)
+    return None if param is None else param.dtype
+
+
+def call_model(model: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``model(x)``; a failure on an unbatched-looking input says how to add the batch dim."""
+    try:
+        return model(x)
+    except RuntimeError as err:
+        if x.ndim == 3:
+            raise ValueError(
+                f"the model failed on inputs of shape {tuple(x.shape)}: inputs are batches "
+                f"(B, ...); for a single (C, H, W) image pass `x.unsqueeze(0)` ({err})"
+            ) from err
+        raise
 
 
 def check_class_indices(
