@@ -130,7 +130,7 @@ def call_model(model: Callable[[Tensor], Any], x: Tensor) -> Any:
     """``model(x)``; a failure on an unbatched-looking input says how to add the batch dim."""
     try:
         return model(x)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:  # BatchNorm: ValueError "expected 4D input"
         if x.ndim == 3:
             raise ValueError(
                 f"the model failed on inputs of shape {tuple(x.shape)}: inputs are batches "
