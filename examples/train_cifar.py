@@ -439,9 +439,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     info = setup_distributed(args.device)
     try:
-        return train(args, info)
-    finally:
-        cleanup_distributed()
+        summary = train(args, info)
+    except BaseException:
+        cleanup_distributed(wait=False)
+        raise
+    cleanup_distributed()
+    return summary
 
 
 if __name__ == "__main__":

@@ -52,8 +52,18 @@ def setup_distributed(device: str | None) -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(*, wait: bool = True) -> None:
+    """Leave the process group.
+
+    After a successful run (``wait=True``) every process first waits at a barrier, so that no
+    process tears down its side of the gloo/NCCL connections and exits while another one is still
+    using them (the documented shutdown sequence; a process that exited early aborted at
+    interpreter exit now and then). After an error there is no barrier: the other processes may
+    never reach it.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
