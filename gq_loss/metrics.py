@@ -2,8 +2,8 @@ r"""Out-of-distribution detection metrics with explicit conventions.
 
 Every function takes ``(id_scores, ood_scores)``: 1-D scores of in-distribution (ID) and
 out-of-distribution (OOD) samples, where a **higher score means more in-distribution** (the
-convention of ODIN's max-softmax, :func:`gq_loss.scores.msp_score` and
-:func:`gq_loss.scores.energy_score`). Scores may be torch tensors (any device), numpy arrays or
+convention of ODIN's max-softmax, [`msp_score`][gq_loss.msp_score] and
+[`energy_score`][gq_loss.energy_score]). Scores may be torch tensors (any device), numpy arrays or
 sequences; they are converted to float64 numpy and must be finite. They are used as they are (no
 sigmoid or other squashing), so raw logits of any magnitude work.
 
@@ -32,7 +32,7 @@ from typing import Literal, Union
 import numpy as np
 import torch
 
-from ._validation import check_fraction
+from ._validation import check_choice, check_fraction
 
 __all__ = [
     "FPR_RULES",
@@ -83,16 +83,6 @@ def _as_scores(scores: ScoresLike, name: str) -> np.ndarray:
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise ValueError(f"`{name}` must be finite, got {bad} NaN/inf value(s)")
     return array
-
-
-def _check_positive(positive: str) -> None:
-    if positive not in POSITIVES:
-        raise ValueError(f"`positive` must be one of {POSITIVES}, got {positive!r}")
-
-
-def _check_rule(rule: str, name: str) -> None:
-    if rule not in FPR_RULES:
-        raise ValueError(f"`{name}` must be one of {FPR_RULES}, got {rule!r}")
 
 
 # --------------------------------------------------------------------------- core
@@ -190,12 +180,12 @@ def roc_curve(
         ``(fpr, tpr, thresholds)``, float64 arrays of shape ``(K + 1,)`` for ``K`` distinct
         scores; ``thresholds[0]`` is ``+inf`` (``"id"``) or ``-inf`` (``"ood"``).
 
-    Example:
+    Examples:
         >>> fpr, tpr, thr = roc_curve([3.0, 2.0, 1.0], [1.0, 0.0])
         >>> fpr.tolist(), tpr.round(3).tolist(), thr.tolist()
         ([0.0, 0.0, 0.0, 0.5, 1.0], [0.0, 0.333, 0.667, 1.0, 1.0], [inf, 3.0, 2.0, 1.0, 0.0])
     """
-    _check_positive(positive)
+    check_choice("positive", positive, POSITIVES)
     counts = _prepare(id_scores, ood_scores)
     tps, fps = _roc_counts(*counts.oriented(positive))
     if positive == "id":
@@ -221,7 +211,7 @@ def auroc(id_scores: ScoresLike, ood_scores: ScoresLike) -> float:
     Returns:
         AUROC in ``[0, 1]`` as a Python float.
 
-    Example:
+    Examples:
         >>> auroc([3.0, 2.0, 1.0], [1.0, 0.0])
         0.9166666666666666
     """
@@ -242,7 +232,8 @@ def fpr_at_tpr(
     of ID is accepted; with ``positive="ood"`` (OpenOOD, pytorch-ood) the share of ID flagged when
     a share ``tpr`` of OOD is flagged.
 
-    Rules, on the ROC curve of :func:`roc_curve` (``k`` = first point with TPR ``>= tpr``):
+    Rules, on the ROC curve of [`roc_curve`][gq_loss.metrics.roc_curve] (``k`` = first point
+    with TPR ``>= tpr``):
 
     * ``"first"``: ``FPR[k]``, the FPR of the first threshold that reaches the target.
     * ``"interpolate"``: linear interpolation between points ``k - 1`` and ``k`` at the target;
@@ -260,15 +251,15 @@ def fpr_at_tpr(
     Returns:
         FPR in ``[0, 1]`` as a Python float.
 
-    Example:
+    Examples:
         >>> fpr_at_tpr([4.0, 3.0, 2.0, 1.0], [3.5, 0.5], tpr=0.75)
         0.5
         >>> fpr_at_tpr([4.0, 3.0, 2.0, 1.0], [3.5, 0.5], tpr=0.75, positive="ood")
         0.75
     """
     tpr = check_fraction("tpr", tpr)
-    _check_positive(positive)
-    _check_rule(rule, "rule")
+    check_choice("positive", positive, POSITIVES)
+    check_choice("rule", rule, FPR_RULES)
     return _fpr_at_tpr(_prepare(id_scores, ood_scores), tpr, positive, rule)
 
 
@@ -290,13 +281,13 @@ def aupr(id_scores: ScoresLike, ood_scores: ScoresLike, *, positive: Positive = 
     Returns:
         Average precision in ``[0, 1]`` as a Python float.
 
-    Example:
+    Examples:
         >>> round(aupr([3.0, 2.0, 1.0], [1.0, 0.0]), 4)
         0.9167
         >>> round(aupr([3.0, 2.0, 1.0], [1.0, 0.0], positive="ood"), 4)
         0.8333
     """
-    _check_positive(positive)
+    check_choice("positive", positive, POSITIVES)
     return _aupr(_prepare(id_scores, ood_scores), positive)
 
 
@@ -314,7 +305,7 @@ def detection_error(id_scores: ScoresLike, ood_scores: ScoresLike) -> float:
     Returns:
         Detection error in ``[0, 0.5]`` as a Python float.
 
-    Example:
+    Examples:
         >>> round(detection_error([3.0, 2.0, 1.0], [1.0, 0.0]), 4)
         0.1667
     """
@@ -333,13 +324,15 @@ def ood_metrics(
 
     Keys (Python floats, fractions in ``[0, 1]``):
 
-    * ``"auroc"``: :func:`auroc`.
-    * ``"fpr95"``: :func:`fpr_at_tpr` at ``tpr`` with ``positive`` and ``rule=fpr_rule``. The key
+    * ``"auroc"``: [`auroc`][gq_loss.metrics.auroc].
+    * ``"fpr95"``: [`fpr_at_tpr`][gq_loss.metrics.fpr_at_tpr] at ``tpr`` with ``positive`` and
+      ``rule=fpr_rule``. The key
       is named after the target: ``"fpr95"`` for ``0.95`` (default), ``"fpr90"`` for ``0.9``,
       ``"fpr99.5"`` for ``0.995`` (``f"fpr{100 * tpr:g}"``).
-    * ``"aupr_in"``: :func:`aupr` with ID positive (whatever ``positive`` is).
-    * ``"aupr_out"``: :func:`aupr` with OOD positive, scores negated (whatever ``positive`` is).
-    * ``"detection_error"``: :func:`detection_error`.
+    * ``"aupr_in"``: [`aupr`][gq_loss.metrics.aupr] with ID positive (whatever ``positive`` is).
+    * ``"aupr_out"``: [`aupr`][gq_loss.metrics.aupr] with OOD positive, scores negated
+      (whatever ``positive`` is).
+    * ``"detection_error"``: [`detection_error`][gq_loss.metrics.detection_error].
 
     Args:
         id_scores: In-distribution scores, shape ``(N_id,)``; higher = more ID.
@@ -347,19 +340,20 @@ def ood_metrics(
         positive: Convention of the FPR: ``"id"`` (ODIN paper) or ``"ood"`` (OpenOOD,
             pytorch-ood). Default: ``"id"``.
         tpr: Target true-positive rate of the FPR, in ``(0, 1]``. Default: ``0.95``.
-        fpr_rule: ``"first"`` or ``"interpolate"`` (see :func:`fpr_at_tpr`). Default: ``"first"``.
+        fpr_rule: ``"first"`` or ``"interpolate"`` (see
+            [`fpr_at_tpr`][gq_loss.metrics.fpr_at_tpr]). Default: ``"first"``.
 
     Returns:
         Dict of metric name to value.
 
-    Example:
+    Examples:
         >>> m = ood_metrics([4.0, 3.0, 2.0, 1.0], [2.5, 0.0], tpr=0.75)
         >>> {k: round(v, 4) for k, v in m.items()}
         {'auroc': 0.75, 'fpr75': 0.5, 'aupr_in': 0.8875, 'aupr_out': 0.75, 'detection_error': 0.25}
     """
     tpr = check_fraction("tpr", tpr)
-    _check_positive(positive)
-    _check_rule(fpr_rule, "fpr_rule")
+    check_choice("positive", positive, POSITIVES)
+    check_choice("fpr_rule", fpr_rule, FPR_RULES)
     counts = _prepare(id_scores, ood_scores)
     return {
         "auroc": _auroc(counts),

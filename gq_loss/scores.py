@@ -1,36 +1,33 @@
-r"""Baseline OOD scores on a trained classifier: MSP, energy and Mahalanobis.
+r"""Baseline OOD scores on a trained classifier: MSP and energy, as functions on logits and as
+detectors; [`MahalanobisScore`][gq_loss.MahalanobisScore] on features.
 
 Every score follows the package convention **higher = more in-distribution**, so each can be
-passed to :func:`gq_loss.metrics.ood_metrics` side by side with ODIN.
+passed to [`ood_metrics`][gq_loss.metrics.ood_metrics] side by side with ODIN. The final softmax
+and logsumexp are computed in **float64** from the logits (of any floating dtype), so scores
+are float64: at large temperatures a float32 softmax rounds nearby scores onto one value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._validation import check_nonnegative, check_positive
+from ._detection import Detector, Model, check_model, float64, placement
+from ._validation import call_model, check_logits, check_positive
+from .mahalanobis import MahalanobisScore
 
-__all__ = ["MahalanobisScore", "energy_score", "msp_score"]
-
-#: Eigenvalues of the (ridged) covariance below this share of the largest one count as zero.
-PINV_RTOL = 1e-10
-
-Data = Union[Tensor, tuple[Tensor, ...], list[Tensor], Iterable[Any]]
+__all__ = ["EnergyDetector", "MSPDetector", "MahalanobisScore", "energy_score", "msp_score"]
 
 
-def _check_logits(logits: Tensor) -> Tensor:
+def _scaled(logits: Any, temperature: float) -> Tensor:
+    """``logits / T`` in float64, after the checks of every logits input."""
+    temperature = check_positive("temperature", temperature)
     if not isinstance(logits, Tensor):
-        raise TypeError(f"`logits` must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.ndim != 2 or logits.shape[1] == 0:
-        raise ValueError(f"`logits` must have shape (B, N) with N >= 1, got {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise TypeError(f"`logits` must be floating point, got dtype {logits.dtype}")
-    # softmax in half precision loses the small differences temperature scaling creates
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        raise TypeError(f"`logits` must be a torch.Tensor (B, N), got {type(logits).__name__}")
+    check_logits(logits, what="`logits`")
+    return float64(logits) / temperature
 
 
 def msp_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -39,18 +36,17 @@ def msp_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
     $$ s(x) = \max_j \operatorname{softmax}(f(x) / T)_j $$
 
     Args:
-        logits: Classifier outputs ``(B, N)``, floating point.
+        logits: Classifier outputs ``(B, N)``, floating point, ``N >= 2``.
         temperature: ``T > 0``. Default: ``1.0``.
 
     Returns:
-        Scores ``(B,)`` in ``[1/N, 1]``; float32 for half-precision logits, else their dtype.
+        Scores ``(B,)`` in ``[1/N, 1]``, float64; NaN where a row of logits holds NaN.
 
-    Example:
+    Examples:
         >>> msp_score(torch.tensor([[2.0, 0.0], [0.0, 0.0]])).tolist()
-        [0.8807970285415649, 0.5]
+        [0.8807970779778823, 0.5]
     """
-    temperature = check_positive("temperature", temperature)
-    return torch.softmax(_check_logits(logits) / temperature, dim=1).amax(dim=1)
+    return torch.softmax(_scaled(logits, temperature), dim=1).amax(dim=1)
 
 
 def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -59,310 +55,92 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
     $$ s(x) = T \log \sum_j \exp\big(f_j(x) / T\big) $$
 
     Args:
-        logits: Classifier outputs ``(B, N)``, floating point.
+        logits: Classifier outputs ``(B, N)``, floating point, ``N >= 2``.
         temperature: ``T > 0``. Default: ``1.0``.
 
     Returns:
-        Scores ``(B,)``, unbounded; float32 for half-precision logits, else their dtype.
+        Scores ``(B,)``, unbounded, float64; NaN where a row of logits holds NaN.
 
-    Example:
+    Examples:
         >>> energy_score(torch.tensor([[0.0, 0.0], [3.0, -50.0]]), temperature=1.0).tolist()
-        [0.6931471824645996, 3.0]
+        [0.6931471805599453, 3.0]
     """
     temperature = check_positive("temperature", temperature)
-    return temperature * torch.logsumexp(_check_logits(logits) / temperature, dim=1)
+    return temperature * torch.logsumexp(_scaled(logits, temperature), dim=1)
 
 
-class MahalanobisScore:
-    r"""Class-conditional Gaussians with a tied covariance on designated features.
+class _LogitDetector(Detector):
+    """A score of the logits, as a [`Detector`][gq_loss.Detector]: one forward per batch."""
 
-    Fitted on labelled in-distribution training data (Lee et al., 2018, without their input
-    preprocessing or layer ensemble):
-
-    $$ \mu_c = \frac{1}{n_c} \sum_{i: y_i = c} \phi(x_i), \qquad
-       \Sigma = \frac{1}{n} \sum_i (\phi(x_i) - \mu_{y_i})(\phi(x_i) - \mu_{y_i})^\top $$
-
-    $$ s(x) = -\min_c\, (\phi(x) - \mu_c)^\top P\, (\phi(x) - \mu_c), \qquad
-       P = (\Sigma + \rho I)^{+} $$
-
-    with ``ρ = ridge`` and ``+`` the pseudo-inverse (eigenvalues below ``PINV_RTOL`` times the
-    largest count as zero), so singular covariances (more features than samples, dead ReLUs)
-    work. Statistics are accumulated in float64 batch by batch (pairwise mean/scatter merging,
-    no second pass over the data).
-
-    Features ``φ(x)`` come from exactly one of:
-
-    * ``feature_fn``: any callable ``(B, ...) -> (B, D)`` (more dims are flattened);
-    * ``layer``: the name of a submodule of ``model`` (as in ``model.named_modules()``); a
-      forward hook records its output during ``model(x)`` and is removed afterwards. If the
-      submodule runs several times in one forward, its last output is used.
-
-    When ``model`` is given, every call runs it in eval mode (each submodule's mode restored
-    afterwards) and moves inputs to the device of its first parameter. Everything runs under
-    ``torch.no_grad()``.
-
-    Args:
-        model: The classifier; required with ``layer``, optional with ``feature_fn``.
-        layer: Name of the submodule whose output is the feature.
-        feature_fn: Callable mapping inputs ``(B, ...)`` to features ``(B, D)``.
-        ridge: ``ρ >= 0`` added to the covariance diagonal before inversion. Default: ``0.0``.
-        num_classes: Number of classes ``C``; default: largest label seen plus one. Every
-            class must have samples.
-
-    Attributes:
-        means_: Class means ``(C, D)``, float64 (after :meth:`fit`).
-        covariance_: Tied covariance ``(D, D)``, float64.
-        precision_: ``P``, ``(D, D)``, float64.
-        class_counts_: Samples per class ``(C,)``, int64.
-
-    Example:
-        >>> x = torch.tensor([[0.0, 0], [2, 0], [0, 2], [2, 2], [10, 10], [12, 10], [10, 12], [12, 12]])
-        >>> y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-        >>> maha = MahalanobisScore(feature_fn=lambda t: t).fit((x, y))
-        >>> maha.score(torch.tensor([[1.0, 3.0], [5.5, 5.5]])).tolist()
-        [-4.0, -40.5]
-        >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> MahalanobisScore(net, layer="1").fit((x, y)).score(x).shape
-        torch.Size([8])
-    """
+    _fn: Callable[[Tensor, float], Tensor]
 
     def __init__(
         self,
-        model: nn.Module | None = None,
+        model: Model,
         *,
-        layer: str | None = None,
-        feature_fn: Callable[[Tensor], Tensor] | None = None,
-        ridge: float = 0.0,
-        num_classes: int | None = None,
+        temperature: float = 1.0,
+        ood_label: int = -1,
+        batch_size: int | None = None,
+        progress: bool = False,
     ) -> None:
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(
-                f"`model` must be a torch.nn.Module or None, got {type(model).__name__}"
-            )
-        if (layer is None) == (feature_fn is None):
-            raise ValueError(
-                "pass exactly one of `feature_fn` or `layer`, got "
-                f"feature_fn={feature_fn!r}, layer={layer!r}"
-            )
-        self._module: nn.Module | None = None
-        if layer is not None:
-            if not isinstance(layer, str):
-                raise TypeError(f"`layer` must be a submodule name (str), got {layer!r}")
-            if model is None:
-                raise ValueError(f"`layer={layer!r}` needs `model`, got model=None")
-            modules = dict(model.named_modules())
-            if layer not in modules:
-                names = [n for n in modules if n][:10]
-                raise ValueError(f"`layer` {layer!r} is not a submodule of `model`; some: {names}")
-            self._module = modules[layer]
-        if feature_fn is not None and not callable(feature_fn):
-            raise TypeError(f"`feature_fn` must be callable, got {type(feature_fn).__name__}")
-        check_nonnegative("ridge", ridge)
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-        ):
-            raise ValueError(f"`num_classes` must be a positive int or None, got {num_classes!r}")
+        check_model(model)
+        super().__init__(ood_label=ood_label, batch_size=batch_size, progress=progress)
         self.model = model
-        self.layer = layer
-        self.feature_fn = feature_fn
-        self.ridge = float(ridge)
-        self.num_classes = num_classes
-        self.means_: Tensor | None = None
-        self.covariance_: Tensor | None = None
-        self.precision_: Tensor | None = None
-        self.class_counts_: Tensor | None = None
+        self.temperature = check_positive("temperature", temperature)
 
-    # ------------------------------------------------------------------ features
+    def _score_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        device, dtype = placement(self.model, x)
+        with torch.no_grad():
+            logits = call_model(self.model, x.to(device=device, dtype=dtype))
+        check_logits(logits, x.shape[0])
+        return type(self)._fn(logits, self.temperature), logits.argmax(dim=1)
 
-    def features(self, inputs: Tensor) -> Tensor:
-        """Features of one batch: inputs ``(B, ...)`` -> ``(B, D)`` float64, no graph."""
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
-        model = self.model
-        modes = [(m, m.training) for m in model.modules()] if model is not None else []
-        captured: list[Any] = []
-        handle = None
-        try:
-            if model is not None:
-                model.eval()
-                param = next(model.parameters(), None)
-                if param is not None:
-                    inputs = inputs.to(param.device)
-            with torch.no_grad():
-                if self._module is not None:
-                    assert model is not None  # set together in __init__
-                    handle = self._module.register_forward_hook(
-                        lambda _m, _i, out: captured.append(out)
-                    )
-                    model(inputs)
-                    if not captured:
-                        raise RuntimeError(f"`layer` {self.layer!r} did not run in model(inputs)")
-                    feats = captured[-1]
-                else:
-                    assert self.feature_fn is not None
-                    feats = self.feature_fn(inputs)
-        finally:
-            if handle is not None:
-                handle.remove()
-            for module, was_training in modes:
-                module.training = was_training
-        source = f"`layer` {self.layer!r}" if self.layer is not None else "`feature_fn`"
-        if not isinstance(feats, Tensor):
-            raise TypeError(f"{source} must produce a Tensor, got {type(feats).__name__}")
-        if feats.ndim < 2 or feats.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"{source} must produce features (B, D) with B={inputs.shape[0]}, "
-                f"got shape {tuple(feats.shape)}"
-            )
-        return feats.detach().flatten(1).to(torch.float64)
-
-    # ------------------------------------------------------------------ fit / score
-
-    def fit(self, data: Data) -> MahalanobisScore:
-        """Estimate class means and the tied covariance from labelled ID data.
-
-        Args:
-            data: ``(inputs, labels)`` with inputs ``(B, ...)`` and int labels ``(B,)``, or an
-                iterable of such batches (e.g. a ``DataLoader``).
-
-        Returns:
-            ``self``, fitted.
-        """
-        count = mean = scatter = None
-        for inputs, labels in _labelled_batches(data):
-            feats = self.features(inputs)
-            labels = _check_labels(labels, feats.shape[0]).to(feats.device)
-            if feats.shape[0] == 0:
-                continue
-            size = int(labels.max()) + 1
-            if self.num_classes is not None:
-                if size > self.num_classes:
-                    raise ValueError(
-                        f"`labels` must be < num_classes={self.num_classes}, got {size - 1}"
-                    )
-                size = self.num_classes
-            if count is None or mean is None or scatter is None:
-                dim = feats.shape[1]
-                count = feats.new_zeros(size)
-                mean = feats.new_zeros(size, dim)
-                scatter = feats.new_zeros(dim, dim)
-            elif feats.shape[1] != mean.shape[1]:
-                raise ValueError(f"features changed size from {mean.shape[1]} to {feats.shape[1]}")
-            if size > count.shape[0]:  # labels grow as batches arrive
-                grow = size - count.shape[0]
-                count = torch.cat([count, count.new_zeros(grow)])
-                mean = torch.cat([mean, mean.new_zeros(grow, mean.shape[1])])
-            n_b = torch.bincount(labels, minlength=count.shape[0]).to(feats.dtype)
-            sums = feats.new_zeros(mean.shape).index_add_(0, labels, feats)
-            mean_b = sums / n_b.clamp(min=1).unsqueeze(1)
-            centered = feats - mean_b[labels]
-            scatter += centered.T @ centered
-            # Chan et al. merge of (count, mean, scatter) with this batch, class by class
-            delta = mean_b - mean
-            weight = count * n_b / (count + n_b).clamp(min=1)
-            scatter += (delta * weight.unsqueeze(1)).T @ delta
-            mean += delta * (n_b / (count + n_b).clamp(min=1)).unsqueeze(1)
-            count += n_b
-        if count is None or mean is None or scatter is None:
-            raise ValueError("`data` must contain at least one sample, got none")
-        empty = torch.nonzero(count == 0).flatten().tolist()
-        if empty:
-            raise ValueError(f"every class needs samples to fit; classes {empty} have none")
-        covariance = scatter / count.sum()
-        self.means_ = mean
-        self.covariance_ = covariance
-        self.precision_ = _pinv_psd(covariance, self.ridge)
-        self.class_counts_ = count.to(torch.int64)
-        return self
-
-    def score(self, inputs: Data) -> Tensor:
-        """Mahalanobis score of a batch, or of an iterable of batches (concatenated).
-
-        Args:
-            inputs: Tensor ``(B, ...)``; an ``(inputs, labels)`` pair with integer labels (one
-                batch, labels ignored); or an iterable of batches, each a tensor or an
-                ``(inputs, ...)`` tuple (e.g. a ``DataLoader``).
-
-        Returns:
-            Scores ``(B,)``, float64, ``<= 0``; higher = more in-distribution.
-        """
-        if self.means_ is None or self.precision_ is None:
-            raise RuntimeError("MahalanobisScore is not fitted: call `fit(id_train_data)` first")
-        if isinstance(inputs, Tensor):
-            return self._score_batch(inputs)
-        parts = [self._score_batch(x) for x in _unlabelled_batches(inputs)]
-        if not parts:
-            raise ValueError("`inputs` must contain at least one batch, got none")
-        return torch.cat([p.to(parts[0].device) for p in parts])
-
-    __call__ = score
-
-    def _score_batch(self, inputs: Tensor) -> Tensor:
-        assert self.means_ is not None and self.precision_ is not None
-        feats = self.features(inputs)
-        means, precision = self.means_.to(feats.device), self.precision_.to(feats.device)
-        if feats.shape[1] != means.shape[1]:
-            raise ValueError(
-                f"features have size {feats.shape[1]}, but the score was fitted on {means.shape[1]}"
-            )
-        # centre on the mean of the class means: the expansion below then cancels less
-        centre = means.mean(dim=0)
-        f, m = feats - centre, means - centre
-        pm = m @ precision
-        dist = (
-            ((f @ precision) * f).sum(1, keepdim=True) - 2.0 * f @ pm.T + (pm * m).sum(1)
-        )  # (B, C)
-        return -dist.amin(dim=1).clamp(min=0.0)
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(temperature={self.temperature:g}, threshold={self.threshold!r})"
 
 
-def _pinv_psd(covariance: Tensor, ridge: float) -> Tensor:
-    """Pseudo-inverse of ``covariance + ridge * I`` (symmetric PSD) via its eigenvectors."""
-    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
-    evals, evecs = torch.linalg.eigh(covariance + ridge * eye)
-    keep = evals > PINV_RTOL * evals.max().clamp(min=0.0)
-    inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
-    return (evecs * inv) @ evecs.T
+class MSPDetector(_LogitDetector):
+    r"""[`msp_score`][gq_loss.msp_score] of a model's logits as a [`Detector`][gq_loss.Detector].
+
+    Args:
+        model: An ``nn.Module`` or a callable mapping ``(B, ...)`` to logits ``(B, N)``,
+            ``N >= 2``. A module runs in eval mode under ``torch.no_grad()`` and inputs are moved
+            to the device and cast to the floating dtype of its first floating parameter.
+        temperature: ``T > 0`` of the softmax. Default: ``1.0``.
+        ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
+        batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
+        progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
+
+    Examples:
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        >>> detector = MSPDetector(model).calibrate(torch.randn(100, 3, 2, 2), tpr=0.95)
+        >>> x = torch.randn(5, 3, 2, 2)
+        >>> detector.score(x).shape, detector.predict(x).shape  # predict: class or -1
+        (torch.Size([5]), torch.Size([5]))
+    """
+
+    _fn = staticmethod(msp_score)
+    _desc = "MSP"
 
 
-def _check_labels(labels: Any, batch: int) -> Tensor:
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
-        what = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
-        raise TypeError(f"`labels` must be an integer tensor (B,), got {what}")
-    if labels.ndim != 1 or labels.shape[0] != batch:
-        raise ValueError(f"`labels` must have shape ({batch},), got {tuple(labels.shape)}")
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"`labels` must be >= 0, got {int(labels.min())}")
-    return labels.long()
+class EnergyDetector(_LogitDetector):
+    r"""[`energy_score`][gq_loss.energy_score] of a model's logits as a
+    [`Detector`][gq_loss.Detector].
 
+    Args:
+        model: As for [`MSPDetector`][gq_loss.MSPDetector].
+        temperature: ``T > 0``. Default: ``1.0``.
+        ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
+        batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
+        progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
 
-def _is_labelled_pair(data: Any) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], Tensor)
-        and isinstance(data[1], Tensor)
-        and not data[1].is_floating_point()
-        and data[1].ndim == 1
-    )
+    Examples:
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        >>> detector = EnergyDetector(model, temperature=1.0).calibrate(torch.randn(100, 12))
+        >>> detector.predict(torch.randn(5, 12)).shape
+        torch.Size([5])
+    """
 
-
-def _labelled_batches(data: Data) -> Iterator[tuple[Tensor, Any]]:
-    if isinstance(data, Tensor):
-        raise TypeError("`data` needs labels: pass (inputs, labels) or batches of them")
-    if _is_labelled_pair(data):
-        yield data[0], data[1]  # type: ignore[index]
-        return
-    for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(
-                f"each batch of `data` must be (inputs, labels, ...), got {type(batch).__name__}"
-            )
-        yield batch[0], batch[1]
-
-
-def _unlabelled_batches(data: Iterable[Any]) -> Iterator[Tensor]:
-    if _is_labelled_pair(data):
-        yield data[0]  # type: ignore[index]
-        return
-    for batch in data:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+    _fn = staticmethod(energy_score)
+    _desc = "energy"

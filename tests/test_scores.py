@@ -10,7 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gq_loss.scores import PINV_RTOL, MahalanobisScore, energy_score, msp_score
+from gq_loss import NotFittedError
+from gq_loss.mahalanobis import PINV_RTOL
+from gq_loss.scores import MahalanobisScore, energy_score, msp_score
 
 # --------------------------------------------------------------------------- MSP and energy
 
@@ -45,12 +47,12 @@ def test_scores_order_in_distribution_higher() -> None:
     assert energy_score(logits)[0] > energy_score(logits)[1]
 
 
-def test_half_precision_logits_score_in_float32() -> None:
+def test_scores_are_float64_from_any_logits() -> None:
     logits = torch.randn(4, 3).half()
     for fn in (msp_score, energy_score):
         out = fn(logits, 2.0)
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, fn(logits.float(), 2.0))
+        assert out.dtype == torch.float64
+        assert torch.equal(out, fn(logits.double(), 2.0))  # the same as from float64 logits
 
 
 def test_empty_batch() -> None:
@@ -60,13 +62,14 @@ def test_empty_batch() -> None:
 
 @pytest.mark.parametrize("fn", [msp_score, energy_score])
 def test_logit_score_validation(fn) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(TypeError, match=r"`logits` must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"`logits` must be a torch.Tensor \(B, N\), got list"):
         fn([[1.0, 2.0]])
-    with pytest.raises(ValueError, match=r"`logits` must have shape \(B, N\).*got \(3,\)"):
+    with pytest.raises(ValueError, match=r"`logits` must be .*shape \(B, N\).*got shape \(3,\)"):
         fn(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"`logits` must have shape \(B, N\).*got \(2, 0\)"):
-        fn(torch.zeros(2, 0))
-    with pytest.raises(TypeError, match=r"`logits` must be floating point, got dtype torch.int64"):
+    for n in (0, 1):  # one class: every softmax score would be 1
+        with pytest.raises(ValueError, match=rf"`logits` must have N >= 2 classes, got N = {n}"):
+            fn(torch.zeros(2, n))
+    with pytest.raises(ValueError, match=r"`logits` must be floating-point.*dtype torch.int64"):
         fn(torch.zeros(2, 3, dtype=torch.long))
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0"):
@@ -241,13 +244,16 @@ def test_mahalanobis_validation_errors() -> None:
         MahalanobisScore(feature_fn=ident, ridge=-0.1)
     with pytest.raises(TypeError, match=r"`ridge` must be a real number, got bool True"):
         MahalanobisScore(feature_fn=ident, ridge=True)
-    for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match=r"`num_classes` must be a positive int or None"):
+    with pytest.raises(ValueError, match=r"`num_classes` must be >= 1, got 0"):
+        MahalanobisScore(feature_fn=ident, num_classes=0)
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match=r"`num_classes` must be an int or None"):
             MahalanobisScore(feature_fn=ident, num_classes=bad)  # type: ignore[arg-type]
 
     maha = MahalanobisScore(feature_fn=ident)
-    with pytest.raises(RuntimeError, match=r"not fitted: call `fit\(id_train_data\)` first"):
-        maha.score(x)
+    for method in (maha.score, maha.calibrate, maha.predict):
+        with pytest.raises(NotFittedError, match=r"not fitted: call `fit\(id_train_data\)` first"):
+            method(x)
     with pytest.raises(ValueError, match=r"classes \[1\] have none"):
         maha.fit((x[:4], torch.tensor([0, 2, 2, 0])))
     with pytest.raises(ValueError, match=r"classes \[3\] have none"):
@@ -270,11 +276,11 @@ def test_mahalanobis_validation_errors() -> None:
         maha.fit([])
     with pytest.raises(ValueError, match=r"features changed size from 4 to 3"):
         maha.fit([(x[:5], y[:5]), (x[5:, :3], y[5:])])
-    with pytest.raises(TypeError, match=r"`inputs` must be a torch.Tensor, got ndarray"):
+    with pytest.raises(TypeError, match=r"`inputs` batches must be tensors, got ndarray"):
         maha.fit((x, y)).score(x.numpy())
     with pytest.raises(ValueError, match=r"features have size 3, but the score was fitted on 4"):
         maha.score(x[:, :3])
-    with pytest.raises(ValueError, match=r"`inputs` must contain at least one batch, got none"):
+    with pytest.raises(ValueError, match=r"`inputs` yielded no samples"):
         maha.score([])
 
     for fn, msg in (
