@@ -11,16 +11,25 @@ $\nabla_{x_i} o_j(x_i)$. With train-mode BatchNorm the samples are coupled throu
 statistics and row $i$ also holds $\nabla_{x_i} o_j(x_k)$ for $k \ne i$; that batch-sum
 definition is what this package computes (and what the authors' code differentiated).
 
-Methods (all exact, same result):
+Methods (all exact, same result; every one runs the model forward once per call, so Dropout
+masks and BatchNorm running statistics are those of one ordinary forward pass):
 
 | method | how | peak memory when training through the norms |
 |---|---|---|
-| `loop` | one forward, one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
+| `loop` | one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
 | `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
-| `batched` | `autograd.grad(is_grads_batched=True)` (vmap) over `chunk_size` classes at a time | like `loop`; meant for accelerators |
+| `batched` | `autograd.grad(is_grads_batched=True)` (vmap over the backward), `chunk_size` classes at a time | like `loop` |
+| `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | like `loop` |
 
-`method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise; on the 2-core
-CPU `loop` was the fastest exact method (`docs/benchmarks.md`).
+`method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise, on CPU and on
+CUDA: `loop` was the fastest exact method on the 2-core CPU (`docs/benchmarks.md`), and no GPU
+measurement has shown another method faster yet. `python benchmarks/gpu_check.py --out-dir
+gpu_report` measures every method on a GPU; `auto` changes only on such evidence.
+
+`jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
+the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
+run the model it raises a `RuntimeError` that names `method='loop'`; it never falls back silently.
+It does not take a DistributedDataParallel-wrapped model.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import (
+    call_model,
     check_choice,
     check_class_indices,
     check_inputs,
@@ -41,14 +51,14 @@ from ._validation import (
     check_norm_order,
     check_optional_int,
     check_positive,
+    model_dtype,
 )
 
-__all__ = ["METHODS", "OPERANDS", "class_gradient_norms"]
+__all__ = ["GRADIENT_METHODS", "METHODS", "OPERANDS", "class_gradient_norms"]
 
 Operand = Literal["softmax", "log_softmax", "logits"]
-Method = Literal["auto", "loop", "recompute", "batched"]
+Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
 OPERANDS: tuple[str, ...] = ("softmax", "log_softmax", "logits")
-METHODS: tuple[str, ...] = ("auto", "loop", "recompute", "batched")
 
 
 def class_gradient_norms(
@@ -68,23 +78,37 @@ def class_gradient_norms(
     $$ n_{ij} = \lVert \nabla_{x_i} o_j(x_i) \rVert_p, \qquad
        o = \mathrm{softmax}(f(x)/T),\ \log\mathrm{softmax}(f(x)/T)\ \text{or}\ f(x)/T $$
 
+    Under `torch.no_grad()` or `torch.inference_mode()` the norms are still computed (gradients
+    are switched on locally for the input gradient), no graph is kept and the result is detached,
+    whatever `create_graph` says.
+
     Args:
-        model: Maps ``inputs`` ``(B, *)`` to logits ``(B, N)``. An ``nn.Module`` is needed for
-            ``method="recompute"``. Its train/eval mode is used as it is.
-        inputs: Batch ``(B, *)``, floating point. Not modified; its ``.grad`` is not touched.
-        operand: ``"softmax"``, ``"log_softmax"`` or ``"logits"``, all at ``temperature``.
+        model: Maps `inputs` `(B, *)` to logits `(B, N)` with `N >= 2`. An `nn.Module` is
+            needed for `method="recompute"`. Its train/eval mode is used as it is.
+        inputs: Batch `(B, *)`, floating point; cast to the dtype of the model's first floating
+            parameter when that differs (plain callables: no cast). Not modified; its `.grad`
+            is not touched.
+        operand: `"softmax"`, `"log_softmax"` or `"logits"`, all at `temperature`.
         temperature: $T > 0$.
-        p: Norm order over all input elements of a sample: ``1``, ``2`` or ``math.inf``.
-        classes: Optional int64 ``(B, K)``: compute only column ``classes[i, k]`` for sample ``i``.
+        p: Norm order over all input elements of a sample: `1`, `2` or `math.inf`.
+        classes: Optional int64 `(B, K)`: compute only column `classes[i, k]` for sample `i`.
         create_graph: Keep the graph so the norms can be differentiated w.r.t. the parameters
             (double backprop). Needed to train through the norms.
-        method: ``"auto"``, ``"loop"``, ``"recompute"`` or ``"batched"`` (module docstring).
-        chunk_size: Classes differentiated at once by ``recompute``/``batched``; the memory knob.
+        method: One of [`GRADIENT_METHODS`][gq_loss.kernels.GRADIENT_METHODS] (module
+            docstring); `"auto"` is `loop`, or `recompute` when `chunk_size` is given.
+        chunk_size: Classes differentiated at once by `recompute`/`batched`/`jacrev`; the
+            memory knob.
 
     Returns:
-        ``(B, N)``, or ``(B, K)`` when ``classes`` is given; dtype ``float32`` or wider.
+        `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider.
 
-    Example:
+    Raises:
+        ValueError: A bad option, or a model output that is not logits `(B, N)`, `N >= 2`.
+        TypeError: A model that returns a dict/tuple (the message shows the wrapper), inputs that
+            are not a floating tensor, or a plain function with `method="recompute"`.
+        RuntimeError: `method="jacrev"` on a model `torch.func` cannot transform.
+
+    Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         >>> norms = class_gradient_norms(model, torch.randn(4, 3, 2, 2), operand="logits")
         >>> norms.shape
@@ -92,24 +116,91 @@ def class_gradient_norms(
         >>> torch.allclose(norms[0], model[1].weight.abs().sum(dim=1))  # linear: weight rows
         True
     """
-    check_choice("operand", operand, OPERANDS)
-    temperature = check_positive("temperature", temperature)
-    p = check_norm_order(p)
-    resolved = resolve_method(method, chunk_size, model)
-    x, logits, rng_state = forward(model, inputs, resolved)
-    if classes is not None:
-        check_class_indices("classes", classes, logits.shape[0], logits.shape[1], ndim=2)
-    with torch.enable_grad():
-        op = apply_operand(logits, operand, temperature)
-        job = _Job(
-            model, operand, temperature, p, classes, chunk_size, rng_state, inputs.requires_grad
+    with autograd_enabled() as tracking:
+        run = GradientPass(
+            model,
+            inputs,
+            operand=operand,
+            temperature=temperature,
+            p=p,
+            method=method,
+            chunk_size=chunk_size,
+            create_graph=create_graph and tracking,
         )
-        return norms_from_forward(x, op, job, resolved, create_graph)
+        if classes is not None:
+            batch, num_classes = run.logits.shape
+            check_class_indices("classes", classes, batch, num_classes, ndim=2)
+        norms = run.norms(classes)
+    return norms if tracking else norms.detach()
+
+
+@contextmanager
+def autograd_enabled() -> Iterator[bool]:
+    """Gradients on, also under `no_grad`/`inference_mode`; yields the caller's grad mode.
+
+    Package-internal. Under inference mode, tensors made inside are normal tensors, so inputs
+    made under the caller's inference mode are copied inside (see `GradientPass`).
+    """
+    tracking = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.enable_grad():
+        yield tracking
+
+
+class GradientPass:
+    """One forward pass of the model, ready to give per-class input-gradient norms.
+
+    Package-internal entry point shared by `class_gradient_norms` and `gq_loss` (call it inside
+    `autograd_enabled()`): validates the options, resolves the method, runs the model once and
+    keeps `x` (the tracked inputs `(B, *)`), `logits` `(B, N)` and `op` (the operand `(B, N)`
+    in float32 or wider). `norms(columns)` then asks the method's backend for the norms.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Any],
+        inputs: Tensor,
+        *,
+        operand: str,
+        temperature: float,
+        p: float,
+        method: str,
+        chunk_size: int | None,
+        create_graph: bool,
+    ) -> None:
+        check_choice("operand", operand, OPERANDS)
+        self.operand = operand
+        self.temperature = check_positive("temperature", temperature)
+        self.p = check_norm_order(p)
+        self.method = resolve_method(method, chunk_size, model)
+        self.chunk_size = chunk_size
+        self.create_graph = create_graph
+        self.model = model
+        check_inputs(inputs)
+        if not callable(model):
+            raise TypeError(f"`model` must be callable (an nn.Module), got {type(model).__name__}")
+        dtype = model_dtype(model)
+        if dtype is not None and inputs.dtype != dtype:
+            inputs = inputs.to(dtype)  # differentiable: a caller's input graph continues
+        if inputs.is_inference():  # made under the caller's inference_mode: autograd needs a copy
+            inputs = inputs.clone()
+        self.input_grad = inputs.requires_grad
+        self.x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+        self.backend = _BACKENDS[self.method]
+        self.state: Any = None  # what the backend's forward keeps for its norms
+        self.logits, self.op = self.backend.forward(self)
+
+    def operand_of(self, logits: Tensor) -> Tensor:
+        """The operand of `logits` `(B, N)` at this pass's temperature."""
+        return _operand(logits, self.operand, self.temperature)
+
+    def norms(self, columns: Tensor | None = None) -> Tensor:
+        """Norms `(B, K)` of the operand columns `columns` `(B, K)` (all N when None)."""
+        return self.backend.norms(self, columns)
 
 
 def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
-    """Validates ``method``/``chunk_size`` and returns the concrete method ``auto`` stands for."""
-    check_choice("method", method, METHODS)
+    """Validates `method`/`chunk_size` and returns the concrete method `auto` stands for."""
+    check_choice("method", method, GRADIENT_METHODS)
     check_optional_int("chunk_size", chunk_size)
     if method == "auto":
         method = "recompute" if chunk_size is not None else "loop"
@@ -120,31 +211,19 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
         )
     if method == "recompute" and not isinstance(model, nn.Module):
         raise TypeError(f"method='recompute' needs an nn.Module model, got {type(model).__name__}")
+    if method == "jacrev" and isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "method='jacrev' cannot run a DistributedDataParallel-wrapped model (its forward "
+            "would bypass DDP's gradient synchronisation); use method='loop' or 'recompute'"
+        )
     return str(method)
 
 
-def forward(
-    model: Callable[[Tensor], Tensor], inputs: Tensor, method: str
-) -> tuple[Tensor, Tensor, Any]:
-    """Runs the model once on a gradient-tracking view of ``inputs``.
-
-    Returns ``(x, logits, rng_state)``: ``x`` is ``inputs`` itself when it already requires grad
-    (so the caller's graph continues) and a detached leaf otherwise; ``rng_state`` (kept only
-    for ``method="recompute"``) lets the replay draw the same Dropout masks.
-    """
-    check_inputs(inputs)
-    if not callable(model):
-        raise TypeError(f"`model` must be callable (an nn.Module), got {type(model).__name__}")
-    x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-    rng_state = _get_rng_state(x.device) if method == "recompute" else None
-    with torch.enable_grad():
-        logits = model(x)
-    check_logits(logits, x.shape[0])
-    return x, logits, rng_state
+# --------------------------------------------------------------------------- forward passes
 
 
-def apply_operand(logits: Tensor, operand: str, temperature: float) -> Tensor:
-    """``softmax``/``log_softmax``/identity of ``logits / T`` in at least float32 ``(B, N)``."""
+def _operand(logits: Tensor, operand: str, temperature: float) -> Tensor:
+    """`softmax`/`log_softmax`/identity of `logits / T` in at least float32 `(B, N)`."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if operand == "softmax":
         return z.softmax(dim=1)
@@ -153,32 +232,55 @@ def apply_operand(logits: Tensor, operand: str, temperature: float) -> Tensor:
     return z
 
 
-@dataclass
-class _Job:
-    """What ``recompute`` needs to replay the forward pass during backward."""
-
-    model: Any
-    operand: str
-    temperature: float
-    p: float
-    columns: Tensor | None
-    chunk_size: int | None
-    rng_state: Any
-    input_grad: bool
+def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
+    if run.method == "recompute":  # lets the replay draw the same Dropout masks
+        run.state = _get_rng_state(run.x.device)
+    logits = call_model(run.model, run.x)
+    check_logits(logits, run.x.shape[0])
+    return logits, run.operand_of(logits)
 
 
-def norms_from_forward(x: Tensor, op: Tensor, job: _Job, method: str, create_graph: bool) -> Tensor:
-    """Norms ``(B, K)`` of the operand columns ``job.columns`` (all N when None) of ``op``."""
-    if method == "batched":
-        return _norms_batched(op, x, job.columns, job.p, create_graph, job.chunk_size)
-    if method == "loop" or not create_graph:
-        return _norms_loop(op, x, job.columns, job.p, create_graph)
-    norms = _norms_loop(op, x, job.columns, job.p, create_graph=False)
-    named = [(n, q) for n, q in _unwrap(job.model).named_parameters() if q.requires_grad]
-    out: Tensor = _RecomputeNorms.apply(
-        norms, job, [n for n, _ in named], x, *(q for _, q in named)
+def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
+    """The one forward pass inside `torch.func.vjp`; keeps the pullback in `run.state`.
+
+    Registered buffers are swapped for copies made inside the transformed function (a mutation of
+    a captured tensor is an error under `torch.func`); the copies that the forward changed
+    (train-mode BatchNorm statistics) are written back, so the buffers move once, as with `loop`.
+    """
+    model = run.model
+    named = (
+        [(n, b) for n, b in model.named_buffers() if b is not None]
+        if isinstance(model, nn.Module)
+        else []
     )
-    return out
+
+    def forward(x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        scratch = {name: buf.clone() for name, buf in named}
+        if scratch and isinstance(model, nn.Module):
+            logits = torch.func.functional_call(model, scratch, (x,), strict=False)
+        else:
+            logits = call_model(model, x)
+        check_logits(logits, x.shape[0])
+        return run.operand_of(logits), (logits, scratch)
+
+    with _func_errors("the forward pass"):
+        op, pullback, (logits, scratch) = torch.func.vjp(  # type: ignore[misc]
+            forward, run.x, has_aux=True
+        )
+    live = [(name, buf) for name, buf in named if buf.numel()]
+    if live:
+        with torch.no_grad():
+            # One device sync for all buffers; only changed ones are written, so graphs that
+            # saved an unchanged (eval-mode) buffer stay valid.
+            moved = torch.stack([torch.ne(scratch[n], b).any() for n, b in live]).tolist()
+            for (name, buf), changed in zip(live, moved):
+                if changed:
+                    buf.copy_(scratch[name])
+    run.state = pullback
+    return logits, op
+
+
+# --------------------------------------------------------------------------- backends
 
 
 def _norm_rows(grad: Tensor, p: float) -> Tensor:
@@ -187,6 +289,19 @@ def _norm_rows(grad: Tensor, p: float) -> Tensor:
 
 def _selected(op: Tensor, columns: Tensor | None) -> Tensor:
     return op if columns is None else op.gather(1, columns)
+
+
+def _all_columns(op: Tensor, columns: Tensor | None) -> Tensor:
+    batch, num_classes = op.shape
+    if columns is None:
+        return torch.arange(num_classes, device=op.device).expand(batch, num_classes)
+    return columns
+
+
+def _one_hot_cotangents(op: Tensor, cols: Tensor) -> Tensor:
+    """`(k, B, N)`: cotangent `c` selects column `cols[i, c]` of row `i`."""
+    basis = op.new_zeros(cols.shape[1], *op.shape)
+    return basis.scatter_(2, cols.T.unsqueeze(-1), 1.0)
 
 
 def _input_grad(out: Tensor, x: Tensor, create_graph: bool) -> Tensor:
@@ -201,42 +316,124 @@ def _input_grad(out: Tensor, x: Tensor, create_graph: bool) -> Tensor:
     return grad
 
 
-def _norms_loop(
-    op: Tensor, x: Tensor, columns: Tensor | None, p: float, create_graph: bool
-) -> Tensor:
-    sel = _selected(op, columns)
+def _loop(run: GradientPass, columns: Tensor | None, create_graph: bool) -> Tensor:
+    sel = _selected(run.op, columns)
     rows = [
-        _norm_rows(_input_grad(sel[:, k].sum(), x, create_graph), p) for k in range(sel.shape[1])
+        _norm_rows(_input_grad(sel[:, k].sum(), run.x, create_graph), run.p)
+        for k in range(sel.shape[1])
     ]
     return torch.stack(rows, dim=1) if rows else sel.new_zeros(sel.shape)
 
 
-def _norms_batched(
-    op: Tensor, x: Tensor, columns: Tensor | None, p: float, create_graph: bool, chunk: int | None
-) -> Tensor:
-    batch, num_classes = op.shape
-    if columns is None:
-        columns = torch.arange(num_classes, device=op.device).expand(batch, num_classes)
-    width = columns.shape[1]
+def _norms_loop(run: GradientPass, columns: Tensor | None) -> Tensor:
+    return _loop(run, columns, run.create_graph)
+
+
+def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
+    norms = _loop(run, columns, create_graph=False)
+    if not run.create_graph:
+        return norms
+    job = _Replay(
+        run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, run.state,
+        run.input_grad,
+    )  # fmt: skip
+    named = [(n, q) for n, q in _unwrap(run.model).named_parameters() if q.requires_grad]
+    out: Tensor = _RecomputeNorms.apply(
+        norms, job, [n for n, _ in named], run.x, *(q for _, q in named)
+    )
+    return out
+
+
+def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
+    cols_all = _all_columns(run.op, columns)
+    width = cols_all.shape[1]
+    step = run.chunk_size or max(width, 1)
     parts = []
-    for start in range(0, width, chunk or max(width, 1)):
-        cols = columns[:, start : start + (chunk or width)]
-        # One-hot cotangents (k, B, N): vmap runs the k backward passes as one batched pass.
-        basis = op.new_zeros(cols.shape[1], batch, num_classes)
-        basis.scatter_(2, cols.T.unsqueeze(-1), 1.0)
+    for start in range(0, width, step):
+        basis = _one_hot_cotangents(run.op, cols_all[:, start : start + step])
+        # vmap runs the k backward passes as one batched pass.
         (grad,) = torch.autograd.grad(
-            op,
-            x,
+            run.op,
+            run.x,
             basis,
             retain_graph=True,
-            create_graph=create_graph,
+            create_graph=run.create_graph,
             is_grads_batched=True,
             allow_unused=True,
         )
         if grad is None:  # the operand does not depend on the input
-            grad = x.new_zeros(cols.shape[1], *x.shape)
-        parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=p, dim=2).T)
-    return torch.cat(parts, dim=1) if parts else op.new_zeros(batch, 0)
+            grad = run.x.new_zeros(basis.shape[0], *run.x.shape)
+        parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=run.p, dim=2).T)
+    return torch.cat(parts, dim=1) if parts else run.op.new_zeros(run.op.shape[0], 0)
+
+
+def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
+    cols = _all_columns(run.op, columns)
+    if cols.shape[1] == 0:
+        return run.op.new_zeros(run.op.shape[0], 0)
+    basis = _one_hot_cotangents(run.op, cols)
+    pullback = run.state
+
+    def row_norms(cotangent: Tensor) -> Tensor:
+        (grad,) = pullback(cotangent)
+        return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
+
+    with _func_errors("the per-class backward passes"):
+        norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+    return norms if run.create_graph else norms.detach()
+
+
+@contextmanager
+def _func_errors(stage: str) -> Iterator[None]:
+    """Re-raises `torch.func`'s refusals with what to do instead."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        markers = ("transform", "vmap", "functorch", "captured", "Batching rule", "setup_context")
+        if not any(m in text for m in markers):
+            raise
+        raise RuntimeError(
+            f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "
+            "use method='loop' (or 'recompute'), which run any model autograd can differentiate"
+        ) from err
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """How one method runs the forward pass and turns it into norms `(B, K)`."""
+
+    forward: Callable[[GradientPass], tuple[Tensor, Tensor]]
+    norms: Callable[[GradientPass, Tensor | None], Tensor]
+
+
+_BACKENDS: dict[str, _Backend] = {
+    "loop": _Backend(_plain_forward, _norms_loop),
+    "recompute": _Backend(_plain_forward, _norms_recompute),
+    "batched": _Backend(_plain_forward, _norms_batched),
+    "jacrev": _Backend(_func_forward, _norms_jacrev),
+}
+#: The values of `method`: `"auto"` and every backend.
+GRADIENT_METHODS: tuple[str, ...] = ("auto", *_BACKENDS)
+#: Former name of `GRADIENT_METHODS`, kept importable.
+METHODS = GRADIENT_METHODS
+
+
+# --------------------------------------------------------------------------- recompute
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """What `recompute` needs to replay the forward pass during backward (not the graph)."""
+
+    model: Any
+    operand: str
+    temperature: float
+    p: float
+    columns: Tensor | None
+    chunk_size: int | None
+    rng_state: Any
+    input_grad: bool
 
 
 def _unwrap(model: Any) -> Any:
@@ -279,17 +476,17 @@ def _replay(
 
 
 class _RecomputeNorms(torch.autograd.Function):
-    """Identity on the norms whose backward recomputes the graph ``chunk_size`` classes at a time.
+    """Identity on the norms whose backward recomputes the graph `chunk_size` classes at a time.
 
-    Forward returns the graph-free norms of pass 1. Backward receives ``w = dL/dn`` and returns
-    ``d/dtheta sum_ik w_ik n_ik`` for the parameters (inputs of this Function), so the GQ gradient
-    reaches every parameter through the one ``backward()`` of the training step, together with the
+    Forward returns the graph-free norms of pass 1. Backward receives `w = dL/dn` and returns
+    `d/dtheta sum_ik w_ik n_ik` for the parameters (inputs of this Function), so the GQ gradient
+    reaches every parameter through the one `backward()` of the training step, together with the
     cross-entropy gradient (one gradient hook per parameter, which keeps DDP ranks in step).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, norms: Tensor, job: _Job, names: list[str], x: Tensor, *params: Tensor
+        ctx: Any, norms: Tensor, job: _Replay, names: list[str], x: Tensor, *params: Tensor
     ) -> Tensor:
         ctx.job = job
         ctx.params = params
@@ -300,7 +497,7 @@ class _RecomputeNorms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_norms: Tensor) -> tuple[Tensor | None, ...]:
-        job: _Job = ctx.job
+        job: _Replay = ctx.job
         if torch.is_grad_enabled():
             # The replay's gradients are not differentiable again: refuse rather than drop terms.
             raise RuntimeError(
@@ -323,7 +520,7 @@ class _RecomputeNorms(torch.autograd.Function):
             logits = torch.func.functional_call(
                 model, dict(zip(ctx.names, params)), (xr,), strict=False
             )
-            sel = _selected(apply_operand(logits, job.operand, job.temperature), job.columns)
+            sel = _selected(_operand(logits, job.operand, job.temperature), job.columns)
             targets = ([xr] if job.input_grad else []) + list(params)
             width = sel.shape[1]
             step = job.chunk_size or max(width, 1)

@@ -33,6 +33,8 @@ VARIANTS: tuple[tuple[str, int | None], ...] = (
     ("batched", None),
     ("batched", 1),
     ("batched", 3),
+    ("jacrev", None),
+    ("jacrev", 2),
 )
 
 

@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from gq_loss import class_gradient_norms
-from gq_loss.kernels import METHODS, OPERANDS
+from gq_loss.kernels import GRADIENT_METHODS, METHODS, OPERANDS
 
 
 def test_variants_cover_every_method() -> None:
-    assert {m for m, _ in VARIANTS} == set(METHODS)
+    assert {m for m, _ in VARIANTS} == set(GRADIENT_METHODS)
+    assert METHODS == GRADIENT_METHODS  # the former name stays importable
     assert set(OPERANDS) == {"softmax", "log_softmax", "logits"}
 
 
@@ -111,7 +112,7 @@ def test_parity_grid(operand: str, p: float) -> None:
     kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
     rank=st.integers(2, 4),
     batch=st.integers(0, 4),
-    n=st.integers(1, 5),
+    n=st.integers(2, 5),
     operand=st.sampled_from(["softmax", "log_softmax", "logits"]),
     p=st.sampled_from(NORMS),
     temperature=st.sampled_from([0.5, 1.0, 3.0]),
@@ -345,16 +346,22 @@ def test_input_gradient_flows_to_caller(leaf: bool, operand: str) -> None:
         assert all(q.grad is None for q in model.parameters())
 
 
-def test_works_under_no_grad() -> None:
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_value_without_grad_mode(context: Callable[[], object]) -> None:
+    # Validation loops (Lightning runs them under inference mode): the value, detached.
     model = make_model("softplus", (5,), 3)
     x = torch.randn(4, 5, dtype=F64)
     want = brute_norms(model, x, "softmax", 1.0, 1).detach()
     for method, chunk in VARIANTS:
-        with torch.no_grad():
-            got = class_gradient_norms(model, x, method=method, chunk_size=chunk)
+        with context():  # type: ignore[attr-defined]
+            inputs = x.clone()  # an inference tensor under inference_mode
+            got = class_gradient_norms(
+                model, inputs, method=method, chunk_size=chunk, create_graph=True
+            )
         assert not got.requires_grad
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-    assert torch.is_grad_enabled()
+        assert all(q.grad is None for q in model.parameters())
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 def test_float32_model_gives_float32_norms() -> None:
@@ -467,12 +474,17 @@ class Returns(nn.Module):
 @pytest.mark.parametrize(
     ("fn", "error", "match"),
     [
-        (lambda z: z.sum(1), ValueError, r"shape \(B, N\) = \(2, N\), got \(2,\)"),
-        (lambda z: z[:1], ValueError, r"shape \(B, N\) = \(2, N\), got \(1, 3\)"),
-        (lambda z: z[:, :, None], ValueError, r"got \(2, 3, 1\)"),
+        (lambda z: z.sum(1), ValueError, r"shape \(B, N\) with B = 2, got shape \(2,\)"),
+        (lambda z: z[:1], ValueError, r"with B = 2, got shape \(1, 3\)"),
+        (lambda z: z[:, :, None], ValueError, r"got shape \(2, 3, 1\)"),
         (lambda z: z.long(), ValueError, r"floating-point logits .*torch.int64"),
-        (lambda z: (z,), TypeError, r"must return a torch.Tensor of logits, got tuple"),
-        (lambda z: {"logits": z}, TypeError, r"got dict"),
+        (lambda z: z[:, :1], ValueError, r"N >= 2 classes, got N = 1"),
+        (lambda z: (z,), TypeError, r"tensor of logits .*got tuple .*`lambda x: model\(x\)\[0\]`"),
+        (
+            lambda z: {"logits": z},
+            TypeError,
+            r"got dict with keys \['logits'\].*`lambda x: model\(x\)\['logits'\]`",
+        ),
     ],
 )
 def test_bad_model_output(
@@ -481,6 +493,27 @@ def test_bad_model_output(
     for method in METHODS:
         with pytest.raises(error, match=match):
             class_gradient_norms(Returns(fn), X, method=method)
+
+
+def test_inputs_cast_to_the_model_dtype() -> None:
+    # A float64 model given float32 inputs: the inputs follow the model (documented rule).
+    model = make_model("mlp_gelu", (4,), 3)
+    x = torch.randn(3, 4)
+    want = brute_norms(model, x.double()).detach()
+    for method, chunk in VARIANTS:
+        got = class_gradient_norms(model, x, method=method, chunk_size=chunk)
+        assert got.dtype == F64
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # The cast is differentiable: a caller's float32 input graph continues.
+    root = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(class_gradient_norms(model, root, create_graph=True).sum(), root)
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+
+def test_single_image_says_unsqueeze() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), Flat(), nn.Linear(2 * 4, 3))
+    with pytest.raises(ValueError, match=r"single \(C, H, W\) image pass `x.unsqueeze\(0\)`"):
+        class_gradient_norms(model, torch.randn(3, 6, 6))
 
 
 def test_bad_model() -> None:
@@ -492,7 +525,7 @@ def test_bad_model() -> None:
         return linear(x)
 
     # A plain function works with the methods that never replay the model...
-    for method in ("auto", "loop", "batched"):
+    for method in ("auto", "loop", "batched", "jacrev"):
         torch.testing.assert_close(
             class_gradient_norms(plain, X, method=method),
             class_gradient_norms(linear, X),
@@ -504,3 +537,88 @@ def test_bad_model() -> None:
         class_gradient_norms(plain, X, method="recompute")
     with pytest.raises(TypeError, match=r"needs an nn.Module"):
         class_gradient_norms(plain, X, chunk_size=2)  # auto -> recompute
+
+
+# --------------------------------------------------------------------------- jacrev (torch.func)
+
+
+class CountsCalls(nn.Module):
+    """Mutates a captured, unregistered tensor in place: torch.func refuses that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).to(F64)
+        self.calls = torch.zeros((), dtype=F64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.lin(x)
+        self.calls.add_(out.sum().detach())
+        return out
+
+
+class OldStyleSquare(torch.autograd.Function):
+    """An autograd.Function without setup_context: autograd runs it, torch.func does not."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)  # type: ignore[attr-defined]
+        return x * x
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return 2 * x * grad
+
+
+class UsesOldFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).to(F64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(OldStyleSquare.apply(x))
+
+
+@pytest.mark.parametrize("make", [CountsCalls, UsesOldFunction])
+def test_jacrev_refuses_what_torch_func_cannot_run(make: Callable[[], nn.Module]) -> None:
+    model = make()
+    # The other methods run it (so the refusal is about torch.func, not the model)...
+    class_gradient_norms(model, X, method="loop", create_graph=True)
+    # ...jacrev says what to use instead, never a wrong number.
+    with pytest.raises(RuntimeError, match=r"method='jacrev' could not run .*use method='loop'"):
+        class_gradient_norms(model, X, method="jacrev", create_graph=True)
+
+
+def test_jacrev_keeps_other_graphs_on_the_model_valid() -> None:
+    # An eval-mode BatchNorm saves its running statistics in every graph through it; jacrev
+    # writes back only the buffers its forward changed, so an earlier graph still backwards.
+    model = make_model("conv_bn", (2, 3, 3), 3)
+    x = torch.randn(2, 2, 3, 3, dtype=F64)
+    earlier = class_gradient_norms(model, x, create_graph=True, method="loop")
+    later = class_gradient_norms(model, x, create_graph=True, method="jacrev")
+    torch.testing.assert_close(later, earlier, rtol=1e-10, atol=1e-12)
+    (earlier.sum() + later.sum()).backward()
+    assert all(q.grad is not None for q in model.parameters())
+
+
+def test_jacrev_chunk_size_reaches_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    vmap = torch.func.vmap
+
+    def spy(fn: Callable[..., Tensor], **kwargs: object) -> Callable[..., Tensor]:
+        seen.append(kwargs.get("chunk_size"))
+        return vmap(fn, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.func, "vmap", spy)
+    model = make_model("mlp_gelu", (4,), 5)
+    x = torch.randn(3, 4, dtype=F64)
+    a = class_gradient_norms(model, x, method="jacrev", chunk_size=2)
+    b = class_gradient_norms(model, x, method="jacrev")
+    assert seen == [2, None]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_jacrev_refuses_ddp_wrapper() -> None:
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    with pytest.raises(TypeError, match=r"method='jacrev' cannot run a DistributedDataParallel"):
+        class_gradient_norms(ddp, X, method="jacrev")
