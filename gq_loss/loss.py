@@ -8,12 +8,13 @@ $$ \mathrm{GQ}_i = \frac{\lVert \nabla_x S_{y_i}(x_i) \rVert_1}
 `formulation="reference"` computes what the authors' public code computes instead: one ratio per
 batch of the L1 norms of the gradients of the *summed* target and non-target logits (two backward
 passes). On softmax that ratio is identically 1 ($\sum_{j \ne y} S_j = 1 - S_y$), so it is
-refused there. `docs/math.md` explains the difference.
+refused there. With $N = 2$ classes Eq. 7 on softmax is identically 1 as well
+($\nabla S_0 = -\nabla S_1$), so it is refused there too. `docs/math.md` explains both.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -26,16 +27,7 @@ from ._validation import (
     check_optional_int,
     check_positive,
 )
-from .kernels import (
-    OPERANDS,
-    Method,
-    Operand,
-    _Job,
-    apply_operand,
-    forward,
-    norms_from_forward,
-    resolve_method,
-)
+from .kernels import OPERANDS, GradientPass, Method, Operand, autograd_enabled, resolve_method
 
 __all__ = ["ESTIMATORS", "FORMULATIONS", "REDUCTIONS", "GQLoss", "gq_loss"]
 
@@ -47,8 +39,71 @@ REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
 ESTIMATORS: tuple[str, ...] = ("exact", "sampled")
 
 
+@overload
 def gq_loss(
-    model: Callable[[Tensor], Tensor],
+    model: Callable[[Tensor], Any],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = ...,
+    p: float = ...,
+    operand: Operand | None = ...,
+    formulation: Formulation = ...,
+    reduction: Reduction = ...,
+    estimator: Estimator = ...,
+    num_sampled: int | None = ...,
+    method: Method = ...,
+    chunk_size: int | None = ...,
+    eps: float = ...,
+    generator: torch.Generator | None = ...,
+    return_logits: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def gq_loss(
+    model: Callable[[Tensor], Any],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = ...,
+    p: float = ...,
+    operand: Operand | None = ...,
+    formulation: Formulation = ...,
+    reduction: Reduction = ...,
+    estimator: Estimator = ...,
+    num_sampled: int | None = ...,
+    method: Method = ...,
+    chunk_size: int | None = ...,
+    eps: float = ...,
+    generator: torch.Generator | None = ...,
+    return_logits: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def gq_loss(
+    model: Callable[[Tensor], Any],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = ...,
+    p: float = ...,
+    operand: Operand | None = ...,
+    formulation: Formulation = ...,
+    reduction: Reduction = ...,
+    estimator: Estimator = ...,
+    num_sampled: int | None = ...,
+    method: Method = ...,
+    chunk_size: int | None = ...,
+    eps: float = ...,
+    generator: torch.Generator | None = ...,
+    return_logits: bool,
+) -> Tensor | tuple[Tensor, Tensor]: ...
+
+
+def gq_loss(
+    model: Callable[[Tensor], Any],
     inputs: Tensor,
     targets: Tensor,
     *,
@@ -64,37 +119,51 @@ def gq_loss(
     eps: float = 1e-12,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
-) -> Any:
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Gradient Quotient of a batch, differentiable w.r.t. the model's parameters.
 
+    Under `torch.no_grad()` or `torch.inference_mode()` (validation loops) the *value* is
+    computed: gradients are switched on locally for the input gradient, no double-backward graph
+    is built, and the result (and the logits with `return_logits=True`) comes back detached; no
+    parameter `.grad` is written.
+
     Args:
-        model: Maps ``inputs`` ``(B, *)`` to logits ``(B, N)``; used in its current mode. Under
+        model: Maps `inputs` `(B, *)` to logits `(B, N)`; used in its current mode. A model
+            returning a dict or tuple needs a one-line wrapper (the error shows it). Under
             DistributedDataParallel pass the wrapped model.
-        inputs: Batch ``(B, *)``, floating point. Not modified.
-        targets: True labels ``(B,)``, int64 in ``[0, N)``.
+        inputs: Batch `(B, *)`, floating point; cast to the dtype of the model's first floating
+            parameter when that differs (plain callables: no cast). Not modified.
+        targets: True labels `(B,)`, int64 in `[0, N)`.
         temperature: $T > 0$ of the softmax scores.
-        p: Norm order of the input gradients: ``1`` (paper), ``2`` or ``math.inf``.
-        operand: ``"softmax"`` (default for ``paper``, Eq. 7), ``"log_softmax"`` or ``"logits"``
-            (default for ``reference``).
-        formulation: ``"paper"`` (Eq. 7 per sample) or ``"reference"`` (authors' code: one
-            batch-level ratio; ``reduction`` ``"mean"``/``"sum"`` both give that ratio).
-        reduction: ``"none"`` -> ``(B,)``; ``"mean"`` | ``"sum"`` -> scalar.
-        estimator: ``"exact"`` (all N classes) or ``"sampled"``: the target, the
-            ``num_sampled // 2`` most probable other classes exactly, and the rest of
-            ``num_sampled`` drawn from the remaining tail with $q_j \propto S_j$, weighted
+        p: Norm order of the input gradients: `1` (paper), `2` or `math.inf`.
+        operand: `"softmax"` (default for `paper`, Eq. 7), `"log_softmax"` or `"logits"`
+            (default for `reference`). With `N = 2` the paper formulation refuses `"softmax"`
+            (identically 1); use `"logits"` there.
+        formulation: `"paper"` (Eq. 7 per sample) or `"reference"` (authors' code: one
+            batch-level ratio; `reduction` `"mean"`/`"sum"` both give that ratio).
+        reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
+        estimator: `"exact"` (all N classes) or `"sampled"`: the target, the
+            `num_sampled // 2` most probable other classes exactly, and the rest of
+            `num_sampled` drawn from the remaining tail with $q_j \propto S_j$, weighted
             $1/(m q_j)$ (unbiased for the denominator). For large N.
-        num_sampled: $K$ classes besides the target for ``estimator="sampled"``.
-        method: How the per-class gradients are computed (see `gq_loss.kernels`).
-        chunk_size: Classes differentiated at once; bounds peak memory (``method="recompute"``).
+        num_sampled: $K$ classes besides the target for `estimator="sampled"`.
+        method: How the per-class gradients are computed: one of
+            [`GRADIENT_METHODS`][gq_loss.kernels.GRADIENT_METHODS] (see `gq_loss.kernels`).
+        chunk_size: Classes differentiated at once; bounds peak memory with `"recompute"`.
         eps: Added to the denominator so that a zero denominator gives a finite value.
         generator: Random generator of the sampled estimator.
-        return_logits: Also return the logits ``(B, N)`` of the one forward pass, with their
+        return_logits: Also return the logits `(B, N)` of the one forward pass, with their
             graph, so the training step can add cross-entropy without a second forward.
 
     Returns:
-        ``(B,)`` or ``()``; ``(loss, logits)`` when ``return_logits``.
+        `(B,)` or `()`; `(loss, logits)` with logits `(B, N)` when `return_logits`.
 
-    Example:
+    Raises:
+        ValueError: A bad option (the message names it), a model output that is not logits
+            `(B, N)` with `N >= 2`, or `N = 2` with the paper formulation on softmax.
+        TypeError: Bad `inputs`/`targets` types, or a model returning a dict/tuple.
+
+    Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         >>> x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
         >>> gq, logits = gq_loss(model, x, y, return_logits=True)
@@ -102,6 +171,9 @@ def gq_loss(
         >>> loss.backward()
         >>> bool(0 <= gq <= 1)
         True
+        >>> with torch.no_grad():  # validation: the value, detached
+        ...     gq_loss(model, x, y).requires_grad
+        False
     """
     operand_name = _check_options(
         temperature,
@@ -115,43 +187,59 @@ def gq_loss(
         chunk_size,
         eps,
     )
-    resolved = resolve_method(method, chunk_size, model)
-    x, logits, rng_state = forward(model, inputs, resolved)
-    batch, num_classes = logits.shape
-    check_class_indices("targets", targets, batch, num_classes, ndim=1)
-    with torch.enable_grad():
-        op = apply_operand(logits, operand_name, temperature)
+    with autograd_enabled() as tracking:
+        run = GradientPass(
+            model,
+            inputs,
+            operand=operand_name,
+            temperature=temperature,
+            p=p,
+            method=method,
+            chunk_size=chunk_size,
+            create_graph=tracking,
+        )
+        logits = run.logits
+        batch, num_classes = logits.shape
+        check_class_indices("targets", targets, batch, num_classes, ndim=1)
         if formulation == "reference":
-            value = _reference_ratio(op, x, targets, p, eps)
+            value = _reference_ratio(run.op, run.x, targets, run.p, eps, tracking)
         else:
+            _check_class_count(num_classes, operand_name)
             columns, weights = _columns(
                 logits, targets, temperature, estimator, num_sampled, generator
             )
-            job = _Job(
-                model,
-                operand_name,
-                temperature,
-                p,
-                columns,
-                chunk_size,
-                rng_state,
-                inputs.requires_grad,
-            )
-            norms = norms_from_forward(x, op, job, resolved, create_graph=True)
-            value = _quotient(norms, targets, weights, eps)
+            value = _quotient(run.norms(columns), targets, weights, eps)
         value = _reduce(value, reduction, logits)
+    if not tracking:
+        value, logits = value.detach(), logits.detach()
     return (value, logits) if return_logits else value
 
 
 class GQLoss(nn.Module):
-    r"""Module twin of `gq_loss`: stores and validates the settings, takes the model per call.
+    r"""Module twin of [`gq_loss`][gq_loss.gq_loss]: holds the settings, takes the model per call.
 
     The model is a call argument, never a submodule, so it does not appear in this module's
-    ``state_dict``. Arguments are those of `gq_loss`.
+    `state_dict`. The settings are plain attributes (`criterion.temperature`, ...), validated
+    when the module is built and again on every call.
 
-    Example:
+    Args:
+        temperature: $T > 0$ of the softmax scores.
+        p: Norm order of the input gradients: `1` (paper), `2` or `math.inf`.
+        operand: `"softmax"`, `"log_softmax"`, `"logits"`, or `None` for the formulation's
+            default (`"softmax"` for `paper`, `"logits"` for `reference`).
+        formulation: `"paper"` (Eq. 7) or `"reference"` (the authors' code).
+        reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
+        estimator: `"exact"` or `"sampled"` (with `num_sampled`).
+        num_sampled: $K$ classes besides the target for `estimator="sampled"`.
+        method: One of [`GRADIENT_METHODS`][gq_loss.kernels.GRADIENT_METHODS].
+        chunk_size: Classes differentiated at once (the memory knob).
+        eps: Added to the denominator.
+
+    Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         >>> criterion = GQLoss(temperature=2.0)
+        >>> criterion.temperature
+        2.0
         >>> criterion(model, torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])).shape
         torch.Size([])
     """
@@ -170,6 +258,12 @@ class GQLoss(nn.Module):
         chunk_size: int | None = None,
         eps: float = 1e-12,
     ) -> None:
+        """Validates and stores the settings (see the class docstring for each argument).
+
+        Raises:
+            ValueError: A bad value; the message names the argument and what it takes.
+            TypeError: A setting of the wrong type.
+        """
         super().__init__()
         _check_options(
             temperature,
@@ -184,27 +278,114 @@ class GQLoss(nn.Module):
             eps,
         )
         resolve_method(method, chunk_size, nn.Identity())
-        self.options: dict[str, Any] = dict(
-            temperature=temperature, p=p, operand=operand, formulation=formulation,
-            reduction=reduction, estimator=estimator, num_sampled=num_sampled, method=method,
-            chunk_size=chunk_size, eps=eps,
-        )  # fmt: skip
+        self.temperature = temperature
+        self.p = p
+        self.operand = operand
+        self.formulation = formulation
+        self.reduction = reduction
+        self.estimator = estimator
+        self.num_sampled = num_sampled
+        self.method = method
+        self.chunk_size = chunk_size
+        self.eps = eps
+
+    @overload
+    def forward(
+        self,
+        model: Callable[[Tensor], Any],
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        generator: torch.Generator | None = ...,
+        return_logits: Literal[False] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        model: Callable[[Tensor], Any],
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        generator: torch.Generator | None = ...,
+        return_logits: Literal[True],
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(
+        self,
+        model: Callable[[Tensor], Any],
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        generator: torch.Generator | None = ...,
+        return_logits: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
 
     def forward(
         self,
-        model: Callable[[Tensor], Tensor],
+        model: Callable[[Tensor], Any],
         inputs: Tensor,
         targets: Tensor,
         *,
         generator: torch.Generator | None = None,
         return_logits: bool = False,
-    ) -> Any:
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        r"""GQ of one batch with the stored settings: [`gq_loss`][gq_loss.gq_loss]`(model, ...)`.
+
+        Args:
+            model: Maps `inputs` `(B, *)` to logits `(B, N)`; used in its current mode.
+            inputs: Batch `(B, *)`, floating point.
+            targets: True labels `(B,)`, int64 in `[0, N)`.
+            generator: Random generator of the sampled estimator.
+            return_logits: Also return the logits `(B, N)` of the one forward pass (with their
+                graph), for the cross-entropy term of the same step.
+
+        Returns:
+            `(B,)` or `()` by `reduction`; `(loss, logits)` when `return_logits`. Detached under
+            `torch.no_grad()`/`torch.inference_mode()`.
+
+        Examples:
+            >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+            >>> x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+            >>> gq, logits = GQLoss()(model, x, y, return_logits=True)
+            >>> logits.shape
+            torch.Size([4, 3])
+        """
         return gq_loss(
-            model, inputs, targets, generator=generator, return_logits=return_logits, **self.options
+            model,
+            inputs,
+            targets,
+            temperature=self.temperature,
+            p=self.p,
+            operand=self.operand,
+            formulation=self.formulation,
+            reduction=self.reduction,
+            estimator=self.estimator,
+            num_sampled=self.num_sampled,
+            method=self.method,
+            chunk_size=self.chunk_size,
+            eps=self.eps,
+            generator=generator,
+            return_logits=return_logits,
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in _SETTINGS)
+
+
+_SETTINGS = (
+    "temperature",
+    "p",
+    "operand",
+    "formulation",
+    "reduction",
+    "estimator",
+    "num_sampled",
+    "method",
+    "chunk_size",
+    "eps",
+)
 
 
 def _check_options(
@@ -257,6 +438,17 @@ def _check_options(
     return str(operand)
 
 
+def _check_class_count(num_classes: int, operand: str) -> None:
+    """Eq. 7 on softmax with two classes: grad S_0 = -grad S_1, so GQ is identically 1."""
+    if num_classes == 2 and operand == "softmax":
+        raise ValueError(
+            "formulation='paper' with operand='softmax' is identically 1 with zero gradient for a "
+            "model with N = 2 outputs (S_0 + S_1 = 1, so both input gradients have the same "
+            "norm); use operand='logits' (||grad f_y|| / ||grad f_other||). operand='log_softmax' "
+            "reduces to S_other / S_y there, a confidence term without input gradients"
+        )
+
+
 def _columns(
     logits: Tensor,
     targets: Tensor,
@@ -265,9 +457,9 @@ def _columns(
     num_sampled: int | None,
     generator: torch.Generator | None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Class columns ``(B, 1 + K)`` (target first) and denominator weights ``(B, K)``.
+    """Class columns `(B, 1 + K)` (target first) and denominator weights `(B, K)`.
 
-    ``(None, None)`` means every class, exactly.
+    `(None, None)` means every class, exactly.
     """
     num_classes = logits.shape[1]
     if estimator == "exact" or num_sampled is None or num_sampled >= num_classes - 1:
@@ -288,7 +480,7 @@ def _columns(
 
 
 def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float) -> Tensor:
-    """Eq. 7 from all N norms (``weights`` None) or from the sampled columns (target first)."""
+    """Eq. 7 from all N norms (`weights` None) or from the sampled columns (target first)."""
     if weights is None:
         numerator = norms.gather(1, targets[:, None]).squeeze(1)
         denominator = norms.sum(dim=1) - numerator
@@ -298,20 +490,21 @@ def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float
     return numerator / (denominator + eps)
 
 
-def _reference_ratio(op: Tensor, x: Tensor, targets: Tensor, p: float, eps: float) -> Tensor:
+def _reference_ratio(
+    op: Tensor, x: Tensor, targets: Tensor, p: float, eps: float, create_graph: bool
+) -> Tensor:
     """Authors' formulation: ||grad sum_i o_{y_i}|| / ||grad sum_i sum_{j != y_i} o_j|| (batch)."""
     target_sum = op.gather(1, targets[:, None]).sum()
     other_sum = op.sum() - target_sum
-    norms = [
+    numerator, denominator = (
         torch.linalg.vector_norm(
-            torch.autograd.grad(s, x, retain_graph=True, create_graph=True, materialize_grads=True)[
-                0
-            ].flatten(),
+            torch.autograd.grad(
+                s, x, retain_graph=True, create_graph=create_graph, materialize_grads=True
+            )[0].flatten(),
             ord=p,
         )
         for s in (target_sum, other_sum)
-    ]
-    numerator, denominator = norms
+    )
     return numerator / (denominator + eps)
 
 

@@ -125,6 +125,8 @@ def test_paper_hypothesis(
     reduction: str,
     seed: int,
 ) -> None:
+    if n == 2 and operand == "softmax":
+        n = 3  # refused at N = 2 (identically 1): test_two_classes_softmax_refused
     shape = input_shape(kind, rank)
     model = make_model(kind, shape, n, seed=seed)
     x = torch.randn(batch, *shape, dtype=F64)
@@ -144,6 +146,8 @@ def test_module_equals_function_and_holds_no_state() -> None:
     torch.testing.assert_close(grads(model, got), grads(model, want), rtol=1e-12, atol=0)
     assert list(criterion.parameters()) == [] and list(criterion.buffers()) == []
     assert criterion.state_dict() == {}
+    assert (criterion.temperature, criterion.p, criterion.chunk_size) == (2.0, 2, 2)
+    assert criterion.method == "recompute" and criterion.operand is None
     text = repr(criterion)
     for part in ("temperature=2.0", "p=2", "reduction='sum'", "method='recompute'", "chunk_size=2"):
         assert part in text, text
@@ -158,7 +162,7 @@ def test_module_equals_function_and_holds_no_state() -> None:
 @HYPO
 @given(
     kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
-    n=st.integers(2, 6),
+    n=st.integers(3, 6),
     p=st.sampled_from(NORMS),
     temperature=st.sampled_from([0.3, 1.0, 4.0]),
     scale=st.sampled_from([0.1, 1.0, 20.0]),
@@ -250,7 +254,13 @@ class LossOf(nn.Module):
         return gq_loss(self.model, x, y, reduction="none", **self.options)
 
 
-GRADCHECK_VARIANTS = [("loop", None), ("recompute", None), ("recompute", 1), ("batched", 2)]
+GRADCHECK_VARIANTS = [
+    ("loop", None),
+    ("recompute", None),
+    ("recompute", 1),
+    ("batched", 2),
+    ("jacrev", None),
+]
 
 
 @pytest.mark.parametrize(("method", "chunk"), GRADCHECK_VARIANTS)
@@ -347,6 +357,8 @@ class Counter:
         ("batched", None, 0),
         ("recompute", 2, 1),
         ("auto", 2, 1),
+        ("jacrev", None, 0),
+        ("jacrev", 2, 0),
     ],
 )
 def test_return_logits_one_forward(
@@ -373,7 +385,9 @@ def test_return_logits_one_forward(
     )
 
 
-@pytest.mark.parametrize(("method", "chunk"), [("loop", None), ("recompute", 1), ("batched", None)])
+@pytest.mark.parametrize(
+    ("method", "chunk"), [("loop", None), ("recompute", 1), ("batched", None), ("jacrev", None)]
+)
 def test_train_batchnorm_stats_updated_once_per_step(method: str, chunk: int | None) -> None:
     torch.manual_seed(9)
     base = (
@@ -586,7 +600,8 @@ OPTION_ERRORS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"eps": -1e-3}, ValueError, r"`eps` must be finite and >= 0, got -0.001"),
     ({"eps": math.inf}, ValueError, r"`eps` must be finite and >= 0, got inf"),
     ({"eps": True}, TypeError, r"`eps` must be a real number, got bool"),
-    ({"method": "jacrev"}, ValueError, r"`method` must be one of .*'jacrev'"),
+    ({"method": "vmap"}, ValueError, r"`method` must be one of .*'vmap'"),
+    ({"method": None}, ValueError, r"`method` must be one of .*'jacrev'.*None"),
     ({"chunk_size": 0}, ValueError, r"`chunk_size` must be >= 1, got 0"),
     ({"chunk_size": 2, "method": "loop"}, ValueError, r"`chunk_size` has no effect"),
     ({"formulation": "reference", "reduction": "none"}, ValueError, r"reduction='none'"),
@@ -654,15 +669,168 @@ def test_bad_model_and_inputs() -> None:
     y = torch.tensor([0, 1])
     with pytest.raises(TypeError, match=r"`inputs` must be a floating-point"):
         gq_loss(linear, torch.zeros(2, 4, dtype=torch.long), y)
-    with pytest.raises(ValueError, match=r"logits of shape \(B, N\) = \(2, N\), got \(2,\)"):
+    with pytest.raises(ValueError, match=r"logits of shape \(B, N\) with B = 2, got shape \(2,\)"):
         gq_loss(lambda z: linear(z).sum(1), torch.zeros(2, 4, dtype=F64), y)
     with pytest.raises(TypeError, match=r"method='recompute' needs an nn.Module"):
         GQLoss(method="recompute")(lambda z: linear(z), torch.zeros(2, 4, dtype=F64), y)
 
 
+# --------------------------------------------------------------------------- degenerate class counts
+
+
+def test_two_classes_softmax_refused() -> None:
+    model = make_model("softplus", (2, 3), 2, seed=1)
+    x, y = torch.randn(6, 2, 3, dtype=F64), torch.tensor([0, 1, 1, 0, 1, 0])
+    # Independently of the package: grad S_0 = -grad S_1, so Eq. 7 is 1 with zero gradient.
+    value = brute_gq(model, x, y, eps=0.0).mean()
+    torch.testing.assert_close(value, torch.ones((), dtype=F64), rtol=1e-12, atol=0)
+    assert max(g.abs().max().item() for g in grads(model, value)) < 1e-8
+    for call in (lambda: gq_loss(model, x, y), lambda: GQLoss()(model, x, y)):
+        with pytest.raises(ValueError, match=r"identically 1 .*N = 2 outputs.*operand='logits'"):
+            call()
+    with pytest.raises(ValueError, match=r"N = 2"):
+        gq_loss(model, x, y, estimator="sampled", num_sampled=1)
+    # log_softmax at N = 2 is S_other / S_y: a confidence term, no input-gradient information.
+    probs = torch.softmax(model(x), dim=1).detach()
+    other = probs.gather(1, (1 - y)[:, None]).squeeze(1)
+    torch.testing.assert_close(
+        gq_loss(model, x, y, operand="log_softmax", reduction="none").detach(),
+        other / probs.gather(1, y[:, None]).squeeze(1),
+        rtol=1e-9,
+        atol=0,
+    )
+    # The recommended logits operand is a real gradient ratio, with a real gradient.
+    got = gq_loss(model, x, y, operand="logits", reduction="none")
+    torch.testing.assert_close(got, brute_gq(model, x, y, operand="logits"), rtol=1e-9, atol=0)
+    assert max(g.abs().max().item() for g in grads(model, got)) > 1e-3
+    # Three classes are fine with softmax.
+    assert gq_loss(make_model("softplus", (2, 3), 3), x, y).item() < 1.0
+
+
+def test_one_class_refused() -> None:
+    model = nn.Linear(4, 1).to(F64)
+    x, y = torch.zeros(2, 4, dtype=F64), torch.zeros(2, dtype=torch.long)
+    for operand in ("softmax", "logits"):
+        with pytest.raises(ValueError, match=r"N >= 2 classes, got N = 1"):
+            gq_loss(model, x, y, operand=operand)
+
+
+# --------------------------------------------------------------------------- grad mode off
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"method": "recompute", "chunk_size": 2},
+        {"method": "batched"},
+        {"method": "jacrev"},
+        {"estimator": "sampled", "num_sampled": 2},
+        {"formulation": "reference"},
+    ],
+)
+def test_value_without_grad_mode(context: Any, options: dict[str, Any]) -> None:
+    # Lightning logs GQ in validation under inference mode: the value, detached, no .grad.
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    x, y = torch.randn(3, 2, 3, 3, dtype=F64), torch.tensor([1, 0, 3])
+    want, want_logits = gq_loss(
+        model, x, y, generator=torch.Generator().manual_seed(0), return_logits=True, **options
+    )
+    with context():
+        inputs = x.clone()  # an inference tensor under inference_mode
+        got, logits = gq_loss(
+            model,
+            inputs,
+            y,
+            generator=torch.Generator().manual_seed(0),
+            return_logits=True,
+            **options,
+        )
+        module_value = GQLoss(**options)(
+            model, inputs, y, generator=torch.Generator().manual_seed(0)
+        )
+    for t in (got, logits, module_value):
+        assert not t.requires_grad and t.grad_fn is None
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(module_value, got, rtol=0, atol=0)
+    torch.testing.assert_close(logits, want_logits.detach(), rtol=0, atol=0)
+    assert all(q.grad is None for q in model.parameters())
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_no_grad_builds_no_double_backward_graph() -> None:
+    # Before: no_grad quietly built the whole double-backward graph. Now the graph that lives is
+    # at most the forward's and is dropped with the detached result.
+    model = make_model("mlp_gelu", (5,), 4)
+    x, y = torch.randn(3, 5, dtype=F64), torch.tensor([0, 1, 3])
+    seen: list[bool] = []
+
+    def pack(t: Tensor) -> Tensor:
+        seen.append(torch.is_grad_enabled())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.no_grad():
+        gq_loss(model, x, y)
+    with_graph = len(seen)
+    seen.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gq_loss(model, x, y)
+    assert with_graph < len(seen)
+
+
+# --------------------------------------------------------------------------- model types and dtypes
+
+
+class DictModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).to(F64)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.lin(x), "hidden": x}
+
+
+def test_dict_and_tuple_models_get_the_wrapper_fix() -> None:
+    model = DictModel()
+    x, y = torch.randn(2, 4, dtype=F64), torch.tensor([0, 2])
+    with pytest.raises(TypeError, match=r"got dict .*`lambda x: model\(x\)\['logits'\]`"):
+        gq_loss(model, x, y)
+    with pytest.raises(TypeError, match=r"got tuple of length 2.*`lambda x: model\(x\)\[0\]`"):
+        GQLoss()(lambda t: (model.lin(t), t), x, y)
+    # The wrapper the message shows works, and equals the plain model.
+    got = gq_loss(lambda t: model(t)["logits"], x, y)
+    torch.testing.assert_close(got, brute_gq(model.lin, x, y).mean(), rtol=1e-9, atol=0)
+
+
+def test_float64_model_with_float32_inputs() -> None:
+    model = make_model("mlp_gelu", (4,), 3)
+    x, y = torch.randn(3, 4), torch.tensor([0, 2, 1])
+    for method, chunk in VARIANTS:
+        got = gq_loss(model, x, y, method=method, chunk_size=chunk)
+        assert got.dtype == F64
+        torch.testing.assert_close(got, brute_gq(model, x.double(), y).mean(), rtol=1e-9, atol=0)
+
+
+def test_single_image_error_says_unsqueeze() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    with pytest.raises(ValueError, match=r"pass `x.unsqueeze\(0\)`"):
+        gq_loss(model, torch.randn(3, 6, 6), torch.tensor([1]))
+
+
+def test_help_shows_real_docstrings() -> None:
+    init, forward = GQLoss.__init__.__doc__ or "", GQLoss.forward.__doc__ or ""
+    assert "settings" in init and "Raises:" in init
+    assert "Args:" in forward and "Examples:" in forward
+    for doc in (init, forward):
+        assert "Define the computation" not in doc and "Initialize internal Module" not in doc
+
+
 def _device_parity(device: str) -> None:
     """Every method on ``device`` (float64 and float32) against the CPU float64 oracle, and the
-    Dropout replay of ``recompute`` on ``device`` against ``loop`` there."""
+    Dropout masks of ``recompute`` (replayed) and ``jacrev`` (one torch.func forward) on
+    ``device`` against ``loop`` there."""
     cpu = make_model("conv_bn", input_shape("conv_bn", 4), 5)
     x = torch.randn(6, *input_shape("conv_bn", 4), dtype=F64)
     y = torch.randint(0, 5, (6,))
@@ -687,12 +855,13 @@ def _device_parity(device: str) -> None:
         torch.randint(0, 4, (5,), device=device),
     )
     results = []
-    for method, chunk in (("loop", None), ("recompute", 2)):
+    for method, chunk in (("loop", None), ("recompute", 2), ("jacrev", None), ("jacrev", 2)):
         torch.manual_seed(3)
         value = gq_loss(drop, xd, yd, method=method, chunk_size=chunk)
         results.append([value, *grads(drop, value)])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_device_parity_runs_on_cpu() -> None:
