@@ -8,11 +8,15 @@ process's memory before the step (CPU; on CUDA the allocator's peak).
 
     python benchmarks/bench_gq.py                         # small CNN and ResNet-18, N = 10 and 100
     python benchmarks/bench_gq.py --models small_cnn --classes 100 --memory --chunk-sizes 5 10 25
+    python benchmarks/bench_gq.py --device cuda --amp     # bf16 autocast; adds peak CUDA memory
+
+`benchmarks/gpu_check.py` reuses `measure()` for its kernel table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -67,6 +71,7 @@ def make_steps(chunk_sizes: list[int], num_classes: int) -> dict[str, Callable[.
         "auto": gq(),
         "loop": gq(method="loop"),
         "batched": gq(method="batched"),
+        "jacrev": gq(method="jacrev"),
     }
     for c in chunk_sizes:
         if c < num_classes:
@@ -86,38 +91,99 @@ def setup(name: str, num_classes: int, batch: int, device: str) -> tuple:
 
 
 def run_once(
-    step: Callable[..., None], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+    step: Callable[..., None],
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: bool = False,
 ) -> float:
+    """Seconds of one step; ``amp``: under bf16 autocast on the batch's device."""
     model.zero_grad(set_to_none=True)
+    autocast = (
+        torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    )
     if x.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    step(model, x, y)
+    with autocast:
+        step(model, x, y)
     if x.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
+def measure(
+    name: str,
+    num_classes: int,
+    batch: int,
+    steps: dict[str, Callable[..., None]],
+    *,
+    device: str,
+    repeats: int,
+    amp: bool = False,
+    deadline: float | None = None,
+) -> list[dict]:
+    """Median time of every step of ``steps`` (which must hold ``"ce"``) on one model and batch.
+
+    Interleaved repeats, so drifts in machine load hit every row alike. Rows: ``ms``, ``x_ce``,
+    ``x_naive`` and, on CUDA, ``peak_mib`` (the allocator's peak during the step, above the
+    memory held before it). A step that runs out of memory gets ``status="oom"``; steps not
+    started before ``deadline`` (a ``time.perf_counter()`` value) get ``status="skipped: budget"``.
+    """
+    model, x, y = setup(name, num_classes, batch, device)
+    cuda = x.is_cuda
+    status = {k: "ok" for k in steps}
+    peak: dict[str, float] = {}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+
+    def attempt(k: str) -> None:
+        if status[k] != "ok":
+            return
+        if deadline is not None and time.perf_counter() > deadline:
+            status[k] = "skipped: budget"
+            return
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        try:
+            seconds = run_once(steps[k], model, x, y, amp)
+        except torch.OutOfMemoryError:
+            status[k] = "oom"
+            model.zero_grad(set_to_none=True)
+            return
+        if cuda:
+            peak[k] = max(peak.get(k, 0.0), (torch.cuda.max_memory_allocated() - before) / 2**20)
+        times[k].append(seconds)
+
+    for k in steps:  # warm-up (also the memory peak)
+        attempt(k)
+        times[k].clear()
+    for _ in range(repeats):
+        for k in steps:
+            attempt(k)
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    rows = []
+    for k in steps:
+        ms = med.get(k)
+        rows.append(
+            dict(model=name, N=num_classes, batch=batch, amp=amp, step=k,
+                 status=status[k] if ms is None or status[k] != "ok" else "ok",
+                 ms=float("nan") if ms is None else 1e3 * ms,
+                 x_ce=float("nan") if ms is None or "ce" not in med else ms / med["ce"],
+                 x_naive=ms / med["naive_loop"] if ms and "naive_loop" in med else float("nan"),
+                 peak_mib=peak.get(k, float("nan")))
+        )  # fmt: skip
+    return rows
+
+
 def time_table(args: argparse.Namespace, name: str, num_classes: int, batch: int) -> list[dict]:
-    model, x, y = setup(name, num_classes, batch, args.device)
     steps = make_steps(args.chunk_sizes, num_classes)
     if args.only:
         steps = {k: v for k, v in steps.items() if k in args.only or k == "ce"}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for step in steps.values():  # warm-up
-        run_once(step, model, x, y)
-    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every row alike
-        for k, step in steps.items():
-            times[k].append(run_once(step, model, x, y))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rows = []
-    for k in steps:
-        rows.append(
-            dict(model=name, N=num_classes, batch=batch, step=k, ms=1e3 * med[k],
-                 x_ce=med[k] / med["ce"],
-                 x_naive=med[k] / med["naive_loop"] if "naive_loop" in med else float("nan"))
-        )  # fmt: skip
-    return rows
+    return measure(
+        name, num_classes, batch, steps, device=args.device, repeats=args.repeats, amp=args.amp
+    )
 
 
 def memory_probe(
@@ -136,7 +202,7 @@ def memory_probe(
 
 
 def memory_table(args: argparse.Namespace, name: str, num_classes: int, batch: int) -> list[dict]:
-    names = ["ce", "naive_loop", "loop", "auto"] + [
+    names = ["ce", "naive_loop", "loop", "auto", "jacrev"] + [
         f"recompute_c{c}" for c in args.chunk_sizes if c < num_classes
     ]
     if num_classes > 11:
@@ -217,6 +283,7 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[10, 25])
     parser.add_argument("--only", nargs="+", help="time only these rows (and ce)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="time the steps under bf16 autocast")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (CPU)")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument(
@@ -248,7 +315,9 @@ def main() -> None:
                 print(
                     f"\n### {name}, N={n}, batch {batch}: median of {args.repeats} interleaved steps"
                 )
-                print_markdown(time_table(args, name, n, batch), ["step", "ms", "x_ce", "x_naive"])
+                columns = ["step", "ms", "x_ce", "x_naive"]
+                columns += ["peak_mib", "status"] if args.device.startswith("cuda") else []
+                print_markdown(time_table(args, name, n, batch), columns)
             if args.memory and args.device == "cpu":
                 print(
                     f"\n### {name}, N={n}, batch {batch}: peak memory of one step above the pre-step RSS"
