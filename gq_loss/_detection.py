@@ -155,6 +155,8 @@ class Detector:
     is needed) `predict` raises [`NotFittedError`][gq_loss.NotFittedError].
 
     Args:
+        model: The classifier (an ``nn.Module``, run in eval mode while scoring, or a callable),
+            or ``None`` where the score needs none.
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
@@ -167,19 +169,24 @@ class Detector:
     _desc = "scoring"
 
     def __init__(
-        self, *, ood_label: int = -1, batch_size: int | None = None, progress: bool = False
+        self,
+        model: Model | None = None,
+        *,
+        ood_label: int = -1,
+        batch_size: int | None = None,
+        progress: bool = False,
     ) -> None:
+        if model is not None:
+            check_model(model)
         if isinstance(ood_label, bool) or not isinstance(ood_label, int):
             raise TypeError(f"`ood_label` must be an int, got {ood_label!r}")
         if not isinstance(progress, bool):
             raise TypeError(f"`progress` must be a bool, got {progress!r}")
+        self.model = model
         self.ood_label = ood_label
         self.batch_size = check_optional_int("batch_size", batch_size)
         self.progress = progress
         self.threshold: float | None = None
-
-    # subclasses: the model run in eval mode (None: none), and one batch's (scores, classes)
-    model: Any = None
 
     def _score_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -104,11 +104,11 @@ class MahalanobisScore(Detector):
         batch_size: int | None = None,
         progress: bool = False,
     ) -> None:
-        super().__init__(ood_label=ood_label, batch_size=batch_size, progress=progress)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(
                 f"`model` must be a torch.nn.Module or None, got {type(model).__name__}"
             )
+        super().__init__(model, ood_label=ood_label, batch_size=batch_size, progress=progress)
         if (layer is None) == (feature_fn is None):
             raise ValueError(
                 "pass exactly one of `feature_fn` or `layer`, got "
@@ -127,7 +127,6 @@ class MahalanobisScore(Detector):
             self._module = modules[layer]
         if feature_fn is not None and not callable(feature_fn):
             raise TypeError(f"`feature_fn` must be callable, got {type(feature_fn).__name__}")
-        self.model = model
         self.layer = layer
         self.feature_fn = feature_fn
         self.ridge = check_nonnegative("ridge", ridge)

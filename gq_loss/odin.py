@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-from ._detection import Data, Detector, Model, check_batch, check_model, check_scores
+from ._detection import Data, Detector, Model, check_batch, check_scores
 from ._validation import check_choice, check_nonnegative, check_positive
 from .functional import (
     PerChannel,
@@ -78,6 +78,7 @@ class ODINDetector(Detector):
     """
 
     _desc = "ODIN"
+    model: Model
 
     def __init__(
         self,
@@ -92,9 +93,7 @@ class ODINDetector(Detector):
         batch_size: int | None = None,
         progress: bool = False,
     ) -> None:
-        check_model(model)
-        super().__init__(ood_label=ood_label, batch_size=batch_size, progress=progress)
-        self.model = model
+        super().__init__(model, ood_label=ood_label, batch_size=batch_size, progress=progress)
         self.temperature = temperature
         self.epsilon = epsilon
         self.input_std = input_std

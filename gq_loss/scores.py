@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._detection import Detector, Model, check_model, float64, placement
+from ._detection import Detector, Model, float64, placement
 from ._validation import call_model, check_logits, check_positive
 from .mahalanobis import MahalanobisScore
 
@@ -73,6 +73,7 @@ class _LogitDetector(Detector):
     """A score of the logits, as a [`Detector`][gq_loss.Detector]: one forward per batch."""
 
     _fn: Callable[[Tensor, float], Tensor]
+    model: Model
 
     def __init__(
         self,
@@ -83,9 +84,7 @@ class _LogitDetector(Detector):
         batch_size: int | None = None,
         progress: bool = False,
     ) -> None:
-        check_model(model)
-        super().__init__(ood_label=ood_label, batch_size=batch_size, progress=progress)
-        self.model = model
+        super().__init__(model, ood_label=ood_label, batch_size=batch_size, progress=progress)
         self.temperature = check_positive("temperature", temperature)
 
     def _score_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
