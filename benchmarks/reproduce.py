@@ -1,15 +1,19 @@
-"""Does GQ help ODIN? A seed-controlled reproduction at CPU scale.
+"""When is GQ worth its cost? A seed-paired decision study on CIFAR-10 (CPU scale).
 
-Trains a grid of arms x seeds on the CIFAR-10 subset in ``--data-dir`` (``cifar10_train.npz``,
-``cifar10_test.npz``), evaluates ODIN (T=1000, eps=0.001), MSP and energy against several OOD
-sets, and writes a Markdown report with tables and figures. Every finished run is saved as JSON,
-so an interrupted grid resumes where it stopped.
+For every seed: one CE pre-training on the whole CIFAR-10 training split (cached), then every arm
+fine-tunes a copy of those weights on the same fixed subset, with the same batch order, the same
+augmentation and the same number of steps. Each arm is evaluated on the 10,000 test images and on
+real-image OOD sets (MNIST, textures, photo crops) and ODIN's noise sets (kept out of the mean):
+ODIN (T = 1000, eps = 0.001), MSP and energy. Every finished run is one JSON file, so the grid
+resumes where it stopped; ``--report-only`` rebuilds the tables and the figure from them.
 
-Arms: ``ce`` (lambda = 0); ``paper`` (Eq. 7, exact) and ``reference`` (the authors' batch-level
-logit formulation), each at every ``--lams`` value.
+Arms: ``ce`` (continued CE, the control); ``gq_0.1``, ``gq_1``, ``gq_10`` (CE + lambda * GQ,
+Eq. 7 exact); ``gq_reversed`` (lambda = -1: GQ maximised); ``logitnorm`` (Wei et al. 2022, CE on
+``f / (tau * (||f|| + 1e-7))``, tau = 0.04); ``reference_1`` (the authors' formulation on logits).
 
-    python benchmarks/reproduce.py --data-dir ../shared/data --out-dir runs/repro
-    python benchmarks/reproduce.py --data-dir ../shared/data --out-dir runs/repro --report-only
+    python benchmarks/reproduce.py --data-dir ../shared/data --threads 2      # the grid, resumes
+    python benchmarks/reproduce.py --report-only                              # tables + figure
+    python benchmarks/reproduce.py --smoke                                    # < 1 min, no data
 """
 
 from __future__ import annotations
@@ -20,465 +24,492 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from data import augmentation_params, crop_flip, load_cifar, npz_dataset
+from data import (
+    augmentation_params,
+    crop_flip,
+    load_cifar,
+    noise_images,
+    npz_dataset,
+    photo_crops,
+    synthetic_dataset,
+)
+from evaluation import logits_in_batches, score_methods
 from models import MODEL_NAMES, build_model
+from train_utils import progress
 
-from gq_loss import GQLoss, ODINDetector, class_gradient_norms
+from gq_loss import GQLoss
 from gq_loss.metrics import ood_metrics
-from gq_loss.scores import energy_score, msp_score
 
-METHODS = ("odin", "msp", "energy")
+DETECTION_METHODS = ("ODIN", "MSP", "energy")
 T_ODIN, EPS_ODIN = 1000.0, 0.001
+LOGITNORM_TAU = 0.04
+NOISE_SETS = ("uniform", "gaussian")
 
 
-def arms(lams: list[float]) -> list[tuple[str, str, float]]:
-    """(arm name, formulation, lambda)."""
-    out = [("ce", "none", 0.0)]
-    for form in ("paper", "reference"):
-        out += [(f"{form}_lam{lam:g}", form, lam) for lam in lams]
-    return out
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning loss: ``base`` ("ce" or "logitnorm") + ``lam`` * GQ(``formulation``)."""
+
+    base: str = "ce"
+    lam: float = 0.0
+    formulation: str = "paper"
+
+
+ARMS = {
+    "ce": Arm(),
+    "gq_0.1": Arm(lam=0.1),
+    "gq_1": Arm(lam=1.0),
+    "gq_10": Arm(lam=10.0),
+    "gq_reversed": Arm(lam=-1.0),
+    "logitnorm": Arm(base="logitnorm"),
+    "reference_1": Arm(lam=1.0, formulation="reference"),
+}
 
 
 # ----------------------------------------------------------------------------- data
-def ood_sets(data_dir: str, n: int, seed: int = 1234) -> dict[str, torch.Tensor]:
-    """OOD inputs (M, 3, 32, 32) in [0, 1]: real sets where available, and the paper's noise."""
-    gen = torch.Generator().manual_seed(seed)
-    sets: dict[str, torch.Tensor] = {}
-    for name in ("mnist_test", "textures"):
-        path = os.path.join(data_dir, f"{name}.npz")
-        if os.path.isfile(path):
-            sets[name.split("_")[0]] = npz_dataset(path, size=32, rgb=True).tensors[0][:n]
-    try:
-        from sklearn.datasets import load_sample_images
+@dataclass
+class StudyData:
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    ood: dict[str, Tensor]  # real-image sets first, then NOISE_SETS
 
-        photos = [
-            torch.from_numpy(im).permute(2, 0, 1).float() / 255
-            for im in load_sample_images().images
-        ]
-        crops = []
-        for k in range(n):
-            im = photos[k % len(photos)]
-            size = int(torch.randint(32, 97, (1,), generator=gen))
-            i = int(torch.randint(0, im.shape[1] - size, (1,), generator=gen))
-            j = int(torch.randint(0, im.shape[2] - size, (1,), generator=gen))
-            crops.append(
-                F.interpolate(im[None, :, i : i + size, j : j + size], size=32, mode="area")[0]
-            )
-        sets["photos"] = torch.stack(crops)
-    except ImportError:
-        pass
-    sets["uniform"] = torch.rand(n, 3, 32, 32, generator=gen)
-    sets["gaussian"] = (0.5 + torch.randn(n, 3, 32, 32, generator=gen)).clamp(0, 1)
-    return sets
+    @property
+    def real_sets(self) -> list[str]:
+        return [k for k in self.ood if k not in NOISE_SETS]
+
+
+def load_data(args: argparse.Namespace) -> StudyData:
+    n, side = args.ood_size, 32
+    if args.smoke:  # generated 16x16 data only: a run of this script must not need ../shared
+        side = 16
+        train = synthetic_dataset(256, 10, image_size=side, seed=1).tensors
+        test = synthetic_dataset(128, 10, image_size=side, seed=2).tensors
+        ood = {"other patterns": synthetic_dataset(n, 7, image_size=side, seed=3).tensors[0]}
+    else:
+        train = load_cifar("cifar10", args.data_dir, "train_full").tensors
+        test = load_cifar("cifar10", args.data_dir, "test_full").tensors
+        ood = {}
+        for name, file in (("MNIST", "mnist_test.npz"), ("textures", "textures.npz")):
+            path = os.path.join(args.data_dir, file)
+            ood[name] = npz_dataset(path, size=32, rgb=True).tensors[0][:n]
+    ood["photos"] = photo_crops(n, side, seed=1234)
+    for i, kind in enumerate(NOISE_SETS):
+        ood[kind] = noise_images(kind, n, (3, side, side), seed=1235 + i)
+    return StudyData(train, test, ood)
 
 
 # ----------------------------------------------------------------------------- training
-def grad_share(
-    model: torch.nn.Module, criterion: GQLoss, x: torch.Tensor, y: torch.Tensor, lam: float
-) -> tuple[float, float]:
-    """(GQ value, ||lam * dGQ/dtheta|| / ||dCE/dtheta||) on one batch."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    gq, logits = criterion(model, x, y, return_logits=True)
-    g_ce = torch.autograd.grad(
-        F.cross_entropy(logits, y), params, retain_graph=True, allow_unused=True
-    )
-    g_gq = torch.autograd.grad(gq, params, allow_unused=True)
-    norm = lambda gs: math.sqrt(sum(float(g.pow(2).sum()) for g in gs if g is not None))  # noqa: E731
-    return float(gq.detach()), lam * norm(g_gq) / max(norm(g_ce), 1e-30)
+def logitnorm_loss(logits: Tensor, y: Tensor, tau: float = LOGITNORM_TAU) -> Tensor:
+    """LogitNorm (Wei et al., ICML 2022): CE on the logits scaled to norm ``1 / tau``."""
+    norms = logits.norm(p=2, dim=-1, keepdim=True) + 1e-7
+    return F.cross_entropy(logits / (norms * tau), y)
 
 
-def train_epochs(
-    model: torch.nn.Module,
-    train: Any,
+def train(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor],
+    *,
+    arm: Arm,
     epochs: int,
     lr: float,
+    schedule: str,
     seed: int,
-    form: str,
-    lam: float,
     batch_size: int,
-) -> list[dict]:
-    """SGD (momentum 0.9, weight decay 5e-4), cosine to 0 over the run, crop + flip augmentation."""
-    x_all, y_all = train.tensors
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    steps_per_epoch = len(x_all) // batch_size
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps_per_epoch, 1))
-    criterion = GQLoss(formulation=form) if form != "none" and lam > 0 else None
-    probe = GQLoss()  # Eq. 7 measured on every arm, for the "GQ" column
-    log: list[dict] = []
-    start = time.perf_counter()
+    desc: str,
+    show_progress: bool,
+    probe: Any = None,
+) -> list[dict[str, float]]:
+    """SGD (nesterov momentum 0.9, weight decay 5e-4) with reflect-pad crop + flip.
+
+    ``schedule``: ``"onecycle"`` (to ``lr``, for pre-training) or ``"cosine"`` (from ``lr`` to 0).
+    The batch order and augmentation are a function of ``seed`` alone, so every arm of a seed
+    sees the same batches. Returns one log row per epoch (loss, GQ, seconds).
+    """
+    x_all, y_all = data
+    steps = len(x_all) // batch_size
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if schedule == "onecycle":
+        sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
+    criterion = GQLoss(formulation=arm.formulation) if arm.lam else None
     gen = torch.Generator().manual_seed(seed)
+    log: list[dict[str, float]] = []
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x_all), generator=gen)
         offsets, flips = augmentation_params(len(x_all), seed, epoch)
-        ce_sum = gq_sum = 0.0
-        for k in range(steps_per_epoch):
+        sums = {"loss": 0.0, "gq": 0.0}
+        start = time.perf_counter()
+        bar = progress(range(steps), enabled=show_progress, desc=f"{desc} ep {epoch + 1}/{epochs}",
+                       leave=False, mininterval=5)  # fmt: skip
+        for k in bar:
             idx = order[k * batch_size : (k + 1) * batch_size]
-            x, y = crop_flip(x_all[idx], offsets[idx], flips[idx]), y_all[idx]
+            x = crop_flip(x_all[idx], offsets[idx], flips[idx], padding_mode="reflect")
+            y = y_all[idx]
             if criterion is None:
-                logits = model(x)
-                ce = F.cross_entropy(logits, y)
-                loss = ce
+                logits, gq = model(x), None
             else:  # one forward: the loss hands back the logits it computed
                 gq, logits = criterion(model, x, y, return_logits=True)
-                ce = F.cross_entropy(logits, y)
-                loss = ce + lam * gq
-                gq_sum += float(gq.detach())
+            loss = (
+                logitnorm_loss(logits, y) if arm.base == "logitnorm" else F.cross_entropy(logits, y)
+            )
+            if gq is not None:
+                loss = loss + arm.lam * gq
+                sums["gq"] += float(gq.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            ce_sum += float(ce.detach())
-        model.eval()  # GQ and the gradient share measured on the model as it is evaluated
-        gq_probe, share = grad_share(model, probe, x_all[:64], y_all[:64], lam)
-        log.append(dict(epoch=epoch, ce=ce_sum / steps_per_epoch, train_gq=gq_sum / steps_per_epoch,
-                        gq_paper=gq_probe, grad_share=share, seconds=time.perf_counter() - start))  # fmt: skip
-        print(f"    epoch {epoch}: ce {log[-1]['ce']:.3f} gq(Eq.7) {gq_probe:.3f} "
-              f"lam*|dGQ|/|dCE| {share:.1e} ({log[-1]['seconds']:.0f}s)", flush=True)  # fmt: skip
+            sums["loss"] += float(loss.detach())
+            bar.set_postfix(loss=f"{sums['loss'] / (k + 1):.3f}", refresh=False)
+        bar.close()
+        log.append({"epoch": epoch, "loss": sums["loss"] / max(steps, 1),
+                    "train_gq": sums["gq"] / max(steps, 1), "seconds": time.perf_counter() - start})  # fmt: skip
+        if probe is not None:
+            log[-1] |= probe(model)
+            print(f"  {desc} epoch {epoch + 1}: {log[-1]}", flush=True)
     return log
 
 
-def pretrained(args: argparse.Namespace, seed: int, train: Any, wait: bool = False) -> dict:
-    """The CE pre-training shared by every arm of a seed (cached on disk; with ``wait``, another
-    worker is computing it)."""
-    path = os.path.join(args.out_dir, "pretrain", f"seed{seed}.pt")
-    while wait and not os.path.isfile(path):
-        time.sleep(5)
-    if not os.path.isfile(path):
-        print(f"pre-training seed {seed}: {args.pretrain_epochs} CE epochs", flush=True)
-        torch.manual_seed(seed)
-        model = build_model(args.arch, 10)
-        start = time.perf_counter()
-        log = train_epochs(model, train, args.pretrain_epochs, args.pretrain_lr, seed, "none", 0.0,
-                           args.batch_size)  # fmt: skip
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(
-            dict(model=model.state_dict(), log=log, seconds=time.perf_counter() - start),
-            path + ".tmp",
-        )
-        os.replace(path + ".tmp", path)
-    return torch.load(path)
-
-
-def train_run(
-    args: argparse.Namespace, form: str, lam: float, seed: int, train: Any
-) -> tuple[torch.nn.Module, dict]:
+def pretrained(args: argparse.Namespace, seed: int, data: StudyData) -> tuple[nn.Module, dict]:
+    """The CE pre-training shared by every arm of ``seed``, cached under ``--cache-dir``."""
+    path = os.path.join(
+        args.cache_dir, "pretrain", f"{args.arch}_e{args.pretrain_epochs}_seed{seed}.pt"
+    )
     torch.manual_seed(seed)
     model = build_model(args.arch, 10)
-    base = pretrained(args, seed, train, wait=args.workers > 1) if args.pretrain_epochs else None
-    if base is not None:
-        model.load_state_dict(base["model"])
-    start = time.perf_counter()
-    # The arm's phase draws its own data order: same for every arm of a seed.
-    log = train_epochs(model, train, args.epochs, args.lr, 1000 + seed, form, lam, args.batch_size)
-    return model, dict(log=log, train_seconds=time.perf_counter() - start,
-                       pretrain_seconds=base["seconds"] if base else 0.0)  # fmt: skip
+    if os.path.isfile(path):
+        state = torch.load(path, weights_only=True)
+        model.load_state_dict(state["model"])
+        return model, json.loads(state["info"])
+    log = train(model, data.train, arm=ARMS["ce"], epochs=args.pretrain_epochs, lr=args.pretrain_lr,
+                schedule="onecycle", seed=seed, batch_size=args.batch_size,
+                desc=f"pre-train seed {seed}", show_progress=args.progress,
+                probe=lambda m: quick_probe(m, data))  # fmt: skip
+    info = {"log": log, "seconds": sum(r["seconds"] for r in log)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": model.state_dict(), "info": json.dumps(info)}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return model, info
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, x: torch.Tensor, bs: int = 500) -> torch.Tensor:
-    return torch.cat([model(x[i : i + bs]) for i in range(0, len(x), bs)])
-
-
-def evaluate(model: torch.nn.Module, test: Any, oods: dict[str, torch.Tensor]) -> dict:
+def evaluate(
+    model: nn.Module, data: StudyData, id_size: int, batch_size: int = 500
+) -> dict[str, Any]:
+    """Accuracy on every test image and, per OOD set and method, AUROC / FPR95 / AUPR (fractions)
+    against the first ``id_size`` test images."""
     model.eval()
-    x_id, y_id = test.tensors
-    detector = ODINDetector(model, temperature=T_ODIN, epsilon=EPS_ODIN, batch_size=500)
-
-    def all_scores(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = logits_of(model, x)
-        return dict(odin=detector.score(x), msp=msp_score(logits), energy=energy_score(logits))
-
-    id_scores = all_scores(x_id)
-    acc = float((logits_of(model, x_id).argmax(1) == y_id).float().mean())
-    results: dict[str, Any] = dict(accuracy=acc, ood={})
-    for name, x in oods.items():
-        s = all_scores(x)
-        results["ood"][name] = {m: ood_metrics(id_scores[m], s[m]) for m in METHODS}
-    return results
+    acc = float((logits_in_batches(model, data.test[0]).argmax(1) == data.test[1]).float().mean())
+    kw = dict(
+        methods=DETECTION_METHODS, temperature=T_ODIN, epsilon=EPS_ODIN, batch_size=batch_size
+    )
+    id_scores = score_methods(model, data.test[0][:id_size], **kw)
+    ood: dict[str, dict[str, dict[str, float]]] = {}
+    for name, x in data.ood.items():
+        scores = score_methods(model, x, **kw)
+        ood[name] = {m: ood_metrics(id_scores[m], scores[m]) for m in DETECTION_METHODS}
+    return {"accuracy": acc, "ood": ood}
 
 
-def figure_data(
-    model: torch.nn.Module, test: Any, oods: dict[str, torch.Tensor], n: int = 500
-) -> dict:
-    """Per-sample quantities of the paper's Fig. 1 (input-gradient L1 norm of log-softmax at T for
-    the predicted class) and Fig. 2 (top-1 minus top-2 logit)."""
-    model.eval()
-    out = {}
-    for name, x in [("id", test.tensors[0][:n])] + [(k, v[:n]) for k, v in oods.items()]:
-        logits = logits_of(model, x)
-        pred = logits.argmax(1, keepdim=True)
-        norms = class_gradient_norms(
-            model, x, operand="log_softmax", temperature=T_ODIN, classes=pred
-        )
-        top2 = logits.topk(2, dim=1).values
-        out[name] = dict(
-            grad_norm=norms[:, 0].tolist(), logit_gap=(top2[:, 0] - top2[:, 1]).tolist()
-        )
+def quick_probe(model: nn.Module, data: StudyData, n: int = 300) -> dict[str, float]:
+    """ID accuracy and ODIN AUROC per real-image OOD set on ``n`` images each: how detection
+    evolves during pre-training (does a longer schedule help?)."""
+    kw = dict(methods=("ODIN",), temperature=T_ODIN, epsilon=EPS_ODIN)
+    id_scores, logits = score_methods(model, data.test[0][:n], return_logits=True, **kw)
+    out = {"probe_acc": float((logits.argmax(1) == data.test[1][:n]).float().mean())}
+    for name in data.real_sets:
+        ood = score_methods(model, data.ood[name][:n], **kw)
+        out[f"probe_auroc_{name}"] = ood_metrics(id_scores["ODIN"], ood["ODIN"])["auroc"]
     return out
+
+
+def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> dict[str, Any]:
+    base, pre_info = pretrained(args, seed, data)
+    model = build_model(args.arch, 10)
+    model.load_state_dict(base.state_dict())
+    # The fixed fine-tuning subset and the batch order depend on the seed only (not the arm).
+    subset = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))
+    subset = subset[: args.ft_subset]
+    log = train(model, (data.train[0][subset], data.train[1][subset]), arm=ARMS[name],
+                epochs=args.ft_epochs, lr=args.ft_lr, schedule="cosine", seed=10_000 + seed,
+                batch_size=args.batch_size, desc=f"{name} seed {seed}", show_progress=args.progress)  # fmt: skip
+    return evaluate(model, data, args.id_eval_size) | {
+        "arm": name, "seed": seed, **asdict(ARMS[name]), "train_log": log,
+        "epoch_seconds": float(np.mean([r["seconds"] for r in log])),
+        "settings": settings(args), "pretrain": {"seconds": pre_info["seconds"]},
+    }  # fmt: skip
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("arch", "pretrain_epochs", "pretrain_lr", "ft_subset", "ft_epochs", "ft_lr",
+            "batch_size", "id_eval_size", "ood_size", "threads")  # fmt: skip
+    return {k: getattr(args, k) for k in keys} | {"torch": torch.__version__}
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    data = load_data(args)
+    t0 = time.perf_counter()
+    for seed in args.seeds:  # seed-major: each finished seed is a complete paired comparison
+        pre_path = os.path.join(args.results_dir, "pretrained", f"seed{seed}.json")
+        if not os.path.isfile(pre_path):
+            model, info = pretrained(args, seed, data)
+            write_json(pre_path, evaluate(model, data, args.id_eval_size) | {"seed": seed, "train_log": info["log"],
+                                                          "settings": settings(args)})  # fmt: skip
+        for name in args.arms:
+            path = os.path.join(args.results_dir, name, f"seed{seed}.json")
+            if os.path.isfile(path):
+                continue
+            print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
+            write_json(path, run_one(args, name, seed, data))
+    print(f"grid done in {time.perf_counter() - t0:.0f} s (runs missing at start)", flush=True)
+
+
+def write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- report
 def t_critical(df: int) -> float:
+    """Two-sided 95 % Student t quantile (scipy if installed, else a table)."""
     try:
         from scipy.stats import t
 
         return float(t.ppf(0.975, df))
-    except ImportError:  # two-sided 95% quantiles for small df
-        table = {
-            1: 12.706,
-            2: 4.303,
-            3: 3.182,
-            4: 2.776,
-            5: 2.571,
-            6: 2.447,
-            7: 2.365,
-            8: 2.306,
-            9: 2.262,
-        }
-        return table.get(df, 1.96)
+    except ImportError:
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+        return table.get(df, 2.262 if df == 9 else 1.96)
 
 
-def mean_std(values: list[float]) -> str:
-    """``mean ± std`` (sample std over seeds) in percent."""
-    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{100 * np.mean(values):.2f} ± {100 * std:.2f}"
+def paired(diffs: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95 % t interval (nan for n < 2)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else math.nan, math.nan
+    return float(d.mean()), t_critical(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
 
 
-def paired_ci(diffs: list[float]) -> str:
-    """Mean of paired differences with a two-sided 95% t interval."""
-    d = np.asarray(diffs)
-    half = t_critical(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}]"
+def fmt_ci(mean: float, half: float, scale: float = 100.0) -> str:
+    if math.isnan(half):
+        return f"{scale * mean:+.1f}"
+    return f"{scale * mean:+.1f} ± {scale * half:.1f}"
 
 
-def mean_over_ood(run: dict, method: str, key: str) -> float:
-    return float(np.mean([run["ood"][s][method][key] for s in run["ood"]]))
+def metric(run: dict, method: str, key: str, sets: list[str]) -> float:
+    return float(np.mean([run["ood"][s][method][key] for s in sets]))
 
 
-def write_report(args: argparse.Namespace, runs: dict[str, dict[int, dict]], arm_list: list) -> str:
-    lines = [f"Model `{args.arch}`; {args.pretrain_epochs} CE pre-training epochs (lr {args.pretrain_lr}) "
-             f"shared by the arms of a seed, then {args.epochs} epoch(s) of each arm's loss (lr {args.lr}); "
-             f"batch {args.batch_size}; seeds {args.seeds}; ODIN T={T_ODIN:g}, eps={EPS_ODIN:g}.", ""]  # fmt: skip
-    ood_names = sorted(next(iter(next(iter(runs.values())).values()))["ood"])
-    lines += ["## Per arm: mean ± std over seeds (OOD metrics averaged over " + ", ".join(ood_names) + ")", "",
-              "| arm | seeds | ID acc. | " + " | ".join(f"{m} AUROC | {m} FPR95" for m in METHODS) +
-              " | GQ (Eq. 7) | grad share | train s/run |",
-              "|---|---|---|" + "---|---|" * len(METHODS) + "---|---|---|"]  # fmt: skip
-    for arm, _, _ in arm_list:
-        rs = list(runs.get(arm, {}).values())
-        if not rs:
-            continue
-        cols = [mean_std([r["accuracy"] for r in rs])]
-        for m in METHODS:
-            cols += [
-                mean_std([mean_over_ood(r, m, "auroc") for r in rs]),
-                mean_std([mean_over_ood(r, m, "fpr95") for r in rs]),
-            ]
-        cols += [f"{np.mean([r['train']['log'][-1]['gq_paper'] for r in rs]):.3f}",
-                 f"{np.mean([r['train']['log'][-1]['grad_share'] for r in rs]):.1e}",
-                 f"{np.mean([r['train']['train_seconds'] for r in rs]):.0f}"]  # fmt: skip
-        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cols) + " |")
-    lines += ["", "## Paired difference arm − CE per seed, mean and 95% CI (t), in points", "",
-              "| arm | n | Δ ID acc. | Δ ODIN AUROC | Δ ODIN FPR95 | Δ MSP AUROC | Δ energy AUROC |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+def load_runs(results_dir: str) -> dict[str, dict[int, dict]]:
+    runs: dict[str, dict[int, dict]] = {}
+    for name in ("pretrained", *ARMS):
+        folder = os.path.join(results_dir, name)
+        if os.path.isdir(folder):
+            for f in sorted(os.listdir(folder)):
+                if f.startswith("seed") and f.endswith(".json"):
+                    with open(os.path.join(folder, f)) as fh:
+                        run = json.load(fh)
+                    runs.setdefault(name, {})[int(f[4:-5])] = run
+    return runs
+
+
+def report(runs: dict[str, dict[int, dict]]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Markdown tables of the paired differences arm - CE; also returns the headline numbers."""
     ce = runs.get("ce", {})
-    for arm, _, _ in arm_list[1:]:
-        seeds = sorted(set(runs.get(arm, {})) & set(ce))
-        if len(seeds) < 2:
+    if not ce:
+        raise SystemExit("no finished `ce` runs: nothing to compare with")
+    any_run = next(iter(ce.values()))
+    sets = list(any_run["ood"])
+    real = [s for s in sets if s not in NOISE_SETS]
+    st = any_run["settings"]
+    lines = [
+        f"Model `{st['arch']}`; {st['pretrain_epochs']} CE epochs on the 50k training split "
+        f"(OneCycle to lr {st['pretrain_lr']}) shared by the arms of a seed; then each arm "
+        f"fine-tunes {st['ft_epochs']} epoch(s) on a fixed {st['ft_subset']}-image subset (cosine "
+        f"from lr {st['ft_lr']}), batch {st['batch_size']}, same batch order for every arm. "
+        f"ODIN T = {T_ODIN:g}, eps = {EPS_ODIN:g}. Accuracy on the 10,000 test images; detection: "
+        f"the first {st['id_eval_size']} test images against "
+        f"{st['ood_size']} images per set. Headline mean over the real-image sets "
+        f"({', '.join(real)}); noise sets only in their own columns. Differences are arm − CE per "
+        "seed, in points: mean ± half-width of the 95 % t interval over seeds.",
+        "",
+    ]
+    head: dict[str, dict[str, Any]] = {}
+    ce_secs = {s: r["epoch_seconds"] for s, r in ce.items()}
+    lines += ["## Which should I use?", "",
+              "| arm | seeds | Δ ODIN AUROC | Δ ODIN FPR95 | Δ ID accuracy | × cost per epoch |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in ARMS:
+        arm_runs = runs.get(name, {})
+        seeds = sorted(set(arm_runs) & set(ce))
+        if not seeds:
             continue
-
-        metrics = [
-            lambda r: r["accuracy"],
-            lambda r: mean_over_ood(r, "odin", "auroc"),
-            lambda r: mean_over_ood(r, "odin", "fpr95"),
-            lambda r: mean_over_ood(r, "msp", "auroc"),
-            lambda r: mean_over_ood(r, "energy", "auroc"),
+        cost = float(np.median([arm_runs[s]["epoch_seconds"] / ce_secs[s] for s in seeds]))
+        cells = {}
+        for key, f in (("auroc", lambda r: metric(r, "ODIN", "auroc", real)),
+                       ("fpr95", lambda r: metric(r, "ODIN", "fpr95", real)),
+                       ("accuracy", lambda r: r["accuracy"])):  # fmt: skip
+            cells[key] = paired([f(arm_runs[s]) - f(ce[s]) for s in seeds])
+        head[name] = {"seeds": seeds, "cost": cost, **cells}
+        if name == "ce":
+            continue
+        lines.append(f"| {name} | {len(seeds)} | {fmt_ci(*cells['auroc'])} | "
+                     f"{fmt_ci(*cells['fpr95'])} | {fmt_ci(*cells['accuracy'])} | {cost:.1f} |")  # fmt: skip
+    lines += ["", "## Paired differences from CE (real-image mean), points", "",
+              "| arm | seeds | Δ ID acc. | Δ ODIN AUROC | Δ ODIN FPR95 | Δ MSP AUROC | "
+              "Δ MSP FPR95 | Δ energy AUROC | Δ energy FPR95 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in list(ARMS)[1:]:
+        seeds = sorted(set(runs.get(name, {})) & set(ce))
+        if not seeds:
+            continue
+        fns = [lambda r: r["accuracy"]] + [
+            (lambda r, m=m, k=k: metric(r, m, k, real))
+            for m in DETECTION_METHODS
+            for k in ("auroc", "fpr95")
         ]
-        cells = [paired_ci([100 * (f(runs[arm][s]) - f(ce[s])) for s in seeds]) for f in metrics]
-        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
-    lines += ["", "## ODIN per OOD set (AUROC / FPR95, mean over seeds, %)", "",
-              "| arm | " + " | ".join(ood_names) + " |", "|---|" + "---|" * len(ood_names)]  # fmt: skip
-    for arm, _, _ in arm_list:
-        rs = list(runs.get(arm, {}).values())
+        cells = [fmt_ci(*paired([f(runs[name][s]) - f(ce[s]) for s in seeds])) for f in fns]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    for key, label in (("auroc", "AUROC"), ("fpr95", "FPR95")):
+        lines += ["", f"## ODIN {label} per OOD set: difference from CE, points", "",
+                  "| arm | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]  # fmt: skip
+        for name in list(ARMS)[1:]:
+            seeds = sorted(set(runs.get(name, {})) & set(ce))
+            if seeds:
+                cells = [fmt_ci(*paired([runs[name][s]["ood"][o]["ODIN"][key]
+                                         - ce[s]["ood"][o]["ODIN"][key] for s in seeds]))
+                         for o in sets]  # fmt: skip
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Absolute values: mean ± std over seeds, %", "",
+              "| model | seeds | ID acc. | ODIN AUROC (real mean) | "
+              + " | ".join(f"ODIN AUROC {s}" for s in sets) + " | MSP AUROC | energy AUROC |",
+              "|---|---|---|---|" + "---|" * len(sets) + "---|---|"]  # fmt: skip
+
+    def ms(values: list[float]) -> str:
+        sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
+        return f"{100 * np.mean(values):.1f} ± {100 * sd:.1f}"
+
+    for name in ("pretrained", *ARMS):
+        rs = list(runs.get(name, {}).values())
         if rs:
-            cells = [f"{100 * np.mean([r['ood'][s]['odin']['auroc'] for r in rs]):.1f} / "
-                     f"{100 * np.mean([r['ood'][s]['odin']['fpr95'] for r in rs]):.1f}" for s in ood_names]  # fmt: skip
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells = [
+                ms([r["accuracy"] for r in rs]),
+                ms([metric(r, "ODIN", "auroc", real) for r in rs]),
+            ]
+            cells += [ms([r["ood"][o]["ODIN"]["auroc"] for r in rs]) for o in sets]
+            cells += [ms([metric(r, m, "auroc", real) for r in rs]) for m in ("MSP", "energy")]
+            lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+    secs = [
+        r["epoch_seconds"] for arm in runs.values() for r in arm.values() if "epoch_seconds" in r
+    ]
+    pre = [r["pretrain"]["seconds"] for r in ce.values()]
+    lines += ["", f"Measured: CE pre-training {np.mean(pre) / 60:.1f} min per seed; fine-tuning "
+              f"epochs {min(secs):.0f}-{max(secs):.0f} s. Machine: {platform.machine()}, "
+              f"{os.cpu_count()} cores, {st['threads']} torch thread(s), torch {st['torch']}."]  # fmt: skip
+    return "\n".join(lines) + "\n", head
 
 
-def write_figures(
-    args: argparse.Namespace, runs: dict[str, dict[int, dict]], arm_list: list
-) -> list[str]:
+def figure(head: dict[str, dict[str, Any]], path: str) -> str | None:
+    """ΔODIN AUROC (real-image mean) against the cost of an epoch, with 95 % CIs."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no figures")
-        return []
-    paths = []
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for form, marker in (("paper", "o"), ("reference", "s")):
-        xs, ms, ss = [], [], []
-        for arm, f, lam in arm_list:
-            if f == form and runs.get(arm):
-                v = [mean_over_ood(r, "odin", "auroc") * 100 for r in runs[arm].values()]
-                (
-                    xs.append(lam),
-                    ms.append(np.mean(v)),
-                    ss.append(np.std(v, ddof=1) if len(v) > 1 else 0),
-                )
-        if xs:
-            ax.errorbar(xs, ms, yerr=ss, marker=marker, capsize=3, label=f"CE + λ·GQ ({form})")
-    if runs.get("ce"):
-        v = [mean_over_ood(r, "odin", "auroc") * 100 for r in runs["ce"].values()]
-        ax.axhspan(
-            np.mean(v) - np.std(v, ddof=1),
-            np.mean(v) + np.std(v, ddof=1),
-            color="grey",
-            alpha=0.3,
-            label="CE only (mean ± std)",
-        )
-    ax.set_xscale("log"), ax.set_xlabel("λ"), ax.set_ylabel("ODIN AUROC, mean over OOD sets (%)")
-    ax.set_title("ODIN AUROC by λ (error bars: std over seeds)"), ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(args.out_dir, "auroc_by_lambda.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    data = {arm: json.load(open(os.path.join(args.out_dir, f"figure_data_{arm}.json")))
-            for arm in ("ce", args.figure_arm)
-            if os.path.isfile(os.path.join(args.out_dir, f"figure_data_{arm}.json"))}  # fmt: skip
-    if data:
-        for key, xlabel, name in (("grad_norm", "‖∇x log S_ŷ(x; T=1000)‖₁ (log scale)", "fig1_grad_norm.png"),
-                                  ("logit_gap", "top-1 − top-2 logit", "fig2_logit_gap.png")):  # fmt: skip
-            fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 3.5), sharey=False)
-            for ax, (arm, sets) in zip(np.atleast_1d(axes), data.items()):
-                for set_name, vals in sets.items():
-                    v = np.asarray(vals[key])
-                    v = np.log10(np.maximum(v, 1e-30)) if key == "grad_norm" else v
-                    ax.hist(
-                        v, bins=40, density=True, histtype="step", label=set_name, linewidth=1.5
-                    )
-                (
-                    ax.set_title(arm),
-                    ax.set_xlabel(("log10 " if key == "grad_norm" else "") + xlabel),
-                    ax.set_ylabel("density"),
-                )
-                ax.legend(fontsize=7)
-            fig.tight_layout()
-            paths.append(os.path.join(args.out_dir, name))
-            fig.savefig(paths[-1], dpi=110)
-            plt.close(fig)
-    return paths
-
-
-def run_grid(args: argparse.Namespace, grid: list, train: Any, test: Any, oods: dict) -> None:
-    """Trains and evaluates the grid items ``k`` with ``k % workers == worker``; skips finished ones."""
-    t0 = time.perf_counter()
-    for seed in args.seeds[args.worker :: args.workers] if args.pretrain_epochs else []:
-        pretrained(args, seed, train)  # this worker's share of the pre-training
-    for k, ((arm, form, lam), seed) in enumerate(grid):
-        path = os.path.join(args.out_dir, arm, f"seed{seed}.json")
-        if k % args.workers != args.worker or os.path.isfile(path):
+    for name, h in head.items():
+        if name == "ce":
             continue
-        print(
-            f"[{k + 1}/{len(grid)}] {arm} seed {seed} ({time.perf_counter() - t0:.0f}s elapsed)",
-            flush=True,
-        )
-        model, info = train_run(args, form, lam, seed, train)
-        result = evaluate(model, test, oods) | dict(
-            train=info, arm=arm, seed=seed, lam=lam, formulation=form
-        )
-        if seed == args.seeds[0] and arm in ("ce", args.figure_arm):
-            fig_path = os.path.join(args.out_dir, f"figure_data_{arm}.json")
-            json.dump(figure_data(model, test, oods), open(fig_path, "w"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        json.dump(result, open(path + ".tmp", "w"))
-        os.replace(path + ".tmp", path)
+        mean, half = h["auroc"]
+        ax.errorbar([h["cost"]], [100 * mean], yerr=[0 if math.isnan(half) else 100 * half],
+                    marker="o", capsize=3, label=f"{name} ({len(h['seeds'])} seeds)")  # fmt: skip
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("cost of a fine-tuning epoch (× CE)")
+    ax.set_ylabel("Δ ODIN AUROC vs CE, real-image mean (points)")
+    ax.set_title("What each loss buys, and what it costs (95 % CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out-dir", default="runs/reproduce")
-    p.add_argument("--arch", default="tiny_cnn", choices=MODEL_NAMES)
     p.add_argument(
-        "--pretrain-epochs",
+        "--data-dir", default="../shared/data", help="folder of the CIFAR-10/OOD .npz files"
+    )
+    p.add_argument("--results-dir", default="docs/reproduction/study",
+                   help="per-run JSON, report.md and the figure (small files, committed)")  # fmt: skip
+    p.add_argument(
+        "--cache-dir", default="runs/study", help="cached pre-trained weights (not committed)"
+    )
+    p.add_argument("--arch", default="small_cnn", choices=MODEL_NAMES)
+    p.add_argument("--pretrain-epochs", type=int, default=5, help="CE epochs on the 50k split")
+    p.add_argument("--pretrain-lr", type=float, default=0.1, help="OneCycle peak learning rate")
+    p.add_argument("--ft-subset", type=int, default=2560, help="images of the fine-tuning subset")
+    p.add_argument("--ft-epochs", type=int, default=1, help="fine-tuning epochs of every arm")
+    p.add_argument("--ft-lr", type=float, default=0.02, help="fine-tuning lr (cosine to 0)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--ood-size", type=int, default=500, help="images per OOD set")
+    p.add_argument(
+        "--id-eval-size",
         type=int,
-        default=6,
-        help="CE epochs shared by all arms of a seed (0: from scratch)",
+        default=2000,
+        help="test images scored for detection (accuracy: all)",
     )
-    p.add_argument("--pretrain-lr", type=float, default=0.05)
-    p.add_argument("--epochs", type=int, default=1, help="epochs of each arm's own loss")
-    p.add_argument(
-        "--lr", type=float, default=0.01, help="learning rate of the arm phase (cosine to 0)"
-    )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--lams", type=float, nargs="+", default=[1e-6, 1e-3, 1e-1, 1.0])
-    p.add_argument("--ood-size", type=int, default=1000)
-    p.add_argument("--figure-arm", default="paper_lam1", help="arm compared with CE in Fig. 1/2")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (one thread each)")
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--report-only", action="store_true")
-    args = p.parse_args()
-    os.makedirs(args.out_dir, exist_ok=True)
-    arm_list = arms(args.lams)
-    grid = [(a, s) for s in args.seeds for a in arm_list]  # seed-major: every arm gets seed 0 first
-    if not args.report_only:
-        train = load_cifar("cifar10", args.data_dir, "train")
-        test = load_cifar("cifar10", args.data_dir, "test")
-        if args.train_limit:
-            train = torch.utils.data.TensorDataset(*(t[: args.train_limit] for t in train.tensors))
-        if args.worker is not None:  # a child process of --workers
-            torch.set_num_threads(1)
-            run_grid(args, grid, train, test, ood_sets(args.data_dir, args.ood_size))
-            return
-        start = time.perf_counter()
-        if args.workers == 1:
-            args.worker = 0
-            run_grid(args, grid, train, test, ood_sets(args.data_dir, args.ood_size))
-        else:
-            import subprocess
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the JSON")
+    p.add_argument("--smoke", action="store_true",
+                   help="generated data, tiny model, 2 seeds, into a temporary folder unless "
+                        "--results-dir/--cache-dir are given; under a minute")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.smoke:
+        tmp = tempfile.mkdtemp(prefix="gq_study_smoke_")
+        if args.results_dir == p.get_default("results_dir"):
+            args.results_dir = os.path.join(tmp, "results")
+        if args.cache_dir == p.get_default("cache_dir"):
+            args.cache_dir = os.path.join(tmp, "cache")
+        args.arch, args.pretrain_epochs, args.ft_subset, args.ft_epochs = "tiny_cnn", 1, 32, 1
+        args.batch_size, args.ood_size, args.seeds = 32, 32, args.seeds[:2]
+        args.id_eval_size = 64
+    return args
 
-            children = [
-                subprocess.Popen([sys.executable, *sys.argv, "--worker", str(w)])
-                for w in range(args.workers)
-            ]
-            if any(c.wait() for c in children):
-                raise SystemExit("a worker failed; rerun the same command to resume")
-        with open(os.path.join(args.out_dir, "wall_time.txt"), "a") as f:
-            f.write(f"{time.perf_counter() - start:.0f} s for the runs missing at start\n")
-    runs: dict[str, dict[int, dict]] = {}
-    for (arm, _, _), seed in grid:
-        path = os.path.join(args.out_dir, arm, f"seed{seed}.json")
-        if os.path.isfile(path):
-            runs.setdefault(arm, {})[seed] = json.load(open(path))
-    if not runs:
-        raise SystemExit(f"no finished runs in {args.out_dir}")
-    report = write_report(args, runs, arm_list)
-    header = (f"# Reproduction report\n\nMachine: {platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}.\n\n")  # fmt: skip
-    with open(os.path.join(args.out_dir, "report.md"), "w") as f:
-        f.write(header + report)
-    figs = write_figures(args, runs, arm_list)
-    print(report)
-    print("figures:", *figs)
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.report_only:
+        run_grid(args)
+    text, head = report(load_runs(args.results_dir))
+    with open(os.path.join(args.results_dir, "report.md"), "w") as f:
+        f.write("# GQ decision study: generated report\n\n" + text)
+    fig = figure(head, os.path.join(args.results_dir, "delta_auroc_vs_cost.png"))
+    print(text)
+    print("report:", os.path.join(args.results_dir, "report.md"), "figure:", fig)
+    return head
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ Stable names used by the other scripts:
 - :func:`synthetic_dataset` -- tiny learnable random images for smoke runs
 - :func:`augmentation_params`, :func:`crop_flip` -- the paper's random crop (pad 4) + flip,
   drawn per sample from ``(seed, epoch)`` so that it does not depend on processes or resumes
+- :func:`noise_images`, :func:`photo_crops` -- the OOD sets every evaluation script builds:
+  ODIN's uniform / Gaussian noise and random crops of scikit-learn's sample photos
 - :class:`ImageFolderDataset` -- ``root/<class>/<image>`` tree read with Pillow, classes indexed
   in sorted folder order as ``torchvision.datasets.ImageFolder`` does
 """
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "train_full", "test_full")
+NOISE_KINDS = ("uniform", "gaussian")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -43,9 +46,12 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         ``(x, y)`` as numpy arrays; ``y`` is ``None`` for unlabelled sets.
     """
     with np.load(path, allow_pickle=False) as data:
-        if "x" not in data.files:
-            raise ValueError(f"{path!r} must hold an array 'x', found {data.files}")
-        x = data["x"]
+        if "jpeg" in data.files and "offsets" in data.files:
+            x = _decode_jpegs(data["jpeg"], data["offsets"])
+        elif "x" in data.files:
+            x = data["x"]
+        else:
+            raise ValueError(f"{path!r} must hold an array 'x' (or 'jpeg'), found {data.files}")
         y = data["y"].astype(np.int64) if "y" in data.files else None
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise ValueError(
@@ -54,6 +60,20 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     if y is not None and y.shape != (x.shape[0],):
         raise ValueError(f"'y' in {path!r} must have shape ({x.shape[0]},), got {y.shape}")
     return x, y
+
+
+def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Images stored as concatenated JPEG bytes (``buf``) cut at ``offsets`` -> uint8 NHWC."""
+    import io
+
+    from PIL import Image
+
+    return np.stack(
+        [
+            np.asarray(Image.open(io.BytesIO(buf[a:b].tobytes())).convert("RGB"))
+            for a, b in zip(offsets[:-1], offsets[1:])
+        ]
+    )
 
 
 def images_to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -115,7 +135,10 @@ def load_cifar(name: str, data_dir: str, split: str) -> TensorDataset:
     Args:
         name: ``"cifar10"`` or ``"cifar100"``.
         data_dir: Folder with the ``.npz`` files or torchvision's CIFAR folder.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"`` / ``"test"`` (the data pack's 10k / 2k subsets, or the whole split
+            when read from torchvision's files) or ``"train_full"`` / ``"test_full"`` (the whole
+            50k / 10k splits, stored as JPEG bytes). The subsets lie inside the full splits:
+            never train on one and test on the other.
 
     Raises:
         ValueError: Unknown ``name`` or ``split``.
@@ -140,7 +163,7 @@ def load_cifar(name: str, data_dir: str, split: str) -> TensorDataset:
         ) from err
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
-        ds = cls(data_dir, train=split == "train", download=False)
+        ds = cls(data_dir, train=split.startswith("train"), download=False)
     except RuntimeError as err:
         raise FileNotFoundError(f"no {name} data in {data_dir!r}: {hint}") from err
     labels = torch.as_tensor(np.asarray(ds.targets, dtype=np.int64))
@@ -183,10 +206,15 @@ def augmentation_params(
 
 
 def crop_flip(
-    x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = 4
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    flips: torch.Tensor,
+    padding: int = 4,
+    padding_mode: str = "constant",
 ) -> torch.Tensor:
-    """Zero-pad ``(B, C, H, W)`` images by ``padding``, crop at ``offsets (B, 2)`` and flip
-    horizontally where ``flips (B,)`` is true (RandomCrop(padding) + RandomHorizontalFlip).
+    """Pad ``(B, C, H, W)`` images by ``padding`` (zeros, or ``padding_mode="reflect"``), crop at
+    ``offsets (B, 2)`` and flip horizontally where ``flips (B,)`` is true
+    (RandomCrop(padding, padding_mode) + RandomHorizontalFlip).
 
     Example:
         >>> x = torch.rand(2, 3, 8, 8)
@@ -195,7 +223,7 @@ def crop_flip(
         True
     """
     b, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
+    padded = F.pad(x, (padding, padding, padding, padding), mode=padding_mode)
     offsets = offsets.to(x.device)
     rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
     cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
@@ -203,6 +231,53 @@ def crop_flip(
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def noise_images(kind: str, n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """ODIN's synthetic OOD sets: ``"uniform"`` U[0, 1] or ``"gaussian"`` N(0.5, 1) clipped to
+    [0, 1], as ``(n, *shape)`` float32 drawn from ``seed``.
+
+    Example:
+        >>> noise_images("gaussian", 2, (3, 4, 4), seed=0).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"`kind` must be one of {NOISE_KINDS}, got {kind!r}")
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.rand((n, *shape), generator=gen)
+    return (0.5 + torch.randn((n, *shape), generator=gen)).clamp_(0.0, 1.0)
+
+
+def photo_crops(
+    n: int, size: int, seed: int, *, grey: bool = False, min_side: int | None = None
+) -> torch.Tensor:
+    """``n`` random square crops of scikit-learn's two sample photos, area-downsampled to
+    ``size`` x ``size``: ``(n, 3, size, size)`` (or ``(n, 1, size, size)`` with ``grey``) in
+    [0, 1]. Crop sides are drawn from ``[min_side, 3 * min_side]`` (default ``min_side = size``).
+
+    Raises:
+        ImportError: scikit-learn (which ships the photos) is not installed.
+    """
+    from sklearn.datasets import load_sample_images
+
+    photos = [
+        torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+        for im in load_sample_images().images
+    ]
+    if grey:
+        photos = [im.mean(0, keepdim=True) for im in photos]
+    lo = min_side or size
+    gen = torch.Generator().manual_seed(seed)
+    crops = []
+    for k in range(n):
+        im = photos[k % len(photos)]
+        side = int(torch.randint(lo, 3 * lo + 1, (1,), generator=gen))
+        i = int(torch.randint(0, im.shape[1] - side + 1, (1,), generator=gen))
+        j = int(torch.randint(0, im.shape[2] - side + 1, (1,), generator=gen))
+        crop = im[None, :, i : i + side, j : j + side]
+        crops.append(F.interpolate(crop, size=(size, size), mode="area")[0])
+    return torch.stack(crops) if crops else torch.empty(0, photos[0].shape[0], size, size)
 
 
 class WithIndex(Dataset):

@@ -6,6 +6,7 @@ CIFAR models (32x32 input), the architectures of the paper plus two small CPU mo
 ``small_cnn``      3 conv layers with BatchNorm, 94 k parameters; for CPU runs
 ``small_cnn_gn``   the same with GroupNorm: per-sample statistics, so a batch split across
                    processes (DDP) gives exactly the whole-batch result
+``small_cnn_wide`` ``small_cnn`` at double width (64, 128, 256 channels), 370 k parameters
 ``tiny_cnn``       ``small_cnn`` at half width (16, 32, 64 channels), 24 k parameters; the
                    model of the CPU reproduction study (``benchmarks/reproduce.py``)
 ``resnet18``       CIFAR ResNet-18: 3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2]
@@ -35,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_NAMES = ("small_cnn", "small_cnn_gn", "tiny_cnn", "resnet18", "resnet34", "madry_resnet")
+MODEL_NAMES = (
+    "small_cnn",
+    "small_cnn_gn",
+    "small_cnn_wide",
+    "tiny_cnn",
+    "resnet18",
+    "resnet34",
+    "madry_resnet",
+)
 IMAGENET_MODEL_NAMES = ("tv_resnet18", "tv_resnet101", "local_resnet18")
 ALL_MODEL_NAMES = MODEL_NAMES + IMAGENET_MODEL_NAMES
 
@@ -250,6 +259,8 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3) -> nn.Modu
         raise ValueError(f"`num_classes` must be a positive int, got {num_classes!r}")
     if name == "tiny_cnn":
         return SmallCNN(num_classes, in_channels, "batch", widths=(16, 32, 64))
+    if name == "small_cnn_wide":
+        return SmallCNN(num_classes, in_channels, "batch", widths=(64, 128, 256))
     if name in ("small_cnn", "small_cnn_gn"):
         norm = "batch" if name == "small_cnn" else "group"
         return SmallCNN(num_classes, in_channels, norm)
