@@ -269,7 +269,9 @@ def aupr(id_scores: ScoresLike, ood_scores: ScoresLike, *, positive: Positive = 
     $$ \mathrm{AP} = \sum_k (R_k - R_{k-1})\, P_k $$
 
     over the distinct thresholds ``k`` from most to least positive, with step-wise (not
-    interpolated) precision ``P_k`` and recall ``R_k`` (``R_0 = 0``). ``positive="id"`` gives
+    interpolated) precision ``P_k`` and recall ``R_k`` (``R_0 = 0``). This is not the trapezoidal
+    area under the PR curve that pytorch-ood and OpenOOD report; with many ties the two can
+    differ by ~0.1 (see the conventions table of the OOD guide). ``positive="id"`` gives
     AUPR-In (ID positive, scores as given); ``positive="ood"`` gives AUPR-Out (OOD positive,
     scores negated).
 
