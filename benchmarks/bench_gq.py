@@ -26,10 +26,9 @@ import sys
 import time
 from typing import Callable
 
+import _examples_path  # noqa: F401  (puts examples/ on sys.path)
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from models import build_model
 
 from gq_loss import gq_loss

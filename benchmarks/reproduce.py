@@ -23,18 +23,15 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import _examples_path  # noqa: F401  (puts examples/ on sys.path)
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from data import (
     augmentation_params,
     crop_flip,
@@ -46,6 +43,7 @@ from data import (
 )
 from evaluation import logits_in_batches, score_methods
 from models import MODEL_NAMES, build_model
+from torch import Tensor, nn
 from train_utils import progress
 
 from gq_loss import GQLoss

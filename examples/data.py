@@ -7,7 +7,9 @@ Stable names used by the other scripts:
 
 - :func:`load_npz` -- ``(x uint8, y int64 or None)`` from a ``.npz`` with ``x`` and optional ``y``
 - :func:`images_to_tensor` -- uint8 ``(N, H, W[, C])`` array to float ``(N, C, H, W)`` in [0, 1]
-- :func:`to_rgb_32` -- resize to 32x32 and repeat grey to 3 channels (e.g. MNIST as an OOD set)
+- :func:`convert_images` -- resize and fix channels (e.g. MNIST as a CIFAR OOD set)
+- :func:`pil_to_tensor`, :func:`load_image_folder`, :func:`load_labelled_folder` -- images
+  read with Pillow from any folder tree, or from ``root/<class>/<image>``
 - :func:`npz_dataset` -- a ``.npz`` file as a ``TensorDataset``
 - :func:`load_cifar` -- CIFAR-10/100 split from ``<name>_<split>.npz`` or torchvision's files
 - :func:`synthetic_dataset` -- tiny learnable random images for smoke runs
@@ -22,7 +24,7 @@ Stable names used by the other scripts:
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from torch.utils.data import Dataset, TensorDataset
 CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SPLITS = ("train", "test", "train_full", "test_full")
 NOISE_KINDS = ("uniform", "gaussian")
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -88,21 +91,30 @@ def images_to_tensor(x: np.ndarray) -> torch.Tensor:
     return t.float().div_(255.0).contiguous()
 
 
-def to_rgb_32(images: torch.Tensor, size: int = 32) -> torch.Tensor:
-    """Resize ``(N, C, H, W)`` images to ``size`` x ``size`` (bilinear, antialiased) and give
-    them 3 channels (grey is repeated), e.g. MNIST ``(N, 1, 28, 28)`` -> ``(N, 3, 32, 32)``.
+def convert_images(images: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float ``(n, c, h, w)`` images in [0, 1] to ``shape = (C, H, W)``: RGBA loses alpha, grey
+    is repeated to 3 channels or colour averaged to grey (ITU-R 601 weights), and the size is
+    changed with antialiased bilinear resampling (e.g. MNIST as a CIFAR OOD set).
 
     Example:
-        >>> to_rgb_32(torch.rand(2, 1, 28, 28)).shape
+        >>> convert_images(torch.rand(2, 1, 28, 28), (3, 32, 32)).shape
         torch.Size([2, 3, 32, 32])
     """
-    if images.shape[-2:] != (size, size):
-        images = F.interpolate(
-            images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        ).clamp_(0.0, 1.0)
-    if images.shape[1] == 1:
+    c, h, w = shape
+    if images.shape[1] == 4:
+        images = images[:, :3]
+    if images.shape[1] == 3 and c == 1:
+        weights = images.new_tensor(GREY_WEIGHTS).view(1, 3, 1, 1)
+        images = (images * weights).sum(1, keepdim=True)
+    elif images.shape[1] == 1 and c == 3:
         images = images.repeat(1, 3, 1, 1)
-    return images
+    elif images.shape[1] != c:
+        raise ValueError(f"cannot convert {images.shape[1]}-channel images to {c} channels")
+    if images.shape[-2:] != (h, w):
+        images = F.interpolate(
+            images, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+        ).clamp_(0.0, 1.0)
+    return images.contiguous()
 
 
 def npz_dataset(path: str, *, size: int | None = None, rgb: bool = False) -> TensorDataset:
@@ -120,8 +132,8 @@ def npz_dataset(path: str, *, size: int | None = None, rgb: bool = False) -> Ten
     images = images_to_tensor(x)
     if size is not None or rgb:
         side = size if size is not None else images.shape[-1]
-        resized = to_rgb_32(images, side)
-        images = resized if rgb else resized[:, : images.shape[1]]
+        channels = 3 if rgb else images.shape[1]
+        images = convert_images(images, (channels, side, side))
     labels = torch.full((len(images),), -1) if y is None else torch.from_numpy(y)
     return TensorDataset(images, labels)
 
@@ -291,6 +303,62 @@ class WithIndex(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         return (*self.dataset[index], index)
+
+
+def pil_to_tensor(
+    image: Any, size: tuple[int, int] | None = None, channels: int = 3
+) -> torch.Tensor:
+    """A PIL image as float ``(C, H, W)`` in [0, 1]; resized to ``size = (H, W)`` if given."""
+    from PIL import Image
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    return images_to_tensor(np.array(image)[None])[0]  # a writable copy
+
+
+def image_files(root: str) -> list[str]:
+    """Every image file below ``root``, sorted (any folder layout)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    files = sorted(
+        os.path.join(d, f)
+        for d, _, names in os.walk(root)
+        for f in names
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not files:
+        raise FileNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} under {root!r}")
+    return files
+
+
+def load_image_folder(
+    root: str, shape: tuple[int, ...] | None = None, limit: int | None = None
+) -> torch.Tensor:
+    """The first ``limit`` images below ``root`` (sorted paths) as ``(n, C, H, W)``, converted
+    to ``shape = (C, H, W)`` if given, else RGB at their own (common) size."""
+    from PIL import Image
+
+    size = None if shape is None else (shape[1], shape[2])
+    tensors = []
+    for path in image_files(root)[:limit]:
+        with Image.open(path) as img:
+            tensors.append(pil_to_tensor(img, size, 3 if shape is None else shape[0]))
+    if shape is None and len({t.shape for t in tensors}) > 1:
+        raise ValueError(f"images in {root!r} differ in size; an ID folder needs one size")
+    return torch.stack(tensors)
+
+
+def load_labelled_folder(root: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``root/<class>/<image>`` as ``(images (n, 3, H, W), labels (n,))``, classes in sorted
+    order (:class:`ImageFolderDataset`); all images must share one size."""
+    ds = ImageFolderDataset(root, transform=pil_to_tensor)
+    items = [ds[i] for i in range(len(ds))]
+    if len({x.shape for x, _ in items}) > 1:
+        raise ValueError(f"images in {root!r} differ in size; an ID folder needs one size")
+    x = torch.stack([x for x, _ in items])
+    y = torch.tensor([label for _, label in items], dtype=torch.long)
+    return x[:limit], y[:limit]
 
 
 class ImageFolderDataset(Dataset):

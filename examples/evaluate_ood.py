@@ -36,37 +36,50 @@ without the input preprocessing or layer ensemble of Lee et al. (2018).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import plots  # examples/plots.py: this script's folder is on sys.path when it runs
+import plots
 import torch
-import torch.nn.functional as F
-from data import CIFAR_NUM_CLASSES, IMAGE_EXTENSIONS, images_to_tensor, load_cifar, load_npz
+from data import (
+    CIFAR_NUM_CLASSES,
+    NOISE_KINDS,
+    convert_images,
+    images_to_tensor,
+    load_cifar,
+    load_image_folder,
+    load_labelled_folder,
+    load_npz,
+    noise_images,
+    pil_to_tensor,
+)
+from evaluation import (
+    ScoredSet,
+    method_tables,
+    metric_rows,
+    score_methods,
+    write_results,
+)
 from models import ALL_MODEL_NAMES, build_model
 from torch import Tensor, nn
+from train_utils import default_device
 
-from gq_loss import MahalanobisScore, ODINDetector, class_gradient_norms
-from gq_loss.metrics import ood_metrics
-from gq_loss.scores import energy_score, msp_score
+from gq_loss import MahalanobisScore
 
-METHODS = ("ODIN", "MSP", "energy", "Mahalanobis")
-METRICS = (("auroc", "AUROC"), ("fpr95", "FPR95"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"))
 SPEC_KINDS = ("npz", "folder", "torchvision", "noise")
-NOISE_KINDS = {"uniform": "uniform noise", "gaussian": "Gaussian noise"}
+NOISE_NAMES = {"uniform": "uniform noise", "gaussian": "Gaussian noise"}
 #: ODIN ε of the paper per ID dataset, [0, 1] pixel units; anything else gets DEFAULT_EPSILON.
 PAPER_EPSILON = {"cifar10": 0.001, "cifar100": 0.006, "imagenet30": 0.001}
 DEFAULT_EPSILON = 0.001
-GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("checkpoint", help="checkpoint written by train_cifar.py")
     p.add_argument(
         "--id",
@@ -91,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--feature-layer",
         default="fc",
-        help="Mahalanobis features = the INPUT of this submodule (default: %(default)s)",
+        help="Mahalanobis features = the INPUT of this submodule",
     )
     p.add_argument("--limit", type=int, default=None, help="max images per ID/OOD test set")
     p.add_argument("--noise-count", type=int, default=1000, help="images per noise set")
@@ -105,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu | cuda | ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise sets and fit subset")
-    p.add_argument("--out-dir", default="outputs/evaluate_ood", help="default: %(default)s")
+    p.add_argument("--out-dir", default="outputs/evaluate_ood", help="output folder")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -134,77 +147,6 @@ def parse_spec(spec: str, kinds: tuple[str, ...]) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def convert(images: Tensor, shape: tuple[int, int, int]) -> Tensor:
-    """Float ``(n, c, h, w)`` images in [0, 1] to ``shape = (C, H, W)``: resize, fix channels."""
-    c, h, w = shape
-    if images.shape[1] == 4:  # RGBA: drop alpha
-        images = images[:, :3]
-    if images.shape[1] == 3 and c == 1:
-        weights = images.new_tensor(GREY_WEIGHTS).view(1, 3, 1, 1)
-        images = (images * weights).sum(1, keepdim=True)
-    elif images.shape[1] == 1 and c == 3:
-        images = images.repeat(1, 3, 1, 1)
-    elif images.shape[1] != c:
-        raise ValueError(f"cannot convert {images.shape[1]}-channel images to {c} channels")
-    if images.shape[-2:] != (h, w):
-        images = F.interpolate(
-            images, size=(h, w), mode="bilinear", align_corners=False, antialias=True
-        ).clamp_(0.0, 1.0)
-    return images.contiguous()
-
-
-def pil_to_tensor(image: Any, size: tuple[int, int] | None, channels: int) -> Tensor:
-    """A PIL image as float ``(C, H, W)`` in [0, 1]; resized to ``size = (H, W)`` if given."""
-    from PIL import Image
-
-    image = image.convert("L" if channels == 1 else "RGB")
-    if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
-    return images_to_tensor(np.array(image)[None])[0]  # a writable copy
-
-
-def image_files(root: str) -> list[str]:
-    """Every image file below ``root``, sorted (any folder layout)."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
-    files = sorted(
-        os.path.join(d, f)
-        for d, _, names in os.walk(root)
-        for f in names
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not files:
-        raise FileNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} under {root!r}")
-    return files
-
-
-def load_folder(root: str, shape: tuple[int, ...] | None, limit: int | None) -> Tensor:
-    from PIL import Image
-
-    size = None if shape is None else (shape[1], shape[2])
-    tensors = []
-    for path in image_files(root)[:limit]:
-        with Image.open(path) as img:
-            tensors.append(pil_to_tensor(img, size, 3 if shape is None else shape[0]))
-    if shape is None and len({t.shape for t in tensors}) > 1:
-        raise ValueError(f"images in {root!r} differ in size; an ID folder needs one size")
-    return torch.stack(tensors)
-
-
-def load_labelled_folder(root: str, limit: int | None) -> tuple[Tensor, Tensor]:
-    """``root/<class>/<image>`` (classes in sorted order) as images and labels."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"no class sub-folders in {root!r}")
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        x = load_folder(os.path.join(root, name), None, None)
-        xs.append(x)
-        ys.append(torch.full((len(x),), label, dtype=torch.long))
-    x, y = torch.cat(xs), torch.cat(ys)
-    return x[:limit], y[:limit]
 
 
 def load_id(spec: str, data_dir: str, split: str, limit: int | None) -> tuple[Tensor, Tensor]:
@@ -244,21 +186,17 @@ def load_ood(spec: str, args: argparse.Namespace, shape: tuple[int, ...]) -> tup
     """``(display name, images (n, *shape))`` for one ``--ood`` spec."""
     kind, value = parse_spec(spec, SPEC_KINDS)
     if kind == "noise":
-        gen = torch.Generator().manual_seed(args.seed + (0 if value == "uniform" else 1))
-        size = (min(args.noise_count, args.limit or args.noise_count), *shape)
-        if value == "uniform":
-            x = torch.rand(size, generator=gen)
-        else:
-            x = (0.5 + torch.randn(size, generator=gen)).clamp_(0.0, 1.0)
-        return NOISE_KINDS[value], x
+        n = min(args.noise_count, args.limit or args.noise_count)
+        seed = args.seed + NOISE_KINDS.index(value)
+        return NOISE_NAMES[value], noise_images(value, n, shape, seed=seed)
     name = os.path.splitext(os.path.basename(os.path.normpath(value)))[0]
     if kind == "npz":
         x = images_to_tensor(load_npz(value)[0][: args.limit])
     elif kind == "folder":
-        x = load_folder(value, shape, args.limit)
+        x = load_image_folder(value, shape, args.limit)
     else:
         x = load_torchvision(value, args.data_dir, shape, args.limit)
-    return name, convert(x, shape)  # type: ignore[arg-type]
+    return name, convert_images(x, shape)
 
 
 # --------------------------------------------------------------------------- model
@@ -302,103 +240,6 @@ def penultimate(model: nn.Module, layer: str) -> Callable[[Tensor], Tensor]:
     return features
 
 
-def batches(x: Tensor, size: int, desc: str, enabled: bool) -> Iterator[Tensor]:
-    chunks = x.split(size)
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            yield from tqdm(chunks, desc=desc, unit="batch", leave=False)
-            return
-        except ImportError:
-            pass
-    yield from chunks
-
-
-@dataclass
-class SetResult:
-    """Scores and figure quantities of one dataset."""
-
-    scores: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (n,)
-    grad_norms: list[np.ndarray] = field(default_factory=list)
-    logit_gaps: list[np.ndarray] = field(default_factory=list)
-    preds: list[np.ndarray] = field(default_factory=list)
-
-
-def score_set(
-    x: Tensor,
-    name: str,
-    model: nn.Module,
-    odin: ODINDetector,
-    maha: MahalanobisScore | None,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> SetResult:
-    out = SetResult()
-    parts: dict[str, list[np.ndarray]] = {m: [] for m in METHODS if m != "Mahalanobis" or maha}
-    for xb in batches(x, args.batch_size, f"score {name}", not args.no_progress):
-        xb = xb.to(device)
-        with torch.no_grad():
-            logits = model(xb)
-        pred = logits.argmax(1)
-        parts["ODIN"].append(odin.score(xb).cpu().numpy())
-        parts["MSP"].append(msp_score(logits).cpu().numpy())
-        parts["energy"].append(energy_score(logits).cpu().numpy())
-        if maha is not None:
-            parts["Mahalanobis"].append(maha.score(xb).cpu().numpy())
-        norms = class_gradient_norms(  # paper Fig. 1: only the predicted class's column
-            model, xb, operand="log_softmax", temperature=args.temperature, classes=pred[:, None]
-        )
-        out.grad_norms.append(norms[:, 0].detach().cpu().numpy())
-        out.logit_gaps.append(plots.logit_gap(logits.cpu().numpy()))
-        out.preds.append(pred.cpu().numpy())
-    out.scores = {m: np.concatenate(v) for m, v in parts.items()}
-    return out
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def metric_rows(results: dict[str, SetResult], id_name: str, accuracy: float) -> list[dict]:
-    rows = []
-    ood_names = [k for k in results if k != id_name]
-    for method in results[id_name].scores:
-        s_id = results[id_name].scores[method]
-        per_set = []
-        for name in ood_names:
-            m = ood_metrics(s_id, results[name].scores[method])
-            per_set.append(
-                {
-                    "method": method,
-                    "ood_set": name,
-                    **m,
-                    "n_id": len(s_id),
-                    "n_ood": len(results[name].scores[method]),
-                }
-            )
-        keys = [k for k, _ in METRICS] + ["detection_error"]
-        mean = {k: float(np.mean([r[k] for r in per_set])) for k in keys}
-        n_ood = sum(r["n_ood"] for r in per_set)
-        mean_row = {"method": method, "ood_set": "mean", **mean, "n_id": len(s_id), "n_ood": n_ood}
-        rows += [*per_set, mean_row]
-    for r in rows:
-        r["id_accuracy"] = accuracy
-    return rows
-
-
-def markdown(rows: list[dict], header: str) -> str:
-    lines = [header]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        lines += ["", f"## {method}", "", "| OOD set | " + " | ".join(t for _, t in METRICS) + " |"]
-        lines.append("|---|" + "---:|" * len(METRICS))
-        for r in (r for r in rows if r["method"] == method):
-            name = "**mean**" if r["ood_set"] == "mean" else f"{r['ood_set']} (n={r['n_ood']})"
-            lines.append(
-                f"| {name} | " + " | ".join(f"{100 * r[k]:.2f}" for k, _ in METRICS) + " |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def choose_epsilon(args: argparse.Namespace, dataset: str) -> tuple[float, str]:
     """ODIN ε and the reason for it (explicit, the paper's value for the dataset, or default)."""
     if args.epsilon is not None:
@@ -437,20 +278,10 @@ def fit_mahalanobis(
     return maha, note
 
 
-def write_tables(rows: list[dict], text: str, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(text)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     id_spec = args.id or ckpt.get("dataset")
     if id_spec is None:
@@ -470,9 +301,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sets[name] = x
     maha, fit_note = fit_mahalanobis(model, ckpt, id_spec, args)
 
-    odin = ODINDetector(model, temperature=args.temperature, epsilon=epsilon)
-    results = {k: score_set(x, k, model, odin, maha, args, device) for k, x in sets.items()}
-    accuracy = float((np.concatenate(results[id_name].preds) == y_id.numpy()).mean())
+    extra = {"Mahalanobis": maha.score} if maha is not None else None
+    results = {
+        name: score_methods(
+            model,
+            x,
+            temperature=args.temperature,
+            epsilon=epsilon,
+            batch_size=args.batch_size,
+            device=device,
+            extra=extra,
+            grad_norms=True,
+            show_progress=not args.no_progress,
+            desc=f"score {name}",
+        )
+        for name, x in sets.items()
+    }
+    accuracy = float((results[id_name].logits.argmax(1) == y_id).double().mean())
     n_noise = min(args.noise_count, args.limit or args.noise_count)
     header = "\n".join(
         [
@@ -487,9 +332,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "- Metrics in %, ID = positive class (FPR95: share of OOD accepted at 95% ID accepted).",
         ]
     )
-    rows = metric_rows(results, id_name, accuracy)
-    text = markdown(rows, header)
-    write_tables(rows, text, args.out_dir)
+    ood = {k: r.scores for k, r in results.items() if k != id_name}
+    rows = [r | {"id_accuracy": accuracy} for r in metric_rows(results[id_name].scores, ood)]
+    text = header + "\n" + method_tables(rows)
+    write_results(args.out_dir, rows, text)
     print("\n" + text)
     if not args.no_figures:
         if plots.matplotlib_available():
@@ -503,12 +349,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def figures(
-    results: dict[str, SetResult], ckpt: dict, args: argparse.Namespace, eps: float
+    results: dict[str, ScoredSet], ckpt: dict, args: argparse.Namespace, eps: float
 ) -> list[str]:
     label = f"{ckpt['arch']} ({ckpt.get('dataset', '?')})"
     n = int(ckpt["num_classes"])
     odin = {
-        k: plots.odin_display(r.scores["ODIN"], n, args.temperature) for k, r in results.items()
+        k: plots.odin_display(r.scores["ODIN"].numpy(), n, args.temperature)
+        for k, r in results.items()
     }
     out = args.out_dir
     return [
@@ -519,12 +366,12 @@ def figures(
             xlabel=plots.ODIN_XLABEL.format(t=args.temperature, e=eps),
         ),
         plots.gradient_norm_density(
-            {label: {k: np.concatenate(r.grad_norms) for k, r in results.items()}},
+            {label: {k: r.grad_norms.numpy() for k, r in results.items()}},  # type: ignore[union-attr]
             os.path.join(out, "fig1_gradient_norms.png"),
             temperature=args.temperature,
         ),
         plots.logit_gap_density(
-            {label: {k: np.concatenate(r.logit_gaps) for k, r in results.items()}},
+            {label: {k: plots.logit_gap(r.logits.numpy()) for k, r in results.items()}},
             os.path.join(out, "fig2_logit_gap.png"),
         ),
     ]

@@ -1,5 +1,5 @@
-"""Plumbing shared by the training scripts: distributed setup, atomic checkpoints, RNG state,
-CSV logs and optional progress bars / TensorBoard (used only if installed)."""
+"""Plumbing shared by the example scripts: distributed setup, default device, atomic checkpoints,
+RNG state, CSV logs and optional progress bars / TensorBoard (used only if installed)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def setup_distributed(device: str | None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    dev = default_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
@@ -199,6 +198,11 @@ def progress(iterable: Iterable, *, enabled: bool, **kwargs: Any) -> Any:
         except ImportError:
             pass
     return _PlainBar(iterable)
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """``torch.device(name)``, or CUDA when available and ``name`` is ``None``, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def summary_writer(log_dir: str) -> Any:

@@ -1,7 +1,16 @@
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The example scripts import their siblings by name (``from models import build_model``); the
+# tests import them the same way (benchmarks use benchmarks/_examples_path.py, docs/examples.md).
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
 
 # The tests use tiny tensors: one intra-op thread avoids thread start-up and oversubscription
 # costs that make them several times slower on a 2-core machine.

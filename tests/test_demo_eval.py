@@ -20,14 +20,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
 
-@pytest.fixture
-def examples_path() -> Any:
-    """Import the example scripts' modules (they live in a folder, not a package)."""
-    sys.path.insert(0, str(EXAMPLES))
-    yield
-    sys.path.remove(str(EXAMPLES))
-
-
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     proc = subprocess.run(
@@ -76,7 +68,7 @@ def check_pngs(folder: Path, names: tuple[str, ...]) -> None:
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end_and_deterministic(tmp_path: Path, examples_path: Any) -> None:
+def test_demo_quick_end_to_end_and_deterministic(tmp_path: Path) -> None:
     proc = run_script("demo.py", "--quick", "--no-progress", "--out-dir", "out", cwd=tmp_path)
     out = tmp_path / "out"
     rows = read_rows(out / "results.csv")
@@ -107,7 +99,7 @@ def test_demo_quick_end_to_end_and_deterministic(tmp_path: Path, examples_path: 
     assert (tmp_path / "again" / "results.csv").read_bytes() == (out / "results.csv").read_bytes()
 
 
-def test_demo_photo_patches_match_digit_levels(examples_path: Any) -> None:
+def test_demo_photo_patches_match_digit_levels() -> None:
     import demo
 
     patches = demo.photo_patches(20, np.random.default_rng(0))
@@ -126,7 +118,7 @@ def test_demo_photo_patches_match_digit_levels(examples_path: Any) -> None:
     ],
 )
 def test_demo_rejects_bad_arguments(
-    argv: list[str], message: str, examples_path: Any, capsys: pytest.CaptureFixture
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
 ) -> None:
     import demo
 
@@ -138,7 +130,7 @@ def test_demo_rejects_bad_arguments(
 # --------------------------------------------------------------------------- evaluate_ood
 
 
-def make_checkpoint(path: Path, examples_path: Any) -> torch.nn.Module:
+def make_checkpoint(path: Path) -> torch.nn.Module:
     from models import build_model
 
     torch.manual_seed(1)
@@ -149,11 +141,11 @@ def make_checkpoint(path: Path, examples_path: Any) -> torch.nn.Module:
 
 
 @pytest.mark.slow
-def test_evaluate_ood_end_to_end(tmp_path: Path, examples_path: Any) -> None:
+def test_evaluate_ood_end_to_end(tmp_path: Path) -> None:
     from PIL import Image
     from sklearn.metrics import roc_auc_score
 
-    model = make_checkpoint(tmp_path / "ckpt.pt", examples_path)
+    model = make_checkpoint(tmp_path / "ckpt.pt")
     rng = np.random.default_rng(0)
     x_test = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
     y_test = np.arange(30) % 10
@@ -205,15 +197,15 @@ def test_evaluate_ood_end_to_end(tmp_path: Path, examples_path: Any) -> None:
     check_pngs(out, ("odin_scores.png", "fig1_gradient_norms.png", "fig2_logit_gap.png"))
 
 
-def test_evaluate_ood_converts_to_the_id_shape(tmp_path: Path, examples_path: Any) -> None:
-    import evaluate_ood
+def test_ood_images_are_converted_to_the_id_shape() -> None:
+    import data
 
     grey = torch.full((2, 1, 28, 28), 0.25)
-    rgb = evaluate_ood.convert(grey, (3, 32, 32))
+    rgb = data.convert_images(grey, (3, 32, 32))
     assert rgb.shape == (2, 3, 32, 32)
     torch.testing.assert_close(rgb, torch.full_like(rgb, 0.25))
     colour = torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1).expand(1, 3, 40, 40)
-    back = evaluate_ood.convert(colour, (1, 8, 8))
+    back = data.convert_images(colour, (1, 8, 8))
     assert back.shape == (1, 1, 8, 8)
     expected = 0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6
     torch.testing.assert_close(back, torch.full_like(back, expected))
@@ -228,7 +220,7 @@ def test_evaluate_ood_converts_to_the_id_shape(tmp_path: Path, examples_path: An
         ("noise:pink", "noise spec must be one of"),
     ],
 )
-def test_evaluate_ood_rejects_bad_specs(spec: str, message: str, examples_path: Any) -> None:
+def test_evaluate_ood_rejects_bad_specs(spec: str, message: str) -> None:
     import evaluate_ood
 
     with pytest.raises(ValueError, match=message):
@@ -245,7 +237,7 @@ def test_evaluate_ood_rejects_bad_specs(spec: str, message: str, examples_path: 
     ],
 )
 def test_evaluate_ood_rejects_bad_arguments(
-    argv: list[str], message: str, examples_path: Any, capsys: pytest.CaptureFixture
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
 ) -> None:
     import evaluate_ood
 
@@ -255,18 +247,16 @@ def test_evaluate_ood_rejects_bad_arguments(
     assert message in capsys.readouterr().err
 
 
-def test_evaluate_ood_needs_fit_data_for_a_non_cifar_id_set(
-    tmp_path: Path, examples_path: Any
-) -> None:
+def test_evaluate_ood_needs_fit_data_for_a_non_cifar_id_set(tmp_path: Path) -> None:
     import evaluate_ood
 
-    model = make_checkpoint(tmp_path / "ckpt.pt", examples_path)
+    model = make_checkpoint(tmp_path / "ckpt.pt")
     args = evaluate_ood.parse_args(["ckpt.pt", "--ood", "noise:uniform"])
     with pytest.raises(SystemExit, match="--fit-data train needs a CIFAR ID set"):
         evaluate_ood.fit_mahalanobis(model, {"num_classes": 10}, "npz:x.npz", args)
 
 
-def test_penultimate_features_are_the_head_input(examples_path: Any) -> None:
+def test_penultimate_features_are_the_head_input() -> None:
     import evaluate_ood
     from models import build_model
 
@@ -278,7 +268,7 @@ def test_penultimate_features_are_the_head_input(examples_path: Any) -> None:
     assert not model.fc._forward_pre_hooks  # the hook is removed
 
 
-def test_logit_gap(examples_path: Any) -> None:
+def test_logit_gap() -> None:
     import plots
 
     logits = np.random.default_rng(0).normal(size=(7, 5))

@@ -13,19 +13,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import data  # examples/ is on sys.path via tests/conftest.py
+import finetune_imagenet30
+import models
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import train_cifar
+import train_utils
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import data  # noqa: E402
-import finetune_imagenet30  # noqa: E402
-import models  # noqa: E402
-import train_cifar  # noqa: E402
-import train_utils  # noqa: E402
 
 QUIET = ["--no-progress", "--num-workers", "0", "--device", "cpu"]
 
