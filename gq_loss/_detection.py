@@ -24,6 +24,14 @@ class NotFittedError(ValueError, AttributeError):
 
     Subclasses `ValueError` and `AttributeError`, as scikit-learn's `NotFittedError` does, so
     `except ValueError` catches it.
+
+    Examples:
+        >>> from gq_loss import MSPDetector
+        >>> try:
+        ...     MSPDetector(torch.nn.Linear(4, 3)).predict(torch.zeros(1, 4))
+        ... except ValueError as err:
+        ...     print(type(err).__name__)
+        NotFittedError
     """
 
 
@@ -164,6 +172,17 @@ class Detector:
     Attributes:
         threshold: Score threshold set by `calibrate` (``None`` before); an input is accepted
             when ``score >= threshold``.
+
+    Examples:
+        >>> from gq_loss import Detector, EnergyDetector
+        >>> detector = EnergyDetector(torch.nn.Linear(4, 3))
+        >>> isinstance(detector, Detector)
+        True
+        >>> detector = detector.fit(None).calibrate(torch.randn(50, 4), tpr=0.9)
+        >>> x = torch.randn(6, 4)
+        >>> x[0] = float("nan")  # an input that cannot be scored is never given a class
+        >>> detector.score(x).isnan().tolist()[:2], detector.predict(x)[0].item()
+        ([True, False], -1)
     """
 
     _desc = "scoring"
