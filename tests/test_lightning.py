@@ -89,6 +89,7 @@ def _trainer(tmp_path: object, **kwargs: object) -> L.Trainer:
     )
 
 
+@pytest.mark.slow
 def test_fit_validate_and_predict_with_gq_and_odin(tmp_path: object) -> None:
     torch.manual_seed(0)
     module = GQModule(detector_data=torch.randn(20, 3, 6, 6))
@@ -96,11 +97,11 @@ def test_fit_validate_and_predict_with_gq_and_odin(tmp_path: object) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*small.*log_every_n_steps.*")
-        trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=1, num_sanity_val_steps=0)
+        trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=1, num_sanity_val_steps=0)
         trainer.fit(module, _loader(0), _loader(1))
 
         # Training went through GQ's double backward: every weight moved.
-        assert trainer.global_step == 3
+        assert trainer.global_step == 2
         assert all(not torch.equal(a, b) for a, b in zip(before, module.net.parameters()))
 
         # Validation logged GQ under no_grad (during fit) and under inference_mode
@@ -109,7 +110,7 @@ def test_fit_validate_and_predict_with_gq_and_odin(tmp_path: object) -> None:
         assert module.val_modes == [False, True]
         x_val, y_val = next(iter(_loader(1)))
         module.net.eval()
-        expected = float(GQLoss()(module.net, x_val, y_val))
+        expected = GQLoss()(module.net, x_val, y_val).item()
         assert 0.0 < expected < 1.0
         for value in module.val_gq:
             assert math.isclose(value, expected, rel_tol=1e-5)
