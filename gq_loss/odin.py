@@ -96,11 +96,9 @@ class ODINDetector(Detector):
         super().__init__(model, ood_label=ood_label, batch_size=batch_size, progress=progress)
         self.temperature = temperature
         self.epsilon = epsilon
-        self.input_std = input_std
         self._std = (
             None if input_std is None else per_channel("input_std", input_std, positive=True)
         )
-        self.clamp = clamp
         self._clamp = check_clamp(clamp)
         self.sign_of_zero = check_sign_of_zero(sign_of_zero)
         self.tuning_results: list[dict[str, float]] = []
