@@ -113,6 +113,26 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
+def test_mahalanobis_is_minus_2n_times_the_scatter_form() -> None:
+    """The conventions table: pytorch-ood's ``Mahalanobis(encoder, eps)`` scores features (B, D)
+    as ``½ min_c dᵀ (S + eps·I)⁻¹ d`` with the scatter ``S`` (not divided by n), higher = more
+    OOD; ours is ``−2n`` times that at ``ridge = eps / n``. The right side is that formula, in
+    numpy, not their code."""
+    x, y = _blobs(n=90, dim=5)
+    n, eps = x.shape[0], 1e-6
+    ours = MahalanobisScore(feature_fn=lambda t: t, ridge=eps / n).fit((x, y))
+    x_test = torch.randn(12, 5, dtype=torch.float64) * 3.0
+    feats, labels = x.numpy(), y.numpy()
+    means = np.stack([feats[labels == c].mean(0) for c in range(3)])
+    scatter = sum(
+        (feats[labels == c] - means[c]).T @ (feats[labels == c] - means[c]) for c in range(3)
+    )
+    precision = np.linalg.inv(scatter + eps * np.eye(5))
+    d = x_test.numpy()[:, None, :] - means[None]  # (B, C, D)
+    theirs = 0.5 * np.einsum("bcd,de,bce->bc", d, precision, d).min(1)
+    np.testing.assert_allclose(ours.score(x_test).numpy(), -2 * n * theirs, rtol=1e-9)
+
+
 @pytest.mark.parametrize("ridge", [0.0, 0.3])
 def test_mahalanobis_feature_fn_matches_numpy(ridge: float) -> None:
     model = _mlp()
