@@ -126,7 +126,8 @@ def measure(
 
     Interleaved repeats, so drifts in machine load hit every row alike. Rows: ``ms``, ``x_ce``,
     ``x_naive`` and, on CUDA, ``peak_mib`` (the allocator's peak during the step, above the
-    memory held before it). A step that runs out of memory gets ``status="oom"``; steps not
+    memory held before it). A step that runs out of memory gets ``status="oom"``, one that fails
+    ``status="error: ..."``; steps not
     started before ``deadline`` (a ``time.perf_counter()`` value) get ``status="skipped: budget"``.
     """
     model, x, y = setup(name, num_classes, batch, device)
@@ -149,6 +150,10 @@ def measure(
             seconds = run_once(steps[k], model, x, y, amp)
         except torch.OutOfMemoryError:
             status[k] = "oom"
+            model.zero_grad(set_to_none=True)
+            return
+        except RuntimeError as err:  # recorded in the table; the other rows still run
+            status[k] = f"error: {err}"[:200]
             model.zero_grad(set_to_none=True)
             return
         if cuda:

@@ -378,20 +378,27 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
         (grad,) = pullback(cotangent)
         return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
 
-    with _func_errors("the per-class backward passes"):
+    # Autocast covers forward passes only: the pullback replays recorded dtypes (under autocast
+    # its vmapped backward would mix bfloat16 and float32 operands).
+    no_autocast = torch.autocast(run.x.device.type, enabled=False)
+    with _func_errors("the per-class backward passes", any_error=True), no_autocast:
         norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
     return norms if run.create_graph else norms.detach()
 
 
 @contextmanager
-def _func_errors(stage: str) -> Iterator[None]:
-    """Re-raises `torch.func`'s refusals with what to do instead."""
+def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
+    """Re-raises `torch.func`'s refusals with what to do instead.
+
+    In the forward pass only errors that name a transform are translated (a model's own error
+    stays as it is); in the vmapped backward every error is, since autograd ran that forward.
+    """
     try:
         yield
     except RuntimeError as err:
         text = str(err)
         markers = ("transform", "vmap", "functorch", "captured", "Batching rule", "setup_context")
-        if not any(m in text for m in markers):
+        if not any_error and not any(m in text for m in markers):
             raise
         raise RuntimeError(
             f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "

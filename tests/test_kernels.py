@@ -622,3 +622,19 @@ def test_jacrev_refuses_ddp_wrapper() -> None:
     ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
     with pytest.raises(TypeError, match=r"method='jacrev' cannot run a DistributedDataParallel"):
         class_gradient_norms(ddp, X, method="jacrev")
+
+
+def test_jacrev_under_cpu_bf16_autocast_is_right_or_refused() -> None:
+    # torch 2.13's vmapped BatchNorm backward rejects the mixed bf16/float32 operands of CPU
+    # autocast; jacrev must then say so, never return another number than loop.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Flat(), nn.Linear(4 * 4 * 4, 5))
+    x = torch.rand(3, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_gradient_norms(model.eval(), x, method="loop")
+        try:
+            got = class_gradient_norms(model, x, method="jacrev")
+        except RuntimeError as err:
+            assert "method='jacrev' could not run" in str(err) and "method='loop'" in str(err)
+            return
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)

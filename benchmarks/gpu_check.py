@@ -1,0 +1,388 @@
+"""One-shot GPU check: verify and time every GQ path on one GPU, in at most 8 minutes.
+
+    python benchmarks/gpu_check.py --out-dir gpu_report            # on a machine with a GPU
+    python benchmarks/gpu_check.py --dry-run --out-dir /tmp/gpu    # the same pipeline, tiny, CPU
+
+Writes ``DIR/report.md`` (tables) and ``DIR/report.json`` (every number), and prints progress.
+Stages, each with its own time allowance (a stage, or a row of the kernel table, that would start
+after its allowance is spent is recorded as ``skipped: budget``; a subprocess that runs over its
+allowance is stopped and recorded as ``stopped: budget``):
+
+1. ``pytest -m cuda``: the CUDA tests, including device parity of every method (``jacrev``
+   included) against the CPU float64 oracle.
+2. Kernel table: CIFAR ResNet-18 (``examples/models.py``), batch 128, N = 10 and 100, float32
+   and bf16 autocast: time as a multiple of the CE step and peak CUDA memory for ``loop``,
+   ``batched``, ``jacrev``, ``recompute`` (chunk 10), ``sampled`` (K = 10) and the authors'
+   ``reference`` formulation (timing code: ``bench_gq.measure``).
+3. ODIN scoring throughput against its floor (``benchmarks/bench_odin.py``).
+4. A few hundred steps of ``examples/train_cifar.py --amp`` (CIFAR-10 from ``--data-dir`` when
+   there, else generated data): loss and GQ must stay finite, and the GQ of the trained model
+   under bf16 autocast must agree with float32 within ``--bf16-rtol``.
+
+The report ends with the fastest exact method per setting: ``method="auto"`` stays ``loop``
+unless this table shows another exact method faster on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import bench_gq  # noqa: E402  (puts examples/ on the path too)
+from models import build_model  # noqa: E402
+
+from gq_loss import gq_loss  # noqa: E402
+
+KERNEL_ROWS = ("ce", "loop", "batched", "jacrev", "recompute_c10", "sampled_k10", "reference")
+EXACT = ("loop", "batched", "jacrev", "recompute_c10")
+
+# (seconds allowed per stage) on a GPU and in the dry run; the sum stays under the 8-minute cap.
+BUDGET = {"pytest": 100, "kernels": 210, "odin": 45, "train": 120}
+DRY_BUDGET = {"pytest": 20, "kernels": 35, "odin": 25, "train": 30}
+
+
+class Check:
+    """Collects results and progress; writes the report at the end (and after each stage)."""
+
+    def __init__(self, out_dir: str, dry_run: bool) -> None:
+        self.out_dir = out_dir
+        self.dry_run = dry_run
+        self.start = time.perf_counter()
+        self.results: dict[str, Any] = {
+            "dry_run": dry_run,
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "stages": {},
+        }
+        os.makedirs(out_dir, exist_ok=True)
+
+    def log(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", flush=True)
+
+    def record(self, stage: str, result: dict[str, Any]) -> None:
+        result["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+        self.results["stages"][stage] = result
+        with open(os.path.join(self.out_dir, "report.json"), "w") as f:
+            json.dump(self.results, f, indent=2, default=str)
+
+
+def run_subprocess(cmd: list[str], allowance: float, threads: int | None = None) -> dict:
+    """Runs ``cmd`` from the repository root; stops it when ``allowance`` seconds are spent."""
+    env = dict(os.environ)
+    if threads is not None:  # tiny CPU work: one thread avoids oversubscription on a shared CPU
+        env["OMP_NUM_THREADS"] = str(threads)
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=allowance, env=env
+        )
+        status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        out = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        status = "stopped: budget"
+        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+    return {
+        "command": " ".join(cmd),
+        "status": status,
+        "seconds": round(time.perf_counter() - started, 1),
+        "output_tail": out[-3000:],
+    }
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+def stage_pytest(check: Check, allowance: float) -> None:
+    xml = os.path.join(os.path.abspath(check.out_dir), "pytest_cuda.xml")
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider",
+           f"--junitxml={xml}"]  # fmt: skip
+    if check.dry_run:  # no CUDA here: only the selection and the report are exercised
+        cmd += ["tests/test_loss.py", "tests/test_kernels.py"]
+    check.log("stage 1: " + " ".join(cmd[1:]))
+    result = run_subprocess(cmd, allowance, 1 if check.dry_run else None)
+    if os.path.isfile(xml):
+        import xml.etree.ElementTree as ET
+
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        result["counts"] = counts
+        result["summary"] = (
+            f"{counts['tests'] - counts['failures'] - counts['errors'] - counts['skipped']} "
+            f"passed, {counts['failures']} failed, {counts['errors']} errors, "
+            f"{counts['skipped']} skipped"
+        )
+    check.log(f"stage 1: {result['status']}: {result.get('summary')}")
+    check.record("pytest_cuda", result)
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def stage_kernels(check: Check, allowance: float, args: argparse.Namespace) -> None:
+    device = "cpu" if check.dry_run else "cuda"
+    deadline = time.perf_counter() + allowance
+    rows: list[dict] = []
+    for n in args.classes:
+        for amp in (False, True):
+            steps = {k: v for k, v in bench_gq.make_steps([10], n).items() if k in KERNEL_ROWS}
+            label = f"{args.model}, N={n}, batch {args.batch_size}, {'bf16' if amp else 'fp32'}"
+            if time.perf_counter() > deadline:
+                rows += [dict(model=args.model, N=n, batch=args.batch_size, amp=amp, step=k,
+                              status="skipped: budget") for k in steps]  # fmt: skip
+                check.log(f"stage 2: {label}: skipped: budget")
+                continue
+            check.log(f"stage 2: {label}")
+            try:
+                table = bench_gq.measure(
+                    args.model, n, args.batch_size, steps, device=device,
+                    repeats=args.repeats, amp=amp, deadline=deadline,
+                )  # fmt: skip
+            except Exception as err:  # recorded, and the next setting still runs
+                table = [dict(model=args.model, N=n, batch=args.batch_size, amp=amp, step="*",
+                              status=f"error: {type(err).__name__}: {err}"[:300])]  # fmt: skip
+            for row in table:
+                check.log(
+                    f"  {row['step']:<14} {row.get('x_ce', math.nan):8.2f} x CE "
+                    f"{row.get('peak_mib', math.nan):10.0f} MiB  {row['status']}"
+                )
+            rows += table
+    fastest = {}
+    for amp in (False, True):
+        for n in args.classes:
+            exact = [
+                r for r in rows
+                if r["N"] == n and r["amp"] == amp and r["step"] in EXACT and r["status"] == "ok"
+            ]  # fmt: skip
+            if exact:
+                best = min(exact, key=lambda r: r["ms"])
+                loop = next((r for r in exact if r["step"] == "loop"), None)
+                fastest[f"N={n} {'bf16' if amp else 'fp32'}"] = {
+                    "method": best["step"],
+                    "x_loop": best["ms"] / loop["ms"] if loop else math.nan,
+                }
+    check.record("kernels", {"rows": rows, "fastest_exact": fastest})
+
+
+# --------------------------------------------------------------------------- stage 3
+
+
+def stage_odin(check: Check, allowance: float) -> None:
+    if check.dry_run:
+        extra = ["--device", "cpu", "--batch-size", "2", "--repeats", "1", "--warmup", "0"]
+    else:
+        extra = ["--device", "cuda", "--batch-size", "128", "--repeats", "20", "--warmup", "3"]
+    cmd = [sys.executable, os.path.join("benchmarks", "bench_odin.py"), *extra]
+    check.log("stage 3: " + " ".join(cmd[1:]))
+    result = run_subprocess(cmd, allowance, 1 if check.dry_run else None)
+    match = re.search(r"ratio ODINDetector / floor: ([0-9.]+)x", result["output_tail"])
+    result["ratio_to_floor"] = float(match.group(1)) if match else None
+    check.log(f"stage 3: {result['status']}, ratio to floor {result['ratio_to_floor']}")
+    check.record("odin", result)
+
+
+# --------------------------------------------------------------------------- stage 4
+
+
+def finite_log(path: str) -> tuple[bool, list[dict]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    ok = bool(rows) and all(
+        math.isfinite(float(r[k])) for r in rows for k in ("train_loss", "train_gq") if r[k] != ""
+    )
+    return ok, rows
+
+
+def bf16_agreement(
+    checkpoint: str, data_dir: str | None, device: str, batch: int
+) -> dict[str, float]:
+    """GQ of the trained model on one batch, float32 against bf16 autocast (relative gap)."""
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    model = build_model(state["arch"], state["num_classes"]).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    torch.manual_seed(0)
+    if data_dir is not None:
+        from data import load_cifar
+
+        images, labels = load_cifar("cifar10", data_dir, "test").tensors
+        x, y = images[:batch].to(device), labels[:batch].to(device)
+    else:
+        x = torch.rand(batch, 3, 32, 32, device=device)
+        y = torch.randint(0, state["num_classes"], (batch,), device=device)
+    with torch.no_grad():
+        fp32 = float(gq_loss(model, x, y))
+        with torch.autocast(device, dtype=torch.bfloat16):
+            bf16 = float(gq_loss(model, x, y))
+    return {"gq_fp32": fp32, "gq_bf16": bf16, "rel_gap": abs(bf16 - fp32) / abs(fp32)}
+
+
+def stage_train(check: Check, allowance: float, args: argparse.Namespace) -> None:
+    out = os.path.join(os.path.abspath(check.out_dir), "train")
+    data_dir = os.path.abspath(os.path.join(ROOT, args.data_dir))
+    have_data = os.path.isfile(os.path.join(data_dir, "cifar10_train.npz"))
+    cmd = [sys.executable, os.path.join("examples", "train_cifar.py"), "--amp",
+           "--out-dir", out, "--no-progress", "--seed", "0"]  # fmt: skip
+    if check.dry_run:
+        cmd += ["--smoke", "--device", "cpu", "--arch", "tiny_cnn", "--batch-size", "16",
+                "--limit-train", "32", "--limit-test", "16", "--max-steps", "3",
+                "--epochs", "2", "--num-workers", "0"]  # fmt: skip
+        have_data = False
+    elif have_data:
+        cmd += ["--data-dir", data_dir, "--arch", "resnet18", "--batch-size", "64",
+                "--epochs", "2", "--max-steps", str(args.train_steps)]  # fmt: skip
+    else:  # generated data, same model and step count
+        cmd += ["--smoke", "--arch", "resnet18", "--batch-size", "64", "--epochs", "2",
+                "--limit-train", str(64 * args.train_steps // 2),
+                "--max-steps", str(args.train_steps)]  # fmt: skip
+    check.log("stage 4: " + " ".join(cmd[1:]))
+    started = time.perf_counter()
+    result = run_subprocess(cmd, allowance, 1 if check.dry_run else None)
+    result["data"] = data_dir if have_data else "generated"
+    log_path = os.path.join(out, "log.csv")
+    if os.path.isfile(log_path):
+        result["finite"], result["epochs"] = finite_log(log_path)
+    final = os.path.join(out, "model_final.pt")
+    left = allowance - (time.perf_counter() - started)
+    if os.path.isfile(final) and left > 5:
+        device = "cpu" if check.dry_run else "cuda"
+        batch = 8 if check.dry_run else 128
+        gap = bf16_agreement(final, data_dir if have_data else None, device, batch)
+        gap["rtol"] = args.bf16_rtol
+        gap["agrees"] = gap["rel_gap"] <= args.bf16_rtol
+        result["bf16_vs_fp32"] = gap
+    elif os.path.isfile(final):
+        result["bf16_vs_fp32"] = "skipped: budget"
+    check.log(
+        f"stage 4: {result['status']}, finite={result.get('finite')}, "
+        f"bf16 vs fp32: {result.get('bf16_vs_fp32')}"
+    )
+    check.record("train_amp", result)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.2f}"
+    return str(value)
+
+
+def write_report(check: Check, args: argparse.Namespace) -> str:
+    res = check.results
+    stages = res["stages"]
+    lines = [
+        "# GPU check" + (" (dry run: tiny, CPU)" if check.dry_run else ""),
+        "",
+        f"Device: {res['device']}; torch {res['torch']}; total {res.get('total_s')} s.",
+        f"Command: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`",
+        "",
+        "## 1. CUDA tests (`pytest -m cuda`)",
+        "",
+    ]
+    st = stages.get("pytest_cuda", {})
+    lines += [f"{st.get('status', 'not run')}: {st.get('summary', '')} ({st.get('seconds')} s)"]
+    lines += ["", f"## 2. Kernel table ({args.model}, batch {args.batch_size})", ""]
+    lines += [
+        "Time of one training step (CE + GQ, forward and backward) as a multiple of the CE "
+        "step, medians of interleaved repeats; peak memory above the pre-step level.",
+        "",
+        "| N | dtype | step | x CE | ms | peak MiB | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    kernels = stages.get("kernels", {})
+    for r in kernels.get("rows", []):
+        lines.append(
+            f"| {r['N']} | {'bf16' if r['amp'] else 'fp32'} | {r['step']} | "
+            f"{fmt(r.get('x_ce', math.nan))} | {fmt(r.get('ms', math.nan))} | "
+            f"{fmt(r.get('peak_mib', math.nan))} | {r['status']} |"
+        )
+    lines += ["", "Fastest exact method per setting (`auto` is `loop` unless another wins):", ""]
+    for key, best in kernels.get("fastest_exact", {}).items():
+        lines.append(f"- {key}: `{best['method']}` ({fmt(best['x_loop'])} x loop)")
+    od = stages.get("odin", {})
+    lines += ["", "## 3. ODIN scoring throughput (`benchmarks/bench_odin.py`)", ""]
+    lines += [f"{od.get('status', 'not run')}; ratio to floor: {od.get('ratio_to_floor')}", ""]
+    lines += ["```", od.get("output_tail", "").strip()[-1500:], "```", ""]
+    tr = stages.get("train_amp", {})
+    lines += ["## 4. `examples/train_cifar.py --amp`", ""]
+    lines += [
+        f"{tr.get('status', 'not run')} on {tr.get('data')} data ({tr.get('seconds')} s); "
+        f"loss and GQ finite: {tr.get('finite')}",
+        "",
+        f"GQ of the trained model, float32 vs bf16 autocast (rtol {args.bf16_rtol}): "
+        f"{tr.get('bf16_vs_fp32')}",
+        "",
+    ]
+    path = os.path.join(check.out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--dry-run", action="store_true", help="tiny, on CPU (< 2 minutes)")
+    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data"),
+                        help="CIFAR-10 .npz folder, relative to the repository root")  # fmt: skip
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--bf16-rtol", type=float, default=0.05,
+                        help="allowed relative gap of the bf16 GQ value to float32")  # fmt: skip
+    parser.add_argument("--stages", nargs="+", default=["pytest", "kernels", "odin", "train"])
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every stage's time allowance (slow or shared machines)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        torch.set_num_threads(1)
+        args.model, args.batch_size, args.classes, args.repeats = "tiny_cnn", 4, [12], 1
+        budget = DRY_BUDGET
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run with --dry-run to check the pipeline on CPU")
+        args.model, args.batch_size, args.classes, args.repeats = "resnet18", 128, [10, 100], 3
+        budget = BUDGET
+    budget = {k: v * args.budget_scale for k, v in budget.items()}
+    check = Check(args.out_dir, args.dry_run)
+    check.log(f"gpu_check on {check.results['device']}, budget {sum(budget.values())} s")
+    stages = {
+        "pytest": lambda: stage_pytest(check, budget["pytest"]),
+        "kernels": lambda: stage_kernels(check, budget["kernels"], args),
+        "odin": lambda: stage_odin(check, budget["odin"]),
+        "train": lambda: stage_train(check, budget["train"], args),
+    }
+    for name in args.stages:
+        try:
+            stages[name]()
+        except Exception as err:  # one broken stage must not cost the others' numbers
+            check.log(f"stage {name}: error {type(err).__name__}: {err}")
+            check.record(name, {"status": f"error: {type(err).__name__}: {err}"})
+    check.results["total_s"] = round(time.perf_counter() - check.start, 1)
+    check.record("done", {})
+    path = write_report(check, args)
+    check.log(f"wrote {path} and report.json")
+    failed = [
+        name for name, st in check.results["stages"].items()
+        if str(st.get("status", "ok")).startswith(("failed", "error"))
+    ]  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The GPU check's dry run: the same pipeline, tiny, on CPU, so the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_dry_run(tmp_path: object) -> None:
+    out = os.path.join(str(tmp_path), "gpu")
+    # Generous allowances: this machine may be shared; the budget logic itself is exercised by
+    # every stage reading its allowance.
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "gpu_check.py"),
+        "--dry-run",
+        "--budget-scale",
+        "4",
+        "--out-dir",
+        out,
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stage 4" in done.stdout  # progress is printed
+    report = open(os.path.join(out, "report.md")).read()
+    for section in ("## 1. CUDA tests", "## 2. Kernel table", "## 3. ODIN", "## 4. "):
+        assert section in report, report
+    stages = json.load(open(os.path.join(out, "report.json")))["stages"]
+    assert stages["pytest_cuda"]["status"] == "ok" and "counts" in stages["pytest_cuda"]
+    rows = stages["kernels"]["rows"]
+    assert {r["step"] for r in rows} >= {"ce", "loop", "batched", "jacrev", "reference"}
+    assert {r["step"] for r in rows} >= {"recompute_c10", "sampled_k10"}
+    for r in rows:
+        # torch's CPU bf16 BatchNorm has no vmapped backward: jacrev says so in the table.
+        refused = r["step"] == "jacrev" and r["amp"] and "method='jacrev'" in r["status"]
+        assert r["status"] == "ok" or refused, r
+    assert stages["kernels"]["fastest_exact"]
+    assert stages["odin"]["status"] == "ok" and stages["odin"]["ratio_to_floor"] > 0
+    train = stages["train_amp"]
+    assert train["status"] == "ok" and train["finite"] is True
+    assert train["bf16_vs_fp32"]["agrees"] is True
