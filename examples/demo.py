@@ -28,11 +28,10 @@ The run is deterministic given ``--seed`` (same machine and thread count).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,16 +39,16 @@ import numpy as np
 import plots  # examples/plots.py: this script's folder is on sys.path when it runs
 import torch
 import torch.nn.functional as F
+from data import noise_images, photo_crops
+from evaluation import DETECTION_METHODS, metric_rows, score_methods, write_results
 from torch import Tensor, nn
+from train_utils import progress
 
-from gq_loss import GQLoss, ODINDetector, class_gradient_norms
-from gq_loss.metrics import ood_metrics
-from gq_loss.scores import energy_score, msp_score
+from gq_loss import GQLoss
 
 ID_CLASSES = (0, 1, 2, 3, 4, 5)
 ID_NAME = "digits 0-5 (ID)"
 OOD_NAMES = ("digits 6-9", "photo patches", "uniform noise", "Gaussian noise")
-METHODS = ("ODIN", "MSP", "energy")
 MODELS = ("CE", "CE+GQ")
 PAPER_LAMBDA = 1e-6
 ODIN_TEMPERATURE = 1000.0
@@ -60,8 +59,11 @@ EPSILON_SWEEP = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default="demo_output", help="output folder (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out-dir", default="demo_output", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, data and training")
     p.add_argument("--epochs", type=int, default=30, help="training epochs per model")
     p.add_argument("--batch-size", type=int, default=64)
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: the model is tiny, and more threads only add "
+        help="torch CPU threads (1: the model is tiny, and more threads only add "
         "synchronisation cost, badly so on a busy machine)",
     )
     args = p.parse_args(argv)
@@ -110,28 +112,18 @@ class DigitsData:
     ood: dict[str, Tensor]
 
 
-def photo_patches(n: int, rng: np.random.Generator) -> np.ndarray:
+def photo_patches(n: int, seed: int) -> np.ndarray:
     """``n`` 8x8 greyscale patches of scikit-learn's sample photos, intensity-matched to digits.
 
-    A square crop of random side 16-64 px is area-averaged down to 8x8, stretched to [0, 1] and
+    Random square crops of side 16-48 px (:func:`data.photo_crops`), stretched to [0, 1] and
     quantised to the 17 grey levels (0/16 ... 16/16) of ``load_digits``, so that neither the
     value range nor the value set tells the photos apart from digits.
     """
-    from sklearn.datasets import load_sample_images
-
-    photos = [img.mean(axis=2) for img in load_sample_images().images]  # greyscale, 0-255
-    out = np.empty((n, 8, 8), dtype=np.float32)
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        side = int(rng.integers(16, 65)) // 8 * 8
-        r = int(rng.integers(0, photo.shape[0] - side + 1))
-        c = int(rng.integers(0, photo.shape[1] - side + 1))
-        k = side // 8
-        patch = photo[r : r + side, c : c + side].reshape(8, k, 8, k).mean(axis=(1, 3))
-        span = patch.max() - patch.min()
-        patch = (patch - patch.min()) / span if span > 0 else np.zeros_like(patch)
-        out[i] = np.round(patch * 16) / 16
-    return out
+    patches = photo_crops(n, 8, seed, grey=True, min_side=16)[:, 0].numpy()
+    low = patches.min(axis=(1, 2), keepdims=True)
+    span = patches.max(axis=(1, 2), keepdims=True) - low
+    stretched = np.where(span > 0, (patches - low) / np.where(span > 0, span, 1), 0.0)
+    return (np.round(stretched * 16) / 16).astype(np.float32)
 
 
 def load_data(seed: int, quick: bool) -> DigitsData:
@@ -146,26 +138,19 @@ def load_data(seed: int, quick: bool) -> DigitsData:
     x_train, x_test, y_train, y_test = train_test_split(
         images[is_id], labels[is_id], test_size=0.3, random_state=seed, stratify=labels[is_id]
     )
-    rng = np.random.default_rng(seed)
     n = 64 if quick else len(x_test)  # synthetic sets as large as the ID test set
-    ood = {
-        "digits 6-9": images[~is_id],
-        "photo patches": photo_patches(n, rng),
-        "uniform noise": rng.uniform(0.0, 1.0, (n, 8, 8)).astype(np.float32),
-        "Gaussian noise": np.clip(rng.normal(0.5, 1.0, (n, 8, 8)), 0.0, 1.0).astype(np.float32),
-    }
-    if quick:
-        ood["digits 6-9"] = ood["digits 6-9"][:n]
 
     def t(a: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)
 
+    ood = {
+        "digits 6-9": t(images[~is_id][:n] if quick else images[~is_id]),
+        "photo patches": t(photo_patches(n, seed)),
+        "uniform noise": noise_images("uniform", n, (1, 8, 8), seed + 1),
+        "Gaussian noise": noise_images("gaussian", n, (1, 8, 8), seed + 2),
+    }
     return DigitsData(
-        t(x_train),
-        torch.from_numpy(y_train),
-        t(x_test),
-        torch.from_numpy(y_test),
-        {k: t(v) for k, v in ood.items()},
+        t(x_train), torch.from_numpy(y_train), t(x_test), torch.from_numpy(y_test), ood
     )
 
 
@@ -203,18 +188,6 @@ def make_model(seed: int) -> DigitsCNN:
     return DigitsCNN(len(ID_CLASSES))
 
 
-def progress(items: Iterable[Any], enabled: bool, **kwargs: Any) -> Any:
-    """A tqdm bar when tqdm is installed and ``enabled``, else the plain iterable."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(items, **kwargs)
-        except ImportError:
-            pass
-    return items
-
-
 def batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[tuple[int, Tensor]]:
     """``(epoch, indices)`` of shuffled mini-batches; the same sequence for every model."""
     generator = torch.Generator().manual_seed(seed)
@@ -235,7 +208,7 @@ def train(data: DigitsData, lam: float, args: argparse.Namespace, name: str) -> 
     stream = batches(len(data.x_train), args.batch_size, args.epochs, args.seed)
     bar = progress(
         stream,
-        not args.no_progress,
+        enabled=not args.no_progress,
         total=args.epochs * steps_per_epoch,
         desc=f"train {name:5s}",
         unit="step",
@@ -257,9 +230,8 @@ def train(data: DigitsData, lam: float, args: argparse.Namespace, name: str) -> 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if hasattr(bar, "set_postfix"):
-            gq_text = "-" if gq is None else f"{gq.item():.3f}"
-            bar.set_postfix(ce=f"{ce.item():.3f}", gq=gq_text, refresh=False)
+        gq_text = "-" if gq is None else f"{gq.item():.3f}"
+        bar.set_postfix(ce=f"{ce.item():.3f}", gq=gq_text, refresh=False)
     return model.eval()
 
 
@@ -291,57 +263,45 @@ class Evaluation:
     odin_sweep: dict[float, float]  # ε -> mean ODIN AUROC over the OOD sets
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    return model(x)
-
-
 def evaluate(model: nn.Module, data: DigitsData, args: argparse.Namespace) -> Evaluation:
     """ID accuracy, ODIN/MSP/energy scores, Fig. 1 and Fig. 2 quantities on every set."""
     sets = {ID_NAME: data.x_test, **data.ood}
-    logits = {k: _logits(model, x) for k, x in sets.items()}
-    accuracy = float((logits[ID_NAME].argmax(1) == data.y_test).double().mean())
-    detector = ODINDetector(model, temperature=args.temperature, epsilon=args.epsilon)
-    scores = {
-        "ODIN": {k: detector.score(x).numpy() for k, x in sets.items()},
-        "MSP": {k: msp_score(v).numpy() for k, v in logits.items()},
-        "energy": {k: energy_score(v).numpy() for k, v in logits.items()},
-    }
-    grad_norms = {}
-    for k, x in sets.items():  # paper Fig. 1: ||grad_x log S_yhat(x; T)||_1 at the prediction
-        norms = class_gradient_norms(
-            model, x, operand="log_softmax", temperature=args.temperature, p=1
-        )
-        grad_norms[k] = norms.gather(1, logits[k].argmax(1, keepdim=True))[:, 0].numpy()
+    scored = {
+        k: score_methods(model, x, temperature=args.temperature, epsilon=args.epsilon,
+                         grad_norms=True)  # paper Fig. 1: ||grad_x log S_yhat(x; T)||_1
+        for k, x in sets.items()
+    }  # fmt: skip
+    accuracy = float((scored[ID_NAME].logits.argmax(1) == data.y_test).double().mean())
+    scores = {m: {k: r.scores[m].numpy() for k, r in scored.items()} for m in DETECTION_METHODS}
+    grad_norms = {k: r.grad_norms.numpy() for k, r in scored.items()}  # type: ignore[union-attr]
     sweep = {}
     for eps in EPSILON_SWEEP:  # how much ODIN's input step matters here (not used for selection)
-        det = ODINDetector(model, temperature=args.temperature, epsilon=eps)
-        id_scores = det.score(data.x_test)
-        sweep[eps] = float(
-            np.mean([ood_metrics(id_scores, det.score(x))["auroc"] for x in data.ood.values()])
-        )
+        odin = {
+            k: score_methods(model, x, methods=("ODIN",), temperature=args.temperature,
+                             epsilon=eps)
+            for k, x in sets.items()
+        }  # fmt: skip
+        rows = metric_rows(odin[ID_NAME], {k: v for k, v in odin.items() if k != ID_NAME})
+        sweep[eps] = rows[-1]["auroc"]  # the mean row
     return Evaluation(
         accuracy,
         scores,
         grad_norms,
-        {k: plots.logit_gap(v.numpy()) for k, v in logits.items()},
+        {k: plots.logit_gap(r.logits.numpy()) for k, r in scored.items()},
         sweep,
     )
 
 
-def metric_rows(results: dict[str, Evaluation]) -> list[dict[str, Any]]:
+def result_rows(results: dict[str, Evaluation]) -> list[dict[str, Any]]:
     """Long-format rows (model, method, ood_set incl. "mean", metrics, id_accuracy)."""
     rows = []
     for model_name, ev in results.items():
-        for method in METHODS:
-            s = ev.scores[method]
-            per_set = [{"ood_set": name, **ood_metrics(s[ID_NAME], s[name])} for name in OOD_NAMES]
-            keys = [k for k in per_set[0] if k != "ood_set"]
-            mean = {"ood_set": "mean", **{k: float(np.mean([r[k] for r in per_set])) for k in keys}}
-            for r in [*per_set, mean]:
-                rows.append(
-                    {"model": model_name, "method": method, **r, "id_accuracy": ev.accuracy}
-                )
+        id_scores = {m: torch.from_numpy(ev.scores[m][ID_NAME]) for m in DETECTION_METHODS}
+        ood = {
+            k: {m: torch.from_numpy(ev.scores[m][k]) for m in DETECTION_METHODS} for k in OOD_NAMES
+        }
+        block = metric_rows(id_scores, ood, extra={"model": model_name})
+        rows += [r | {"id_accuracy": ev.accuracy} for r in block]
     return rows
 
 
@@ -355,7 +315,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = ["OOD set", "method"] + [f"{m} {mod}" for m in ("AUROC", "FPR95") for mod in MODELS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 4) + "|"]
     for ood in (*OOD_NAMES, "mean"):
-        for method in METHODS:
+        for method in DETECTION_METHODS:
             cells = [f"**{ood}**" if ood == "mean" else ood, method]
             for metric in ("auroc", "fpr95"):
                 cells += [_pct(lookup[(mod, method, ood)][metric]) for mod in MODELS]
@@ -396,19 +356,6 @@ def notes(
             f"sets at other ε, for reference only: {sweep}.",
         ]
     )
-
-
-def write_outputs(
-    rows: list[dict[str, Any]], table: str, note_text: str, out_dir: str, header: str
-) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# gq-loss demo: OOD detection on scikit-learn digits\n\n{header}\n\n")
-        f.write(f"{table}\n\n{note_text}\n")
 
 
 def figures(results: dict[str, Evaluation], args: argparse.Namespace) -> list[str]:
@@ -466,13 +413,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if name == "CE":
             ratios["the trained CE model"] = gradient_ratio(model, data.x_train, data.y_train)
         results[name] = evaluate(model, data, args)
-    rows = metric_rows(results)
+    rows = result_rows(results)
     table = markdown_table(rows)
     header = "ID accuracy (digits 0-5 test set): " + ", ".join(
         f"{m} {_pct(ev.accuracy)}%" for m, ev in results.items()
     )
     note_text = notes(args, data, results, ratios)
-    write_outputs(rows, table, note_text, args.out_dir, header)
+    title = "# gq-loss demo: OOD detection on scikit-learn digits"
+    write_results(args.out_dir, rows, f"{title}\n\n{header}\n\n{table}\n\n{note_text}\n")
     print(f"\n{header}\n\n{table}\n\n{note_text}\n")
     if not args.no_figures:
         if plots.matplotlib_available():

@@ -102,7 +102,7 @@ def test_demo_quick_end_to_end_and_deterministic(tmp_path: Path) -> None:
 def test_demo_photo_patches_match_digit_levels() -> None:
     import demo
 
-    patches = demo.photo_patches(20, np.random.default_rng(0))
+    patches = demo.photo_patches(20, seed=0)
     assert patches.shape == (20, 8, 8)
     np.testing.assert_array_equal(patches * 16, np.round(patches * 16))  # the 17 digit levels
     assert patches.min() == 0.0 and patches.max() == 1.0
