@@ -12,7 +12,9 @@ statistics and row $i$ also holds $\nabla_{x_i} o_j(x_k)$ for $k \ne i$; that ba
 definition is what this package computes (and what the authors' code differentiated).
 
 Methods (all exact, same result; every one runs the model forward once per call, so Dropout
-masks and BatchNorm running statistics are those of one ordinary forward pass):
+masks and BatchNorm running statistics are those of one ordinary forward pass; `recompute`
+replays that forward during `backward()` with the same RNG state, on scratch copies of the
+buffers):
 
 | method | how | peak memory when training through the norms |
 |---|---|---|
@@ -94,7 +96,7 @@ def class_gradient_norms(
         classes: Optional int64 `(B, K)`: compute only column `classes[i, k]` for sample `i`.
         create_graph: Keep the graph so the norms can be differentiated w.r.t. the parameters
             (double backprop). Needed to train through the norms.
-        method: One of [`GRADIENT_METHODS`][gq_loss.kernels.GRADIENT_METHODS] (module
+        method: One of `gq_loss.kernels.GRADIENT_METHODS` (module
             docstring); `"auto"` is `loop`, or `recompute` when `chunk_size` is given.
         chunk_size: Classes differentiated at once by `recompute`/`batched`/`jacrev`; the
             memory knob.

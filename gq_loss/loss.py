@@ -148,7 +148,7 @@ def gq_loss(
             $1/(m q_j)$ (unbiased for the denominator). For large N.
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
         method: How the per-class gradients are computed: one of
-            [`GRADIENT_METHODS`][gq_loss.kernels.GRADIENT_METHODS] (see `gq_loss.kernels`).
+            `gq_loss.kernels.GRADIENT_METHODS` (see `gq_loss.kernels`).
         chunk_size: Classes differentiated at once; bounds peak memory with `"recompute"`.
         eps: Added to the denominator so that a zero denominator gives a finite value.
         generator: Random generator of the sampled estimator.
@@ -231,7 +231,7 @@ class GQLoss(nn.Module):
         reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
         estimator: `"exact"` or `"sampled"` (with `num_sampled`).
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
-        method: One of [`GRADIENT_METHODS`][gq_loss.kernels.GRADIENT_METHODS].
+        method: One of `gq_loss.kernels.GRADIENT_METHODS`.
         chunk_size: Classes differentiated at once (the memory knob).
         eps: Added to the denominator.
 
@@ -331,7 +331,7 @@ class GQLoss(nn.Module):
         generator: torch.Generator | None = None,
         return_logits: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        r"""GQ of one batch with the stored settings: [`gq_loss`][gq_loss.gq_loss]`(model, ...)`.
+        r"""GQ of one batch with the stored settings, computed by [`gq_loss`][gq_loss.gq_loss].
 
         Args:
             model: Maps `inputs` `(B, *)` to logits `(B, N)`; used in its current mode.
