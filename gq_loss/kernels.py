@@ -36,6 +36,7 @@ It does not take a DistributedDataParallel-wrapped model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -259,7 +260,9 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
     def forward(x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         scratch = {name: buf.clone() for name, buf in named}
         if scratch and isinstance(model, nn.Module):
-            logits = torch.func.functional_call(model, scratch, (x,), strict=False)
+            logits = call_model(
+                lambda t: torch.func.functional_call(model, scratch, (t,), strict=False), x
+            )
         else:
             logits = call_model(model, x)
         check_logits(logits, x.shape[0])
@@ -383,7 +386,10 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
     # Autocast covers forward passes only: the pullback replays recorded dtypes (under autocast
     # its vmapped backward would mix bfloat16 and float32 operands).
     no_autocast = torch.autocast(run.x.device.type, enabled=False)
-    with _func_errors("the per-class backward passes", any_error=True), no_autocast:
+    # Without create_graph the outer autograd records nothing (the pullback's own level still
+    # differentiates: torch.func transforms ignore an outer no_grad).
+    outer = contextlib.nullcontext() if run.create_graph else torch.no_grad()
+    with _func_errors("the per-class backward passes", any_error=True), no_autocast, outer:
         norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
     return norms if run.create_graph else norms.detach()
 

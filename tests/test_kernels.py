@@ -510,10 +510,13 @@ def test_inputs_cast_to_the_model_dtype() -> None:
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
 
 
-def test_single_image_says_unsqueeze() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 2, 3), Flat(), nn.Linear(2 * 4, 3))
-    with pytest.raises(ValueError, match=r"single \(C, H, W\) image pass `x.unsqueeze\(0\)`"):
-        class_gradient_norms(model, torch.randn(3, 6, 6))
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_single_image_says_unsqueeze(batchnorm: bool) -> None:
+    norm = nn.BatchNorm2d(2) if batchnorm else nn.Identity()
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), norm, Flat(), nn.Linear(2 * 4, 3))
+    for method in ("loop", "batched", "recompute", "jacrev"):
+        with pytest.raises(ValueError, match=r"single \(C, H, W\) image pass `x.unsqueeze\(0\)`"):
+            class_gradient_norms(model, torch.randn(3, 6, 6), method=method)
 
 
 def test_bad_model() -> None:
