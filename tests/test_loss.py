@@ -496,6 +496,26 @@ def denominators(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> tuple[Te
     return exact, total / draws
 
 
+def test_sampled_columns_same_for_every_method() -> None:
+    # The sampled estimator's class columns (target, top, draws) go to every backend alike.
+    model = make_model("conv_bn", (2, 3, 3), 9)
+    x, y = torch.randn(4, 2, 3, 3, dtype=F64), torch.tensor([0, 8, 3, 3])
+    weights = torch.arange(1.0, 5.0, dtype=F64)
+    results = []
+    for method, chunk in VARIANTS:
+        gen = torch.Generator().manual_seed(5)
+        value = gq_loss(
+            model, x, y, estimator="sampled", num_sampled=4, reduction="none",
+            generator=gen, method=method, chunk_size=chunk,
+        )  # fmt: skip
+        results.append((method, chunk, value, grads(model, value, weights)))
+    _, _, want, want_grads = results[0]
+    assert not torch.allclose(want, gq_loss(model, x, y, reduction="none"))  # really sampled
+    for method, chunk, value, got_grads in results[1:]:
+        torch.testing.assert_close(value, want, rtol=1e-10, atol=0, msg=f"{method}/{chunk}")
+        torch.testing.assert_close(got_grads, want_grads, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("peaked", [False, True])
 def test_sampled_denominator_is_unbiased(peaked: bool) -> None:
     torch.manual_seed(10)
