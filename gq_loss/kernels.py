@@ -37,7 +37,7 @@ It does not take a DistributedDataParallel-wrapped model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -45,6 +45,8 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from ._autograd import input_grad, norm_rows, operand_of, selected, unwrap_ddp
+from ._recompute import RecomputeNorms, Replay, get_rng_state
 from ._validation import (
     call_model,
     check_choice,
@@ -194,7 +196,7 @@ class GradientPass:
 
     def operand_of(self, logits: Tensor) -> Tensor:
         """The operand of `logits` `(B, N)` at this pass's temperature."""
-        return _operand(logits, self.operand, self.temperature)
+        return operand_of(logits, self.operand, self.temperature)
 
     def norms(self, columns: Tensor | None = None) -> Tensor:
         """Norms `(B, K)` of the operand columns `columns` `(B, K)` (all N when None)."""
@@ -225,19 +227,9 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
 # --------------------------------------------------------------------------- forward passes
 
 
-def _operand(logits: Tensor, operand: str, temperature: float) -> Tensor:
-    """`softmax`/`log_softmax`/identity of `logits / T` in at least float32 `(B, N)`."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    if operand == "softmax":
-        return z.softmax(dim=1)
-    if operand == "log_softmax":
-        return z.log_softmax(dim=1)
-    return z
-
-
 def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
     if run.method == "recompute":  # lets the replay draw the same Dropout masks
-        run.state = _get_rng_state(run.x.device)
+        run.state = get_rng_state(run.x.device)
     logits = call_model(run.model, run.x)
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
@@ -288,14 +280,6 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- backends
 
 
-def _norm_rows(grad: Tensor, p: float) -> Tensor:
-    return torch.linalg.vector_norm(grad.flatten(1), ord=p, dim=1)
-
-
-def _selected(op: Tensor, columns: Tensor | None) -> Tensor:
-    return op if columns is None else op.gather(1, columns)
-
-
 def _all_columns(op: Tensor, columns: Tensor | None) -> Tensor:
     batch, num_classes = op.shape
     if columns is None:
@@ -309,22 +293,10 @@ def _one_hot_cotangents(op: Tensor, cols: Tensor) -> Tensor:
     return basis.scatter_(2, cols.T.unsqueeze(-1), 1.0)
 
 
-def _input_grad(out: Tensor, x: Tensor, create_graph: bool) -> Tensor:
-    (grad,) = torch.autograd.grad(
-        out,
-        x,
-        retain_graph=True,
-        create_graph=create_graph,
-        allow_unused=True,
-        materialize_grads=True,
-    )
-    return grad
-
-
 def _loop(run: GradientPass, columns: Tensor | None, create_graph: bool) -> Tensor:
-    sel = _selected(run.op, columns)
+    sel = selected(run.op, columns)
     rows = [
-        _norm_rows(_input_grad(sel[:, k].sum(), run.x, create_graph), run.p)
+        norm_rows(input_grad(sel[:, k].sum(), run.x, create_graph), run.p)
         for k in range(sel.shape[1])
     ]
     return torch.stack(rows, dim=1) if rows else sel.new_zeros(sel.shape)
@@ -338,12 +310,12 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
     norms = _loop(run, columns, create_graph=False)
     if not run.create_graph:
         return norms
-    job = _Replay(
+    job = Replay(
         run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, run.state,
         run.input_grad,
     )  # fmt: skip
-    named = [(n, q) for n, q in _unwrap(run.model).named_parameters() if q.requires_grad]
-    out: Tensor = _RecomputeNorms.apply(
+    named = [(n, q) for n, q in unwrap_ddp(run.model).named_parameters() if q.requires_grad]
+    out: Tensor = RecomputeNorms.apply(
         norms, job, [n for n, _ in named], run.x, *(q for _, q in named)
     )
     return out
@@ -432,125 +404,3 @@ _BACKENDS: dict[str, _Backend] = {
 GRADIENT_METHODS: tuple[str, ...] = ("auto", *_BACKENDS)
 #: Former name of `GRADIENT_METHODS`, kept importable.
 METHODS = GRADIENT_METHODS
-
-
-# --------------------------------------------------------------------------- recompute
-
-
-@dataclass(frozen=True)
-class _Replay:
-    """What `recompute` needs to replay the forward pass during backward (not the graph)."""
-
-    model: Any
-    operand: str
-    temperature: float
-    p: float
-    columns: Tensor | None
-    chunk_size: int | None
-    rng_state: Any
-    input_grad: bool
-
-
-def _unwrap(model: Any) -> Any:
-    # Recomputing through a DistributedDataParallel wrapper would re-enter its reducer.
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextmanager
-def _replay(
-    model: nn.Module, rng_state: tuple[Tensor, Tensor | None], device: torch.device
-) -> Iterator[None]:
-    """Same RNG draws as the original forward, against scratch copies of the buffers.
-
-    The replayed forward must not update BatchNorm running statistics a second time, nor bump
-    the version of buffers the original graph saved, so it runs on clones of every buffer.
-    """
-    originals = [
-        (module, name, buf)
-        for module in model.modules()
-        for name, buf in module._buffers.items()
-        if buf is not None
-    ]
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(rng_state[0])
-        if rng_state[1] is not None:
-            torch.cuda.set_rng_state(rng_state[1], device)
-        try:
-            for module, name, buf in originals:
-                module._buffers[name] = buf.clone()
-            yield
-        finally:
-            for module, name, buf in originals:
-                module._buffers[name] = buf
-
-
-class _RecomputeNorms(torch.autograd.Function):
-    """Identity on the norms whose backward recomputes the graph `chunk_size` classes at a time.
-
-    Forward returns the graph-free norms of pass 1. Backward receives `w = dL/dn` and returns
-    `d/dtheta sum_ik w_ik n_ik` for the parameters (inputs of this Function), so the GQ gradient
-    reaches every parameter through the one `backward()` of the training step, together with the
-    cross-entropy gradient (one gradient hook per parameter, which keeps DDP ranks in step).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, norms: Tensor, job: _Replay, names: list[str], x: Tensor, *params: Tensor
-    ) -> Tensor:
-        ctx.job = job
-        ctx.params = params
-        ctx.names = names
-        ctx.versions = [q._version for q in params]
-        ctx.save_for_backward(x)
-        return norms.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad_norms: Tensor) -> tuple[Tensor | None, ...]:
-        job: _Replay = ctx.job
-        if torch.is_grad_enabled():
-            # The replay's gradients are not differentiable again: refuse rather than drop terms.
-            raise RuntimeError(
-                "gq_loss: method='recompute' supports first-order gradients only, got a backward "
-                "with create_graph=True; use method='loop' for higher-order gradients"
-            )
-        grad_norms = grad_norms.detach()
-        (x,) = ctx.saved_tensors
-        params: Sequence[Tensor] = ctx.params
-        if any(q._version != v for q, v in zip(params, ctx.versions)):
-            raise RuntimeError(
-                "gq_loss: a parameter was modified in place between the loss and its backward(); "
-                "method='recompute' replays the forward pass and needs the original parameters"
-            )
-        model = _unwrap(job.model)
-        total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
-        with torch.enable_grad(), _replay(model, job.rng_state, x.device):
-            xr = x.detach().requires_grad_(True)
-            # Replay with the very tensors this Function received (also under functional_call).
-            logits = torch.func.functional_call(
-                model, dict(zip(ctx.names, params)), (xr,), strict=False
-            )
-            sel = _selected(_operand(logits, job.operand, job.temperature), job.columns)
-            targets = ([xr] if job.input_grad else []) + list(params)
-            width = sel.shape[1]
-            step = job.chunk_size or max(width, 1)
-            for start in range(0, width, step):
-                # Only this chunk's double-backward graph is alive; the forward graph is reused.
-                terms = [
-                    grad_norms[:, k] @ _norm_rows(_input_grad(sel[:, k].sum(), xr, True), job.p)
-                    for k in range(start, min(start + step, width))
-                ]
-                grads = torch.autograd.grad(
-                    torch.stack(terms).sum(), targets, retain_graph=True, allow_unused=True
-                )
-                total_grads = [
-                    g if t is None else (t if g is None else t + g)
-                    for t, g in zip(total_grads, grads)
-                ]
-        grad_x = total_grads.pop(0) if job.input_grad else None
-        return (None, None, None, grad_x, *total_grads)

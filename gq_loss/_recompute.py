@@ -1,0 +1,130 @@
+"""The `recompute` backend's replay: the norms' gradient recomputed during `backward()`.
+
+Package-internal; `gq_loss.kernels` builds a `Replay` job and applies `RecomputeNorms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._autograd import input_grad, norm_rows, operand_of, selected, unwrap_ddp
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What `recompute` needs to replay the forward pass during backward (not the graph)."""
+
+    model: Any
+    operand: str
+    temperature: float
+    p: float
+    columns: Tensor | None
+    chunk_size: int | None
+    rng_state: Any
+    input_grad: bool
+
+
+def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def replay(
+    model: nn.Module, rng_state: tuple[Tensor, Tensor | None], device: torch.device
+) -> Iterator[None]:
+    """Same RNG draws as the original forward, against scratch copies of the buffers.
+
+    The replayed forward must not update BatchNorm running statistics a second time, nor bump
+    the version of buffers the original graph saved, so it runs on clones of every buffer.
+    """
+    originals = [
+        (module, name, buf)
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(rng_state[0])
+        if rng_state[1] is not None:
+            torch.cuda.set_rng_state(rng_state[1], device)
+        try:
+            for module, name, buf in originals:
+                module._buffers[name] = buf.clone()
+            yield
+        finally:
+            for module, name, buf in originals:
+                module._buffers[name] = buf
+
+
+class RecomputeNorms(torch.autograd.Function):
+    """Identity on the norms whose backward recomputes the graph `chunk_size` classes at a time.
+
+    Forward returns the graph-free norms of pass 1. Backward receives `w = dL/dn` and returns
+    `d/dtheta sum_ik w_ik n_ik` for the parameters (inputs of this Function), so the GQ gradient
+    reaches every parameter through the one `backward()` of the training step, together with the
+    cross-entropy gradient (one gradient hook per parameter, which keeps DDP ranks in step).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, norms: Tensor, job: Replay, names: list[str], x: Tensor, *params: Tensor
+    ) -> Tensor:
+        ctx.job = job
+        ctx.params = params
+        ctx.names = names
+        ctx.versions = [q._version for q in params]
+        ctx.save_for_backward(x)
+        return norms.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_norms: Tensor) -> tuple[Tensor | None, ...]:
+        job: Replay = ctx.job
+        if torch.is_grad_enabled():
+            # The replay's gradients are not differentiable again: refuse rather than drop terms.
+            raise RuntimeError(
+                "gq_loss: method='recompute' supports first-order gradients only, got a backward "
+                "with create_graph=True; use method='loop' for higher-order gradients"
+            )
+        grad_norms = grad_norms.detach()
+        (x,) = ctx.saved_tensors
+        params: Sequence[Tensor] = ctx.params
+        if any(q._version != v for q, v in zip(params, ctx.versions)):
+            raise RuntimeError(
+                "gq_loss: a parameter was modified in place between the loss and its backward(); "
+                "method='recompute' replays the forward pass and needs the original parameters"
+            )
+        model = unwrap_ddp(job.model)
+        total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
+        with torch.enable_grad(), replay(model, job.rng_state, x.device):
+            xr = x.detach().requires_grad_(True)
+            # Replay with the very tensors this Function received (also under functional_call).
+            logits = torch.func.functional_call(
+                model, dict(zip(ctx.names, params)), (xr,), strict=False
+            )
+            sel = selected(operand_of(logits, job.operand, job.temperature), job.columns)
+            targets = ([xr] if job.input_grad else []) + list(params)
+            width = sel.shape[1]
+            step = job.chunk_size or max(width, 1)
+            for start in range(0, width, step):
+                # Only this chunk's double-backward graph is alive; the forward graph is reused.
+                terms = [
+                    grad_norms[:, k] @ norm_rows(input_grad(sel[:, k].sum(), xr, True), job.p)
+                    for k in range(start, min(start + step, width))
+                ]
+                grads = torch.autograd.grad(
+                    torch.stack(terms).sum(), targets, retain_graph=True, allow_unused=True
+                )
+                total_grads = [
+                    g if t is None else (t if g is None else t + g)
+                    for t, g in zip(total_grads, grads)
+                ]
+        grad_x = total_grads.pop(0) if job.input_grad else None
+        return (None, None, None, grad_x, *total_grads)
