@@ -60,7 +60,7 @@ from data import ImageFolderDataset
 from models import IMAGENET_MODEL_NAMES, build_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from train_utils import CSVLog, atomic_save, progress
+from train_utils import CSVLog, HelpFormatter, atomic_save, progress
 
 from gq_loss import GQLoss
 from gq_loss.kernels import METHODS
@@ -78,7 +78,7 @@ AUTHORS_NOTE = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-root", required=True, help="folder with train/ and test/ class trees")
     p.add_argument("--arch", choices=IMAGENET_MODEL_NAMES, default="tv_resnet18")
     p.add_argument(
@@ -92,7 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_CLASS_MAP,
         help="JSON {class folder: ImageNet-1k index} (recipe 'paper')",
     )
-    p.add_argument("--lam", type=float, default=1e-6, help="GQ weight (the authors': 1e-6)")
+    p.add_argument("--lam", type=float, default=None, help=(
+        "GQ weight, required (no default). The authors used 1e-6; with recipe 'paper' (GQ alone) "
+        "lam only scales the step, so lam * lr = 1e-7 leaves the weights where they were, and "
+        "with 'ce_gq' it was measured as a no-op; see 'Choosing lambda' in the README"
+    ))  # fmt: skip
     p.add_argument("--formulation", choices=FORMULATIONS, default="paper")
     p.add_argument("--estimator", choices=ESTIMATORS, default="sampled")
     p.add_argument("--num-sampled", type=int, default=10, help="classes K per sample (sampled)")
@@ -117,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.lam is None:
+        p.error("--lam is required; see its help and 'Choosing lambda' in the README")
     if args.lam <= 0:
         p.error(f"--lam must be > 0 (GQ is the point of this script), got {args.lam}")
     return args

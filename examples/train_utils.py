@@ -3,6 +3,8 @@ RNG state, CSV logs and optional progress bars / TensorBoard (used only if insta
 
 from __future__ import annotations
 
+import argparse
+import copy
 import csv
 import os
 import random
@@ -198,6 +200,17 @@ def progress(iterable: Iterable, *, enabled: bool, **kwargs: Any) -> Any:
         except ImportError:
             pass
     return _PlainBar(iterable)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's layout and shows every option's default, also for
+    options without a help text (which ``ArgumentDefaultsHelpFormatter`` alone skips)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 def default_device(name: str | None = None) -> torch.device:

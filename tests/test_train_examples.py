@@ -172,7 +172,7 @@ def test_cli_rejects_bad_values(
 
 def test_resume_rejects_other_architecture(tmp_path: Path) -> None:
     train_cifar.main(["--smoke", "--lam", "0", "--epochs", "1", "--out-dir", str(tmp_path), *QUIET])
-    with pytest.raises(ValueError, match="holds small_cnn with 10 classes, not small_cnn_gn"):
+    with pytest.raises(ValueError, match="holds tiny_cnn with 10 classes, not small_cnn_gn"):
         train_cifar.main(["--smoke", "--arch", "small_cnn_gn", "--lam", "0", "--out-dir",
                           str(tmp_path), "--resume", *QUIET])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -349,7 +349,7 @@ def test_finetune_paper_recipe_only_gq(tmp_path: Path, capsys: pytest.CaptureFix
     # lr 0 and no weight decay: weights stay put, but train-mode BatchNorm statistics move --
     # all that the authors' constant-1 loss could do.
     summary = finetune_imagenet30.main(
-        ["--data-root", str(root), "--weights", str(tmp_path / "w.pt"), "--num-sampled", "4",
+        ["--data-root", str(root), "--weights", str(tmp_path / "w.pt"), "--num-sampled", "4", "--lam", "1",
          "--lr", "0", "--weight-decay", "0", "--out-dir", str(tmp_path / "out"), *FT]
     )  # fmt: skip
     printed = capsys.readouterr().out
@@ -383,7 +383,9 @@ def test_finetune_class_map_must_cover_folders(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "in30")
     (tmp_path / "map.json").write_text(json.dumps({"acorn": 988, "airliner": 404}))
     with pytest.raises(ValueError, match=r"no ImageNet index for class folders \['ambulance'\]"):
-        finetune_imagenet30.main(["--data-root", str(root), "--weights", "none", "--class-map",
+        finetune_imagenet30.main(["--data-root", str(root), "--weights", "none", "--lam", "1", "--class-map",
                                   str(tmp_path / "map.json"), *FT])  # fmt: skip
     with pytest.raises(ValueError, match="--weights imagenet needs a tv_\\* arch"):
-        finetune_imagenet30.main(["--data-root", str(root), "--weights", "imagenet", *FT])
+        finetune_imagenet30.main(
+            ["--data-root", str(root), "--weights", "imagenet", "--lam", "1", *FT]
+        )
