@@ -36,7 +36,7 @@ it exists so that the tests run here, and accepts a torchvision ResNet-18 state 
 Example::
 
     python examples/finetune_imagenet30.py --data-root data/ImageNet-30 --arch tv_resnet18 \\
-        --weights imagenet --recipe paper --out-dir runs/in30_r18
+        --weights imagenet --recipe paper --lam 1 --out-dir runs/in30_r18
 
 Runs in one process on one device (the CIFAR script shows the multi-GPU set-up).
 

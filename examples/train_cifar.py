@@ -14,7 +14,7 @@ Examples::
     python examples/train_cifar.py --smoke     # a few seconds of compute, synthetic data
     python examples/train_cifar.py --lam 1 --dataset cifar10 --arch resnet18 --data-dir data \
         --out-dir runs/r18
-    python examples/train_cifar.py --out-dir runs/r18 --resume   # continue after a crash
+    python examples/train_cifar.py --lam 1 --out-dir runs/r18 --resume   # continue after a crash
     torchrun --nproc_per_node 4 examples/train_cifar.py --lam 1 --out-dir runs/r18_ddp  # 4 GPUs
 
 Multi-GPU: ``--batch-size`` is the global batch, split evenly over processes. Each process
