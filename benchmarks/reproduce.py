@@ -11,9 +11,11 @@ Arms: ``ce`` (continued CE, the control); ``gq_0.1``, ``gq_1``, ``gq_10`` (CE + 
 Eq. 7 exact); ``gq_reversed`` (lambda = -1: GQ maximised); ``logitnorm`` (Wei et al. 2022, CE on
 ``f / (tau * (||f|| + 1e-7))``, tau = 0.04); ``reference_1`` (the authors' formulation on logits).
 
-    python benchmarks/reproduce.py --data-dir ../shared/data --threads 2      # the grid, resumes
-    python benchmarks/reproduce.py --report-only                              # tables + figure
-    python benchmarks/reproduce.py --smoke                                    # < 1 min, no data
+    python benchmarks/reproduce.py --data-dir ../shared/data       # the whole grid; resumes
+    python benchmarks/reproduce.py --seeds 0 2 4 &  python benchmarks/reproduce.py --seeds 1 3
+                                                    # the same on two cores (one thread each)
+    python benchmarks/reproduce.py --report-only                   # tables + figure from the JSON
+    python benchmarks/reproduce.py --smoke                         # generated data, < 1 min
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from data import (
 from evaluation import logits_in_batches, score_methods
 from models import MODEL_NAMES, build_model
 from torch import Tensor, nn
-from train_utils import progress
+from train_utils import HelpFormatter, progress
 
 from gq_loss import GQLoss
 from gq_loss.metrics import ood_metrics
@@ -450,9 +452,7 @@ def figure(head: dict[str, dict[str, Any]], path: str) -> str | None:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--data-dir", default="../shared/data", help="folder of the CIFAR-10/OOD .npz files"
     )

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from data import noise_images, photo_crops
 from evaluation import DETECTION_METHODS, metric_rows, score_methods, write_results
 from torch import Tensor, nn
-from train_utils import progress
+from train_utils import HelpFormatter, progress
 
 from gq_loss import GQLoss
 
@@ -61,7 +61,7 @@ EPSILON_SWEEP = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out-dir", default="demo_output", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, data and training")

@@ -64,7 +64,7 @@ from evaluation import (
 )
 from models import ALL_MODEL_NAMES, build_model
 from torch import Tensor, nn
-from train_utils import default_device
+from train_utils import HelpFormatter, default_device
 
 from gq_loss import MahalanobisScore
 
@@ -78,7 +78,7 @@ DEFAULT_EPSILON = 0.001
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", help="checkpoint written by train_cifar.py")
     p.add_argument(

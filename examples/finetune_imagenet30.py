@@ -60,7 +60,7 @@ from data import ImageFolderDataset
 from models import IMAGENET_MODEL_NAMES, build_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from train_utils import CSVLog, HelpFormatter, atomic_save, progress
+from train_utils import CSVLog, HelpFormatter, atomic_save, default_device, progress
 
 from gq_loss import GQLoss
 from gq_loss.kernels import METHODS
@@ -233,7 +233,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     torch.manual_seed(args.seed)
     train_set: Any = image_folder(
         os.path.join(args.data_root, "train"), ImageTransform(args.image_size, True)
