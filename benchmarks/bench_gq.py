@@ -143,6 +143,7 @@ def measure(
             status[k] = "skipped: budget"
             return
         if cuda:
+            model.zero_grad(set_to_none=True)  # the previous step's .grad is not this step's
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()

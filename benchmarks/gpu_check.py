@@ -318,6 +318,20 @@ def write_report(check: Check, args: argparse.Namespace) -> str:
     lines += ["", "Fastest exact method per setting (`auto` is `loop` unless another wins):", ""]
     for key, best in kernels.get("fastest_exact", {}).items():
         lines.append(f"- {key}: `{best['method']}` ({fmt(best['x_loop'])} x loop)")
+    winners = {
+        best["method"]
+        for best in kernels.get("fastest_exact", {}).values()
+        if best["method"] != "loop" and best["x_loop"] < 0.9
+    }
+    lines += [
+        "",
+        'Verdict for `method="auto"` on CUDA: '
+        + (
+            f"measure again, then consider {sorted(winners)} (at least 10% faster than `loop`)."
+            if winners
+            else "keep `loop` (no exact method was at least 10% faster)."
+        ),
+    ]
     od = stages.get("odin", {})
     lines += ["", "## 3. ODIN scoring throughput (`benchmarks/bench_odin.py`)", ""]
     lines += [f"{od.get('status', 'not run')}; ratio to floor: {od.get('ratio_to_floor')}", ""]
