@@ -156,6 +156,19 @@ def test_module_equals_function_and_holds_no_state() -> None:
     assert list(criterion.children()) == []
 
 
+def test_module_settings_are_attributes() -> None:
+    model = make_model("mlp_gelu", (5,), 4)
+    x, y = torch.randn(3, 5, dtype=F64), torch.tensor([0, 3, 2])
+    criterion = GQLoss()
+    criterion.temperature = 3.0
+    criterion.method = "jacrev"
+    assert "temperature=3.0" in repr(criterion) and "method='jacrev'" in repr(criterion)
+    torch.testing.assert_close(criterion(model, x, y), gq_loss(model, x, y, temperature=3.0))
+    criterion.reduction = "avg"  # a bad value set later fails on the next call, by name
+    with pytest.raises(ValueError, match=r"`reduction` must be one of .*'avg'"):
+        criterion(model, x, y)
+
+
 # --------------------------------------------------------------------------- identities
 
 
