@@ -24,9 +24,14 @@ buffers):
 | `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | like `loop` |
 
 `method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise, on CPU and on
-CUDA: `loop` was the fastest exact method on the 2-core CPU (`docs/benchmarks.md`), and no GPU
-measurement has shown another method faster yet. `python benchmarks/gpu_check.py --out-dir
-gpu_report` measures every method on a GPU; `auto` changes only on such evidence.
+CUDA: `loop` was the fastest exact method on the 2-core CPU (`docs/benchmarks.md`; `jacrev` cost
+1.4 to 3 times as much there), and no GPU measurement has shown another method faster yet. One
+command measures every method on a GPU, and `auto` changes only on such evidence:
+
+    python benchmarks/gpu_check.py --out-dir gpu_report
+
+`jacrev` under CPU bf16 autocast fails on BatchNorm (torch 2.13's vmapped backward mixes dtypes)
+and says so.
 
 `jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
