@@ -239,7 +239,7 @@ def stage_train(check: Check, allowance: float, args: argparse.Namespace) -> Non
     data_dir = os.path.abspath(found[0] if found else candidates[0])
     have_data = bool(found)
     cmd = [sys.executable, os.path.join("examples", "train_cifar.py"), "--amp",
-           "--out-dir", out, "--no-progress", "--seed", "0"]  # fmt: skip
+           "--lam", str(args.train_lam), "--out-dir", out, "--no-progress", "--seed", "0"]  # fmt: skip
     if check.dry_run:
         cmd += ["--smoke", "--device", "cpu", "--arch", "tiny_cnn", "--batch-size", "16",
                 "--limit-train", "32", "--limit-test", "16", "--max-steps", "3",
@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data"),
                         help="CIFAR-10 .npz folder, relative to the repository root")  # fmt: skip
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument(
+        "--train-lam", type=float, default=1.0, help="GQ weight of the training run"
+    )
     parser.add_argument("--bf16-rtol", type=float, default=0.05,
                         help="allowed relative gap of the bf16 GQ value to float32")  # fmt: skip
     parser.add_argument("--stages", nargs="+", default=["pytest", "kernels", "odin", "train"])
