@@ -275,6 +275,32 @@ def run_grid(args: argparse.Namespace) -> None:
             print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
             write_json(path, run_one(args, name, seed, data))
     print(f"grid done in {time.perf_counter() - t0:.0f} s (runs missing at start)", flush=True)
+    if not os.path.isfile(os.path.join(args.results_dir, "step_costs.json")) and "ce" in args.arms:
+        measure_step_costs(args)
+
+
+def measure_step_costs(args: argparse.Namespace, rounds: int = 3, steps: int = 3) -> dict:
+    """Seconds per training step of every arm, same model and batches, arms interleaved over
+    ``rounds`` (the first is warm-up) so that a busy machine slows them alike; and their ratio to
+    the CE step. Written to ``step_costs.json``; the report's cost column comes from it."""
+    side = 16 if args.smoke else 32
+    if args.smoke:
+        rounds, steps = 2, 1
+    data = synthetic_dataset(steps * args.batch_size, 10, image_size=side, seed=5).tensors
+    times: dict[str, list[float]] = {name: [] for name in args.arms}
+    for r in range(rounds):
+        for name in args.arms:
+            torch.manual_seed(0)
+            log = train(build_model(args.arch, 10), data, arm=ARMS[name], epochs=1, lr=args.ft_lr,
+                        schedule="cosine", seed=0, batch_size=args.batch_size, desc=name,
+                        show_progress=False)  # fmt: skip
+            if r:
+                times[name].append(log[0]["seconds"] / steps)
+    sec = {k: float(np.median(v)) for k, v in times.items()}
+    out = {"seconds_per_step": sec, "cost": {k: v / sec["ce"] for k, v in sec.items()},
+           "batch_size": args.batch_size, "arch": args.arch, "threads": args.threads}  # fmt: skip
+    write_json(os.path.join(args.results_dir, "step_costs.json"), out)
+    return out
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -327,8 +353,13 @@ def load_runs(results_dir: str) -> dict[str, dict[int, dict]]:
     return runs
 
 
-def report(runs: dict[str, dict[int, dict]]) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Markdown tables of the paired differences arm - CE; also returns the headline numbers."""
+def report(
+    runs: dict[str, dict[int, dict]], costs: dict | None = None
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Markdown tables of the paired differences arm - CE; also returns the headline numbers.
+
+    ``costs``: what :func:`measure_step_costs` wrote; without it the cost column is the median
+    over seeds of the arm's fine-tuning epoch time / CE's, measured inside the grid."""
     ce = runs.get("ce", {})
     if not ce:
         raise SystemExit("no finished `ce` runs: nothing to compare with")
@@ -351,20 +382,21 @@ def report(runs: dict[str, dict[int, dict]]) -> tuple[str, dict[str, dict[str, A
     head: dict[str, dict[str, Any]] = {}
     ce_secs = {s: r["epoch_seconds"] for s, r in ce.items()}
     lines += ["## Which should I use?", "",
-              "| arm | seeds | Δ ODIN AUROC | Δ ODIN FPR95 | Δ ID accuracy | × cost per epoch |",
+              "| arm | seeds | Δ ODIN AUROC | Δ ODIN FPR95 | Δ ID accuracy | × cost of a CE step |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for name in ARMS:
         arm_runs = runs.get(name, {})
         seeds = sorted(set(arm_runs) & set(ce))
         if not seeds:
             continue
-        cost = float(np.median([arm_runs[s]["epoch_seconds"] / ce_secs[s] for s in seeds]))
+        in_grid = float(np.median([arm_runs[s]["epoch_seconds"] / ce_secs[s] for s in seeds]))
+        cost = costs["cost"].get(name, in_grid) if costs else in_grid
         cells = {}
         for key, f in (("auroc", lambda r: metric(r, "ODIN", "auroc", real)),
                        ("fpr95", lambda r: metric(r, "ODIN", "fpr95", real)),
                        ("accuracy", lambda r: r["accuracy"])):  # fmt: skip
             cells[key] = paired([f(arm_runs[s]) - f(ce[s]) for s in seeds])
-        head[name] = {"seeds": seeds, "cost": cost, **cells}
+        head[name] = {"seeds": seeds, "cost": cost, "in_grid_cost": in_grid, **cells}
         if name == "ce":
             continue
         lines.append(f"| {name} | {len(seeds)} | {fmt_ci(*cells['auroc'])} | "
@@ -419,6 +451,16 @@ def report(runs: dict[str, dict[int, dict]]) -> tuple[str, dict[str, dict[str, A
     lines += ["", f"Measured: CE pre-training {np.mean(pre) / 60:.1f} min per seed; fine-tuning "
               f"epochs {min(secs):.0f}-{max(secs):.0f} s. Machine: {platform.machine()}, "
               f"{os.cpu_count()} cores, {st['threads']} torch thread(s), torch {st['torch']}."]  # fmt: skip
+    lines += ["", "Cost of one training step, per arm: in-grid fine-tuning epoch time / CE's (median "
+              "over seeds; the machine was shared, so these move with its load)"
+              + (f", and a controlled measurement (`--measure-cost`: batch {costs['batch_size']}, "
+                 "arms interleaved, median of rounds)" if costs else "") + ":", "",
+              "| arm | in-grid × CE | s per step (controlled) | × CE (controlled) |", "|---|---|---|---|"]  # fmt: skip
+    for name, h in head.items():
+        sec = costs["seconds_per_step"].get(name) if costs else None
+        cells = [f"{h['in_grid_cost']:.1f}", "-" if sec is None else f"{sec:.3f}",
+                 "-" if sec is None else f"{costs['cost'][name]:.1f}"]  # type: ignore[index]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", head
 
 
@@ -480,6 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the JSON")
+    p.add_argument("--measure-cost", action="store_true",
+                   help="only (re)measure the step cost of every arm (step_costs.json), then report")  # fmt: skip
     p.add_argument("--smoke", action="store_true",
                    help="generated data, tiny model, 2 seeds, into a temporary folder unless "
                         "--results-dir/--cache-dir are given; under a minute")  # fmt: skip
@@ -499,9 +543,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not args.report_only:
+    if not (args.report_only or args.measure_cost):
         run_grid(args)
-    text, head = report(load_runs(args.results_dir))
+    if args.measure_cost:
+        measure_step_costs(args)
+    cost_path = os.path.join(args.results_dir, "step_costs.json")
+    costs = json.load(open(cost_path)) if os.path.isfile(cost_path) else None
+    text, head = report(load_runs(args.results_dir), costs)
     with open(os.path.join(args.results_dir, "report.md"), "w") as f:
         f.write("# GQ decision study: generated report\n\n" + text)
     fig = figure(head, os.path.join(args.results_dir, "delta_auroc_vs_cost.png"))

@@ -71,6 +71,9 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     assert "## Which should I use?" in report and "| gq_reversed | 2 |" in report
     assert list((tmp_path / "cache" / "pretrain").glob("*.pt"))  # weights: cache only
     assert not list(res.rglob("*.pt"))
+    costs = json.loads((res / "step_costs.json").read_text())
+    assert set(costs["cost"]) == set(arms) and costs["cost"]["ce"] == 1.0
+    assert "| gq_1 |" in report.split("Cost of one training step")[1]
     # resumes: nothing left to train, the report is rebuilt from the JSON alone
     (res / "report.md").unlink()
     again = subprocess.run([*args, "--report-only"], capture_output=True, text=True, env=env)
