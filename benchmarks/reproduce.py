@@ -518,7 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="test images scored for detection (accuracy: all)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
+                   help="arms to run (none: only pre-train and evaluate the CE baseline)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the JSON")
