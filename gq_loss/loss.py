@@ -122,6 +122,13 @@ def gq_loss(
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Gradient Quotient of a batch, differentiable w.r.t. the model's parameters.
 
+    Choosing λ in `cross_entropy + λ · gq_loss(...)`: measured on CIFAR-10 (small CNN, five
+    seeds, fine-tuning from the same CE weights; `docs/reproduction.md`), the paper's λ = 1e-6
+    (and anything up to 1e-3) changes nothing, λ = 1 raised ODIN's AUROC by about half a point at
+    unchanged accuracy, λ = 10 cost about 13 points of accuracy, and λ < 0 made detection worse.
+    Start at λ = 1. An exact step costs about 15-20 cross-entropy steps at N = 10 classes,
+    whatever λ is.
+
     Under `torch.no_grad()` or `torch.inference_mode()` (validation loops) the *value* is
     computed: gradients are switched on locally for the input gradient, no double-backward graph
     is built, and the result (and the logits with `return_logits=True`) comes back detached; no
@@ -220,7 +227,8 @@ class GQLoss(nn.Module):
 
     The model is a call argument, never a submodule, so it does not appear in this module's
     `state_dict`. The settings are plain attributes (`criterion.temperature`, ...), validated
-    when the module is built and again on every call.
+    when the module is built and again on every call. For the weight λ of the loss, see "Choosing
+    λ" in [`gq_loss`][gq_loss.gq_loss]: start at λ = 1, not the paper's 1e-6 (a measured no-op).
 
     Args:
         temperature: $T > 0$ of the softmax scores.
