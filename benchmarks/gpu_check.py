@@ -238,6 +238,12 @@ def stage_train(check: Check, allowance: float, args: argparse.Namespace) -> Non
     found = [d for d in candidates if os.path.isfile(os.path.join(d, "cifar10_train.npz"))]
     data_dir = os.path.abspath(found[0] if found else candidates[0])
     have_data = bool(found)
+    # The whole CIFAR-10 (50k/10k, JPEG bytes) when the data pack has it, else its subsets.
+    full = (
+        have_data
+        and not check.dry_run
+        and os.path.isfile(os.path.join(data_dir, "cifar10_train_full.npz"))
+    )
     cmd = [sys.executable, os.path.join("examples", "train_cifar.py"), "--amp",
            "--lam", str(args.train_lam), "--out-dir", out, "--no-progress", "--seed", "0"]  # fmt: skip
     if check.dry_run:
@@ -248,6 +254,7 @@ def stage_train(check: Check, allowance: float, args: argparse.Namespace) -> Non
     elif have_data:
         cmd += ["--data-dir", data_dir, "--arch", "resnet18", "--batch-size", "64",
                 "--epochs", "2", "--max-steps", str(args.train_steps)]  # fmt: skip
+        cmd += ["--full-split"] if full else []
     else:  # generated data: train_cifar's --smoke (its small CNN), same step count
         cmd += ["--smoke", "--batch-size", "64", "--epochs", "2",
                 "--limit-train", str(64 * args.train_steps // 2),
@@ -256,6 +263,7 @@ def stage_train(check: Check, allowance: float, args: argparse.Namespace) -> Non
     started = time.perf_counter()
     result = run_subprocess(cmd, allowance, 1 if check.dry_run else None)
     result["data"] = data_dir if have_data else "generated"
+    result["split"] = "full (50k/10k)" if full else ("subset" if have_data else "generated")
     log_path = os.path.join(out, "log.csv")
     if os.path.isfile(log_path):
         result["finite"], result["epochs"] = finite_log(log_path)
@@ -339,7 +347,8 @@ def write_report(check: Check, args: argparse.Namespace) -> str:
     tr = stages.get("train_amp", {})
     lines += ["## 4. `examples/train_cifar.py --amp`", ""]
     lines += [
-        f"{tr.get('status', 'not run')} on {tr.get('data')} data ({tr.get('seconds')} s); "
+        f"{tr.get('status', 'not run')} on {tr.get('data')} data, split "
+        f"{tr.get('split')} ({tr.get('seconds')} s); "
         f"loss and GQ finite: {tr.get('finite')}",
         "",
         f"GQ of the trained model, float32 vs bf16 autocast (rtol {args.bf16_rtol}): "

@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="data")
+    p.add_argument(
+        "--full-split",
+        action="store_true",
+        help="read <dataset>_{train,test}_full.npz (the whole splits, stored as JPEG bytes) "
+        "instead of <dataset>_{train,test}.npz",
+    )
     p.add_argument("--out-dir", default="runs/train_cifar")
     p.add_argument(
         "--resume",
@@ -163,8 +169,9 @@ def make_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
             synthetic_dataset(n_test, 10, seed=args.seed + 1),
             10,
         )
-    train: Dataset = load_cifar(args.dataset, args.data_dir, "train")
-    test: Dataset = load_cifar(args.dataset, args.data_dir, "test")
+    suffix = "_full" if args.full_split else ""
+    train: Dataset = load_cifar(args.dataset, args.data_dir, "train" + suffix)
+    test: Dataset = load_cifar(args.dataset, args.data_dir, "test" + suffix)
     if args.limit_train:
         train = Subset(train, range(min(args.limit_train, len(train))))  # type: ignore[arg-type]
     if args.limit_test:
