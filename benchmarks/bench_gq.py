@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import _examples_path  # noqa: F401  (puts examples/ on sys.path)
 import torch

@@ -23,8 +23,10 @@ Stable names used by the other scripts:
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +76,7 @@ def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.stack(
         [
             np.asarray(Image.open(io.BytesIO(buf[a:b].tobytes())).convert("RGB"))
-            for a, b in zip(offsets[:-1], offsets[1:])
+            for a, b in itertools.pairwise(offsets)
         ]
     )
 

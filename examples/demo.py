@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data = load_data(args.seed, args.quick)
     results = {}
     ratios = {"initial weights": gradient_ratio(make_model(args.seed), data.x_train, data.y_train)}
-    for name, lam in zip(MODELS, (0.0, args.lam)):
+    for name, lam in zip(MODELS, (0.0, args.lam), strict=True):
         model = train(data, lam, args, name)
         if name == "CE":
             ratios["the trained CE model"] = gradient_ratio(model, data.x_train, data.y_train)

@@ -270,7 +270,7 @@ def fit_mahalanobis(
         feature_fn=penultimate(model, args.feature_layer),
         num_classes=int(ckpt["num_classes"]),
     )
-    maha.fit(list(zip(x.split(args.batch_size), y.split(args.batch_size))))
+    maha.fit(list(zip(x.split(args.batch_size), y.split(args.batch_size), strict=True)))
     note = (
         f"Mahalanobis: features = input of `{args.feature_layer}`, tied covariance fitted on "
         f"{len(x)} training images ({fit_spec})"

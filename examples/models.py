@@ -137,7 +137,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         stages = []
         c_in = 64
-        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
             layer = [BasicBlock(c_in, width, 1 if i == 0 else 2)]
             layer += [BasicBlock(width, width) for _ in range(n - 1)]
             stages.append(nn.Sequential(*layer))

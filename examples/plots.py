@@ -102,7 +102,7 @@ def histogram_panels(
 
     width = max(7.5, 5.2 * len(cleaned))
     fig, axes = plt.subplots(1, len(cleaned), figsize=(width, 4.2), sharex=True, squeeze=False)
-    for ax, (model, sets) in zip(axes[0], cleaned.items()):
+    for ax, (model, sets) in zip(axes[0], cleaned.items(), strict=True):
         for k, (name, values) in enumerate(sets.items()):
             color = ID_COLOR if k == 0 else OOD_COLORS[(k - 1) % len(OOD_COLORS)]
             label = f"{name} (n={values.size})"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sized
-from typing import Any, Callable, TypeVar, Union
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ._validation import check_fraction, check_optional_int, model_dtype
 
 Model = Callable[[Tensor], Any]
-Data = Union[Tensor, Iterable[Any]]
+Data = Tensor | Iterable[Any]
 D = TypeVar("D", bound="Detector")
 
 

@@ -96,7 +96,7 @@ class RecomputeNorms(torch.autograd.Function):
         grad_norms = grad_norms.detach()
         (x,) = ctx.saved_tensors
         params: Sequence[Tensor] = ctx.params
-        if any(q._version != v for q, v in zip(params, ctx.versions)):
+        if any(q._version != v for q, v in zip(params, ctx.versions, strict=True)):
             raise RuntimeError(
                 "gq_loss: a parameter was modified in place between the loss and its backward(); "
                 "method='recompute' replays the forward pass and needs the original parameters"
@@ -107,7 +107,7 @@ class RecomputeNorms(torch.autograd.Function):
             xr = x.detach().requires_grad_(True)
             # Replay with the very tensors this Function received (also under functional_call).
             logits = torch.func.functional_call(
-                model, dict(zip(ctx.names, params)), (xr,), strict=False
+                model, dict(zip(ctx.names, params, strict=True)), (xr,), strict=False
             )
             sel = selected(operand_of(logits, job.operand, job.temperature), job.columns)
             targets = ([xr] if job.input_grad else []) + list(params)
@@ -124,7 +124,7 @@ class RecomputeNorms(torch.autograd.Function):
                 )
                 total_grads = [
                     g if t is None else (t if g is None else t + g)
-                    for t, g in zip(total_grads, grads)
+                    for t, g in zip(total_grads, grads, strict=True)
                 ]
         grad_x = total_grads.pop(0) if job.input_grad else None
         return (None, None, None, grad_x, *total_grads)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,7 +55,7 @@ from ._validation import call_model, check_logits, check_nonnegative, check_posi
 
 __all__ = ["odin_perturb", "odin_score"]
 
-PerChannel = Union[float, Sequence[float], Tensor]
+PerChannel = float | Sequence[float] | Tensor
 Clamp = tuple[Tensor, Tensor]
 SIGNS_OF_ZERO: tuple[int, ...] = (0, 1)
 

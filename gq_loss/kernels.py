@@ -42,10 +42,10 @@ It does not take a DistributedDataParallel-wrapped model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -275,7 +275,7 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
             # One device sync for all buffers; only changed ones are written, so graphs that
             # saved an unchanged (eval-mode) buffer stay valid.
             moved = torch.stack([torch.ne(scratch[n], b).any() for n, b in live]).tolist()
-            for (name, buf), changed in zip(live, moved):
+            for (name, buf), changed in zip(live, moved, strict=True):
                 if changed:
                     buf.copy_(scratch[name])
     run.state = pullback

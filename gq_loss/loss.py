@@ -14,7 +14,8 @@ refused there. With $N = 2$ classes Eq. 7 on softmax is identically 1 as well
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, overload
+from collections.abc import Callable
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn

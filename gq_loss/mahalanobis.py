@@ -3,8 +3,8 @@ covariance on a model's features (Lee et al., 2018), as a [`Detector`][gq_loss.D
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ __all__ = ["PINV_RTOL", "MahalanobisScore"]
 #: Eigenvalues of the (ridged) covariance below this share of the largest one count as zero.
 PINV_RTOL = 1e-10
 
-Data = Union[Tensor, tuple[Tensor, ...], list[Tensor], Iterable[Any]]
+Data = Tensor | tuple[Tensor, ...] | list[Tensor] | Iterable[Any]
 
 
 class MahalanobisScore(Detector):

@@ -27,7 +27,7 @@ positive and AUPR-Out always takes OOD as positive (on negated scores).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ __all__ = [
 
 Positive = Literal["id", "ood"]
 FprRule = Literal["first", "interpolate"]
-ScoresLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
+ScoresLike = torch.Tensor | np.ndarray | Sequence[float]
 
 #: Allowed values of ``positive``; validation and dispatch both read this tuple.
 POSITIVES: tuple[str, ...] = ("id", "ood")

@@ -9,7 +9,8 @@ are float64: at large temperatures a float32 softmax rounds nearby scores onto o
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

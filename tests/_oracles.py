@@ -7,7 +7,7 @@ formulas, no code shared with the package.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from hypothesis import HealthCheck, settings

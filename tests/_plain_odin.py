@@ -65,7 +65,7 @@ def plain_odin(
         flat_g = grad.reshape(-1).tolist()
         per_channel = math.prod(x.shape[2:]) if x.ndim > 2 else 1
         new = []
-        for k, (xk, gk) in enumerate(zip(flat_x, flat_g)):
+        for k, (xk, gk) in enumerate(zip(flat_x, flat_g, strict=True)):
             c = k // per_channel
             step = epsilon * _sign(gk, sign_of_zero) / _per_channel(input_std, c, 1.0)
             value = xk - step

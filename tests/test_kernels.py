@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -44,7 +44,7 @@ def param_grads(model: nn.Module, out: Tensor, weights: Tensor) -> list[Tensor]:
     if not out.requires_grad:
         return [torch.zeros_like(q) for q in params]
     grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
-    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads)]
+    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads, strict=True)]
 
 
 def compare(errors: list[str], label: str, got: object, want: object, rtol: float = 1e-8) -> None:

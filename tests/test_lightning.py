@@ -102,7 +102,9 @@ def test_fit_validate_and_predict_with_gq_and_odin(tmp_path: object) -> None:
 
         # Training went through GQ's double backward: every weight moved.
         assert trainer.global_step == 2
-        assert all(not torch.equal(a, b) for a, b in zip(before, module.net.parameters()))
+        assert all(
+            not torch.equal(a, b) for a, b in zip(before, module.net.parameters(), strict=True)
+        )
 
         # Validation logged GQ under no_grad (during fit) and under inference_mode
         # (Trainer.validate), equal to the value computed with gradients on.

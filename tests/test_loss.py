@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any
 
@@ -39,7 +40,7 @@ def grads(model: nn.Module, value: Tensor, weights: Tensor | None = None) -> lis
     if not total.requires_grad:
         return [torch.zeros_like(q) for q in params]
     out = torch.autograd.grad(total, params, allow_unused=True)
-    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, out)]
+    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, out, strict=True)]
 
 
 def reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -238,7 +239,7 @@ def test_large_temperature_limit_is_centred_logit_gq() -> None:
         (gq_loss(model, x, y, temperature=t, reduction="none").detach() - limit).abs().max().item()
         for t in (1.0, 10.0, 100.0, 1e4)
     ]
-    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert all(a > b for a, b in itertools.pairwise(gaps)), gaps
     assert gaps[0] > 1e-2 and gaps[-1] < 1e-4, gaps  # the gap shrinks like 1/T
     # Logit GQ does not depend on T; with sum_k grad f_k != 0 it is not the limit.
     plain = gq_loss(model, x, y, operand="logits", reduction="none").detach()
@@ -285,7 +286,7 @@ def test_gradcheck_parameters(method: str, chunk: int | None) -> None:
     params = tuple(q.detach().clone().requires_grad_(True) for q in model.parameters())
 
     def f(*ps: Tensor) -> Tensor:
-        return functional_call(wrapper, dict(zip(names, ps)), (x, y))
+        return functional_call(wrapper, dict(zip(names, ps, strict=True)), (x, y))
 
     assert torch.autograd.gradcheck(f, params)
     if method != "recompute":  # recompute is first-order only
@@ -319,7 +320,7 @@ def test_functional_call_gradients_reach_the_swapped_parameters(
         for q in scaled.parameters():
             q.mul_(1.5)
     want = brute_gq(scaled, x, y)
-    value = functional_call(wrapper, dict(zip(names, params)), (x, y))
+    value = functional_call(wrapper, dict(zip(names, params, strict=True)), (x, y))
     torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
     got = torch.autograd.grad(value.sum(), params, allow_unused=True)
     assert all(g is not None for g in got), "no GQ gradient reached the swapped parameters"
@@ -394,7 +395,7 @@ def test_return_logits_one_forward(
     ce = grads(model, F.cross_entropy(model(x), y))
     gq_want = grads(model, brute_gq(model, x, y).mean())
     torch.testing.assert_close(
-        got, [a + lam * b for a, b in zip(ce, gq_want)], rtol=1e-8, atol=1e-12
+        got, [a + lam * b for a, b in zip(ce, gq_want, strict=True)], rtol=1e-8, atol=1e-12
     )
 
 
@@ -414,7 +415,7 @@ def test_train_batchnorm_stats_updated_once_per_step(method: str, chunk: int | N
     model = copy.deepcopy(base)
     gq, logits = gq_loss(model, x, y, method=method, chunk_size=chunk, return_logits=True)
     (F.cross_entropy(logits, y) + 1e-2 * gq).backward()
-    for (name, got), want in zip(model.named_buffers(), once.buffers()):
+    for (name, got), want in zip(model.named_buffers(), once.buffers(), strict=True):
         assert torch.equal(got, want), name
     assert all(q.grad is not None for q in model.parameters())
     assert not torch.equal(buffers(base)["1.running_mean"], buffers(model)["1.running_mean"])
@@ -877,7 +878,7 @@ def _device_parity(device: str) -> None:
             )
             got = [g.double().cpu() for g in grads(model, value)]
             torch.testing.assert_close(value.double().cpu(), expected, rtol=tol, atol=tol)
-            for g, e in zip(got, expected_grads):
+            for g, e in zip(got, expected_grads, strict=True):
                 torch.testing.assert_close(g, e, rtol=tol, atol=tol)
     drop = nn.Sequential(
         nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 4)
@@ -893,7 +894,7 @@ def _device_parity(device: str) -> None:
         value = gq_loss(drop, xd, yd, method=method, chunk_size=chunk)
         results.append([value, *grads(drop, value)])
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 

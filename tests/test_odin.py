@@ -310,6 +310,7 @@ def test_tune_id_only_maximises_mean_id_score():
     for r, eps in zip(
         detector.tuning_results,
         (0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005, 0.01, 0.05, 0.1, 0.2),
+        strict=True,
     ):
         assert r["epsilon"] == eps
         expected = ODINDetector(Bump(), temperature=1000.0, epsilon=eps).score(id_x).mean()
@@ -331,7 +332,7 @@ def test_tune_matches_brute_force(criterion):
             plain = ODINDetector(model, temperature=t, epsilon=e)
             rows.append({"temperature": t, "epsilon": e, **ood_metrics(plain(id_x), plain(ood_x))})
     assert len(detector.tuning_results) == len(rows)
-    for got, want in zip(detector.tuning_results, rows):
+    for got, want in zip(detector.tuning_results, rows, strict=True):
         assert got.keys() == want.keys()
         for key in want:
             assert got[key] == pytest.approx(want[key], abs=1e-12), key

@@ -90,7 +90,7 @@ def _maha_ref(
     means = np.stack([train[labels == c].mean(axis=0) for c in classes])
     dim = train.shape[1]
     cov = np.zeros((dim, dim))
-    for f, c in zip(train, labels):
+    for f, c in zip(train, labels, strict=True):
         d = f - means[c]
         cov += np.outer(d, d)
     cov /= len(train)

@@ -115,7 +115,9 @@ def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert a["model"].keys() == b["model"].keys()
     different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not different
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     rows = [list(csv.DictReader((d / "log.csv").open())) for d in (tmp_path / "a", out_b)]
     strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in rs] for rs in rows]
