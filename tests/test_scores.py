@@ -98,7 +98,7 @@ def _maha_ref(
     if np.linalg.matrix_rank(ridged) == dim:
         prec = np.linalg.inv(ridged)
     else:
-        prec = np.linalg.pinv(ridged, rtol=PINV_RTOL, hermitian=True)
+        prec = np.linalg.pinv(ridged, PINV_RTOL, hermitian=True)  # rcond: numpy 1.x and 2.x
     scores = [-min((f - mu) @ prec @ (f - mu) for mu in means) for f in test]
     return means, cov, np.array(scores)
 
