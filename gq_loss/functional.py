@@ -185,10 +185,7 @@ def odin_grid(
     need_grad = any(e > 0 for e in epsilons)
     device, dtype = placement(model, x)
     with eval_mode(model), _grad_pass(device):
-        x = x.detach().to(device=device, dtype=dtype)
-        if x.is_inference():  # made under the caller's inference_mode: autograd needs a copy
-            x = x.clone()
-        x.requires_grad_(need_grad)
+        x = _leaf(x, device, dtype).requires_grad_(need_grad)
         logits = _logits(model, x)
         pred = logits.argmax(dim=1)
         out = torch.empty(len(temperatures), len(epsilons), x.shape[0], dtype=torch.float64)
@@ -210,10 +207,33 @@ def odin_grid(
 # --------------------------------------------------------------------------- public API
 
 
-def _check(model: Any, x: Any, temperature: float, epsilon: float) -> tuple[float, float]:
+def _leaf(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A fresh copy of ``x`` for the input gradient; call it inside `_grad_pass`."""
+    x = x.detach().to(device=device, dtype=dtype)
+    # Made under the caller's inference_mode: autograd needs a normal tensor.
+    return x.clone() if x.is_inference() else x
+
+
+def _check(
+    model: Any,
+    x: Any,
+    temperature: float,
+    epsilon: float,
+    input_std: PerChannel | None,
+    clamp: Any,
+    sign_of_zero: Any,
+) -> tuple[float, float, Tensor | None, Clamp | None, int]:
+    """Validated ``(temperature, epsilon, std, clamp, sign_of_zero)`` of one ODIN call."""
     check_model(model)
     check_batch(x, "x")
-    return check_positive("temperature", temperature), check_nonnegative("epsilon", epsilon)
+    std = None if input_std is None else per_channel("input_std", input_std, positive=True)
+    return (
+        check_positive("temperature", temperature),
+        check_nonnegative("epsilon", epsilon),
+        std,
+        check_clamp(clamp),
+        check_sign_of_zero(sign_of_zero),
+    )
 
 
 def odin_perturb(
@@ -256,14 +276,12 @@ def odin_perturb(
         >>> x_tilde.shape, x_tilde.abs().unique().tolist()  # one step of ±ε per element
         (torch.Size([2, 3, 2, 2]), [0.009999999776482582])
     """
-    temperature, epsilon = _check(model, x, temperature, epsilon)
-    std = None if input_std is None else per_channel("input_std", input_std, positive=True)
-    bounds, zero_sign = check_clamp(clamp), check_sign_of_zero(sign_of_zero)
+    temperature, epsilon, std, bounds, zero_sign = _check(
+        model, x, temperature, epsilon, input_std, clamp, sign_of_zero
+    )
     device, dtype = placement(model, x)
     with eval_mode(model), _grad_pass(device):
-        leaf = x.detach().to(device=device, dtype=dtype)
-        if leaf.is_inference():
-            leaf = leaf.clone()
+        leaf = _leaf(x, device, dtype)
         sign = None
         if epsilon > 0:
             logits = _logits(model, leaf.requires_grad_())
@@ -297,14 +315,10 @@ def odin_score(
         >>> scores.shape, scores.dtype, bool((scores >= 1 / 3).all())
         (torch.Size([4]), torch.float64, True)
     """
-    temperature, epsilon = _check(model, x, temperature, epsilon)
+    temperature, epsilon, std, bounds, zero_sign = _check(
+        model, x, temperature, epsilon, input_std, clamp, sign_of_zero
+    )
     scores, _ = odin_grid(
-        model,
-        x,
-        (temperature,),
-        (epsilon,),
-        std=None if input_std is None else per_channel("input_std", input_std, positive=True),
-        clamp=check_clamp(clamp),
-        sign_of_zero=check_sign_of_zero(sign_of_zero),
+        model, x, (temperature,), (epsilon,), std=std, clamp=bounds, sign_of_zero=zero_sign
     )
     return scores[0, 0].to(x.device)
