@@ -245,7 +245,8 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
 
     Registered buffers are swapped for copies made inside the transformed function (a mutation of
     a captured tensor is an error under `torch.func`); the copies that the forward changed
-    (train-mode BatchNorm statistics) are written back, so the buffers move once, as with `loop`.
+    (those of train-mode submodules: BatchNorm statistics) are written back, so the buffers move
+    once, as with `loop`.
     """
     model = run.model
     named = (
@@ -269,14 +270,15 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         op, pullback, (logits, scratch) = torch.func.vjp(  # type: ignore[misc]
             forward, run.x, has_aux=True
         )
-    live = [(name, buf) for name, buf in named if buf.numel()]
-    if live:
+    if named:
+        assert isinstance(model, nn.Module)  # `named` is empty for plain callables
         with torch.no_grad():
-            # One device sync for all buffers; only changed ones are written, so graphs that
-            # saved an unchanged (eval-mode) buffer stay valid.
-            moved = torch.stack([torch.ne(scratch[n], b).any() for n, b in live]).tolist()
-            for (name, buf), changed in zip(live, moved, strict=True):
-                if changed:
+            # Only buffers of train-mode submodules can have moved (BatchNorm statistics); the
+            # others are left untouched, so graphs that saved an eval-mode buffer stay valid.
+            # Deciding by mode, not by comparing values, keeps the step free of device syncs.
+            for name, buf in named:
+                owner = model.get_submodule(name.rpartition(".")[0])
+                if owner.training and buf.numel():
                     buf.copy_(scratch[name])
     run.state = pullback
     return logits, op
