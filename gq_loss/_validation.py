@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 NORM_ORDERS: tuple[float, ...] = (1, 2, math.inf)
 
@@ -81,23 +81,15 @@ def check_logits(
 ) -> None:
     """Checks a logits tensor ``(B, N)`` with ``N >= 2`` classes; the one rule for every entry point.
 
-    A model that returns a dict or tuple (HuggingFace style) gets a message showing the one-line
-    wrapper that fixes it; one output (``N = 1``) is refused because a softmax over one class is
-    identically 1, which makes GQ 0 and every ODIN/MSP score 1.
+    A model output that is not a tensor (and that `select_output` could not read the logits from)
+    gets a message showing the `output=` argument that names them; one output (``N = 1``) is
+    refused because a softmax over one class is identically 1, which makes GQ 0 and every
+    ODIN/MSP score 1.
     """
     if not isinstance(logits, Tensor):
-        if isinstance(logits, Mapping):
-            keys = list(logits.keys())[:5]
-            key = "logits" if "logits" in keys else (keys[0] if keys else "logits")
-            fix = f"lambda x: model(x)[{key!r}]"
-            got = f"{type(logits).__name__} with keys {keys}"
-        elif isinstance(logits, (tuple, list)):
-            fix, got = "lambda x: model(x)[0]", f"{type(logits).__name__} of length {len(logits)}"
-        else:
-            fix, got = "lambda x: <your logits>(model(x))", type(logits).__name__
         raise TypeError(
-            f"{what} must be a tensor of logits (B, N), got {got}; pass a callable that returns "
-            f"the logits instead of the model, e.g. `{fix}`"
+            f"{what} must be a tensor of logits (B, N), got {_describe(logits)}; name the logits "
+            f"with the `output` argument, e.g. {_suggest_output(logits)}"
         )
     batch = "B" if batch_size is None else f"B = {batch_size}"
     if (
@@ -126,17 +118,124 @@ def model_dtype(model: Any) -> torch.dtype | None:
     return None if param is None else param.dtype
 
 
-def call_model(model: Callable[[Tensor], Any], x: Tensor) -> Any:
-    """``model(x)``; a failure on an unbatched-looking input says how to add the batch dim."""
+def call_model(model: Callable[..., Any], inputs: Tensor, output: OutputSpec | None = None) -> Any:
+    """``select_output(model(inputs), output)``; a failure on an unbatched-looking input says how
+    to add the batch dim. The one model-call rule of GQ and every detector."""
     try:
-        return model(x)
+        out = model(inputs)
     except (RuntimeError, ValueError) as err:  # BatchNorm: ValueError "expected 4D input"
-        if x.ndim == 3:
+        if inputs.ndim == 3:
             raise ValueError(
-                f"the model failed on inputs of shape {tuple(x.shape)}: inputs are batches "
+                f"the model failed on inputs of shape {tuple(inputs.shape)}: inputs are batches "
                 f"(B, ...); for a single (C, H, W) image pass `x.unsqueeze(0)` ({err})"
             ) from err
         raise
+    return select_output(out, output)
+
+
+#: How `output=` names the logits in a model's output: a key (str; of a Mapping, otherwise an
+#: attribute), an index (int; of a tuple or list) or a callable applied to the output.
+OutputSpec = str | int | Callable[[Any], Tensor]
+
+
+def check_output_spec(output: Any) -> OutputSpec | None:
+    """Validates an `output=` argument: None, a str, an int or a callable."""
+    if output is None or callable(output):
+        return output
+    if isinstance(output, bool) or not isinstance(output, (str, int)):
+        raise TypeError(
+            "`output` must be None, a key or attribute name (str), an index (int) or a callable "
+            f"applied to the model's output, got {type(output).__name__} {output!r}"
+        )
+    return output
+
+
+def select_output(out: Any, output: OutputSpec | None) -> Any:
+    """The logits in a model's output `out`, as named by `output` (see `OutputSpec`).
+
+    With `output=None` a tensor is returned as it is, and the Hugging Face convention is read
+    without being named: a Mapping with the key ``"logits"`` or an object with a tensor attribute
+    ``logits`` (``ModelOutput``) gives that; anything else is returned unchanged, for
+    `check_logits` to refuse with a message that shows `output=`.
+
+    Raises:
+        ValueError: `output` names a key, attribute or index that `out` does not have.
+        TypeError: `output` is not None, a str, an int or a callable.
+    """
+    check_output_spec(output)
+    if output is None:
+        if isinstance(out, Tensor):
+            return out
+        if isinstance(out, Mapping):
+            return out["logits"] if "logits" in out else out
+        logits = getattr(out, "logits", None)
+        return logits if isinstance(logits, Tensor) else out
+    if callable(output):
+        return output(out)
+    if isinstance(output, str):
+        if isinstance(out, Mapping):
+            if output in out:
+                return out[output]
+        elif not isinstance(out, Tensor) and hasattr(out, output):
+            return getattr(out, output)
+        raise ValueError(
+            f"`output`={output!r} names no key or attribute of the model's output, which is "
+            f"{_describe(out)}"
+        )
+    if isinstance(out, (tuple, list)) and -len(out) <= output < len(out):
+        return out[output]
+    raise ValueError(
+        f"`output`={output!r} is an index into a tuple or list, but the model's output is "
+        f"{_describe(out)}"
+    )
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        return f"{type(out).__name__} with keys {list(out.keys())[:8]}"
+    if isinstance(out, (tuple, list)):
+        return f"{type(out).__name__} of length {len(out)}"
+    return type(out).__name__
+
+
+def _suggest_output(out: Any) -> str:
+    if isinstance(out, Mapping):
+        keys = [k for k, v in out.items() if isinstance(v, Tensor)] or list(out.keys())
+        return f"`output={keys[0]!r}`" if keys else "`output='logits'`"
+    if isinstance(out, (tuple, list)):
+        return "`output=0`"
+    names = (
+        [k for k, v in vars(out).items() if isinstance(v, Tensor)]
+        if hasattr(out, "__dict__")
+        else []
+    )
+    if names:
+        return f"`output={names[0]!r}`"
+    return "`output=lambda out: <the logits in out>`"
+
+
+def place_inputs(model: Any, inputs: Tensor) -> Tensor:
+    """`inputs` on the device of the model's first floating parameter, in its dtype.
+
+    The one placement rule of GQ and the detectors: for an `nn.Module` with a floating parameter,
+    floating `inputs` are moved to that parameter's device and cast to its dtype (a differentiable
+    no-op when both already match; other dtypes only move). Plain callables and modules without
+    floating parameters get `inputs` unchanged.
+    """
+    param = _first_floating_parameter(model)
+    if param is None:
+        return inputs
+    dtype = param.dtype if inputs.is_floating_point() else inputs.dtype
+    return inputs.to(device=param.device, dtype=dtype)
+
+
+def _first_floating_parameter(model: Any) -> Tensor | None:
+    parameters = getattr(model, "parameters", None)
+    if not isinstance(model, nn.Module) or not callable(parameters):
+        return None
+    return next((q for q in parameters() if q.is_floating_point()), None)
 
 
 def check_class_indices(
