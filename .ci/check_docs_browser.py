@@ -135,7 +135,10 @@ def run_chromium(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def check_page(url: str, name: str) -> tuple[list[str], int]:
-    done = run_chromium(["--dump-dom", url])
+    try:
+        done = run_chromium(["--dump-dom", url])
+    except subprocess.TimeoutExpired:
+        return [f"{name}: Chromium did not return the page within {TIMEOUT_S} s"], 0
     if done.returncode != 0 or "<body" not in done.stdout:
         tail = "\n".join(done.stderr.splitlines()[-5:])
         return [f"{name}: Chromium returned no page (exit {done.returncode}):\n{tail}"], 0
