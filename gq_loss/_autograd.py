@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def operand_of(logits: Tensor, operand: str, temperature: float) -> Tensor:
@@ -41,3 +47,86 @@ def input_grad(out: Tensor, x: Tensor, create_graph: bool) -> Tensor:
 def unwrap_ddp(model: Any) -> Any:
     # Recomputing through a DistributedDataParallel wrapper would re-enter its reducer.
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextmanager
+def differentiable_forward() -> Iterator[None]:
+    """The context of GQ's differentiated forward passes (ordinary pass, `jacrev`, the replay).
+
+    PyTorch's fused attention kernels (flash and memory-efficient on CUDA, the flash kernel on
+    CPU) have no double backward; its math backend is built from ordinary differentiable ops and
+    computes the same attention. `torch.compile`'s graphs have no double backward either: with
+    `torch._dynamo` loaded (nothing can be compiled without it, and importing it costs seconds),
+    compiled code runs eagerly here, on the same parameters. Only code inside this context is
+    affected; the caller's other forward passes keep their kernels.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if "torch._dynamo" in sys.modules:
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        yield
+
+
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
+_REENTRANT = ("use_reentrant=True", "Checkpointing is not compatible with .grad()")
+_NO_SECOND_ORDER = (
+    "derivative for",
+    "once_differentiable",
+    "double backward",
+)
+
+
+@contextmanager
+def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
+    """Re-raises the model's refusals of GQ's (double) backward with what to do instead.
+
+    `graph` (the logits) is searched, on error only, for custom `autograd.Function`s marked
+    `@once_differentiable`, whose names PyTorch's own message leaves out.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if text.startswith("gq_loss"):  # already translated
+            raise
+        if any(marker in text for marker in _REENTRANT):
+            raise RuntimeError(
+                "gq_loss: the model uses torch.utils.checkpoint with use_reentrant=True, which "
+                "cannot give the input gradients GQ takes with torch.autograd.grad; use "
+                f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False) ({text})"
+            ) from err
+        if any(marker in text for marker in _NO_SECOND_ORDER):
+            names = once_differentiable_functions(graph)
+            which = (
+                f"; custom autograd.Functions marked @once_differentiable: {names}" if names else ""
+            )
+            raise RuntimeError(
+                "gq_loss: GQ differentiates the model's input gradients w.r.t. its parameters, so "
+                "it needs second derivatives through the model, and an operation in this model "
+                f"has none ({text}{which}). GQ already runs PyTorch's attention on its math "
+                "backend and compiled code eagerly; replace that operation by differentiable "
+                "torch operations inside GQ's pass (a custom autograd.Function needs a backward "
+                "made of differentiable torch ops, not marked @once_differentiable; a fused or "
+                "custom kernel needs a plain-PyTorch fallback), or leave it out of the model GQ "
+                "differentiates"
+            ) from err
+        raise
+
+
+def once_differentiable_functions(graph: Tensor | None) -> list[str]:
+    """Names of the custom `autograd.Function`s marked `@once_differentiable` in `graph`'s graph."""
+    found: list[str] = []
+    stack = [graph.grad_fn] if graph is not None else []
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        code = getattr(getattr(cls, "backward", None), "__code__", None)
+        name = getattr(cls, "__name__", "")
+        if code is _ONCE_DIFFERENTIABLE and name not in found:
+            found.append(name)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found

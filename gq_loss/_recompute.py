@@ -1,10 +1,14 @@
 """The `recompute` backend's replay: the norms' gradient recomputed during `backward()`.
 
-Package-internal; `gq_loss.kernels` builds a `Replay` job and applies `RecomputeNorms`.
+Package-internal; `gq_loss.kernels` builds a `Replay` job and applies `RecomputeNorms`. Like
+`torch.utils.checkpoint`, the replay re-enters the RNG state and the autocast state of the
+original forward pass (so a bf16 forward is replayed in bf16); the model's forward hooks run
+again during the replay.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +17,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._autograd import input_grad, norm_rows, operand_of, selected, unwrap_ddp
+from ._autograd import (
+    differentiable_forward,
+    input_grad,
+    norm_rows,
+    operand_of,
+    second_order_errors,
+    selected,
+    unwrap_ddp,
+)
+from ._validation import OutputSpec, select_output
+
+#: Autocast settings of one device type: (device type, enabled, dtype).
+AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,33 @@ class Replay:
     chunk_size: int | None
     rng_state: Any
     input_grad: bool
+    autocast: tuple[AutocastState, bool]
+    output: OutputSpec | None
+
+
+def get_autocast_state(device: torch.device) -> tuple[AutocastState, bool]:
+    """Autocast of the CPU, of `device`'s type and of CUDA (when present), and the cache flag."""
+    types = ["cpu", device.type]
+    if torch.cuda.is_available():
+        types.append("cuda")
+    state = tuple(
+        (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        for kind in dict.fromkeys(types)
+        if torch.amp.is_autocast_available(kind)
+    )
+    return state, torch.is_autocast_cache_enabled()
+
+
+@contextmanager
+def autocast_as(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
+    """Re-enters a recorded autocast state, enabled or not, whatever the current one is."""
+    state, cache = recorded
+    with contextlib.ExitStack() as stack:
+        for kind, enabled, dtype in state:
+            stack.enter_context(
+                torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
+            )
+        yield
 
 
 def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -103,13 +146,19 @@ class RecomputeNorms(torch.autograd.Function):
             )
         model = unwrap_ddp(job.model)
         total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
-        with torch.enable_grad(), replay(model, job.rng_state, x.device):
+        with (
+            torch.enable_grad(),
+            replay(model, job.rng_state, x.device),
+            second_order_errors(),
+        ):
             xr = x.detach().requires_grad_(True)
-            # Replay with the very tensors this Function received (also under functional_call).
-            logits = torch.func.functional_call(
-                model, dict(zip(ctx.names, params, strict=True)), (xr,), strict=False
-            )
-            sel = selected(operand_of(logits, job.operand, job.temperature), job.columns)
+            with autocast_as(job.autocast), differentiable_forward():
+                # Replay with the very tensors this Function received (also under functional_call).
+                logits = torch.func.functional_call(
+                    model, dict(zip(ctx.names, params, strict=True)), (xr,), strict=False
+                )
+                logits = select_output(logits, job.output)
+                sel = selected(operand_of(logits, job.operand, job.temperature), job.columns)
             targets = ([xr] if job.input_grad else []) + list(params)
             width = sel.shape[1]
             step = job.chunk_size or max(width, 1)

@@ -42,6 +42,7 @@ It does not take a DistributedDataParallel-wrapped model.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,9 +51,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._autograd import input_grad, norm_rows, operand_of, selected, unwrap_ddp
-from ._recompute import RecomputeNorms, Replay, get_rng_state
+from ._autograd import (
+    differentiable_forward,
+    input_grad,
+    norm_rows,
+    operand_of,
+    second_order_errors,
+    selected,
+    unwrap_ddp,
+)
+from ._recompute import RecomputeNorms, Replay, get_autocast_state, get_rng_state
 from ._validation import (
+    OutputSpec,
     call_model,
     check_choice,
     check_class_indices,
@@ -60,8 +70,9 @@ from ._validation import (
     check_logits,
     check_norm_order,
     check_optional_int,
+    check_output_spec,
     check_positive,
-    model_dtype,
+    place_inputs,
 )
 
 __all__ = ["GRADIENT_METHODS", "METHODS", "OPERANDS", "class_gradient_norms"]
@@ -82,6 +93,7 @@ def class_gradient_norms(
     create_graph: bool = False,
     method: Method = "auto",
     chunk_size: int | None = None,
+    output: OutputSpec | None = None,
 ) -> Tensor:
     r"""Input-gradient norm of every class's operand, per sample.
 
@@ -93,11 +105,12 @@ def class_gradient_norms(
     whatever `create_graph` says.
 
     Args:
-        model: Maps `inputs` `(B, *)` to logits `(B, N)` with `N >= 2`. An `nn.Module` is
-            needed for `method="recompute"`. Its train/eval mode is used as it is.
-        inputs: Batch `(B, *)`, floating point; cast to the dtype of the model's first floating
-            parameter when that differs (plain callables: no cast). Not modified; its `.grad`
-            is not touched.
+        model: Maps `inputs` `(B, *)` to logits `(B, N)` with `N >= 2` (or to an output that
+            holds them, see `output`). An `nn.Module` is needed for `method="recompute"`. Its
+            train/eval mode is used as it is.
+        inputs: Batch `(B, *)`, floating point; moved to the device and cast to the dtype of the
+            model's first floating parameter when those differ (plain callables: unchanged).
+            Not modified; its `.grad` is not touched.
         operand: `"softmax"`, `"log_softmax"` or `"logits"`, all at `temperature`.
         temperature: $T > 0$.
         p: Norm order over all input elements of a sample: `1`, `2` or `math.inf`.
@@ -108,15 +121,21 @@ def class_gradient_norms(
             docstring); `"auto"` is `loop`, or `recompute` when `chunk_size` is given.
         chunk_size: Classes differentiated at once by `recompute`/`batched`/`jacrev`; the
             memory knob.
+        output: Names the logits in the model's output: a key (`str`, of a Mapping; otherwise
+            an attribute), an index (`int`, of a tuple or list) or a callable applied to the
+            output. `None` takes a tensor as it is, and the Hugging Face convention unnamed: the
+            `"logits"` key of a Mapping or the tensor attribute `logits` (`ModelOutput`).
 
     Returns:
         `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider.
 
     Raises:
         ValueError: A bad option, or a model output that is not logits `(B, N)`, `N >= 2`.
-        TypeError: A model that returns a dict/tuple (the message shows the wrapper), inputs that
-            are not a floating tensor, or a plain function with `method="recompute"`.
-        RuntimeError: `method="jacrev"` on a model `torch.func` cannot transform.
+        TypeError: A model output with no logits found (the message shows `output=`), inputs
+            that are not a floating tensor, or a plain function with `method="recompute"`.
+        RuntimeError: `method="jacrev"` on a model `torch.func` cannot transform; a model with
+            an operation that has no second derivative (with `create_graph=True`), or with
+            reentrant checkpointing (the messages say what to use instead).
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -136,6 +155,7 @@ def class_gradient_norms(
             method=method,
             chunk_size=chunk_size,
             create_graph=create_graph and tracking,
+            output=output,
         )
         if classes is not None:
             batch, num_classes = run.logits.shape
@@ -163,6 +183,10 @@ class GradientPass:
     `autograd_enabled()`): validates the options, resolves the method, runs the model once and
     keeps `x` (the tracked inputs `(B, *)`), `logits` `(B, N)` and `op` (the operand `(B, N)`
     in float32 or wider). `norms(columns)` then asks the method's backend for the norms.
+
+    The forward pass runs under `differentiable_forward()` (math attention, compiled code run
+    eagerly: both have a double backward), and the model's refusals of GQ's backward passes
+    come back as errors that say what to do.
     """
 
     def __init__(
@@ -176,8 +200,10 @@ class GradientPass:
         method: str,
         chunk_size: int | None,
         create_graph: bool,
+        output: OutputSpec | None = None,
     ) -> None:
         check_choice("operand", operand, OPERANDS)
+        self.output = check_output_spec(output)
         self.operand = operand
         self.temperature = check_positive("temperature", temperature)
         self.p = check_norm_order(p)
@@ -188,16 +214,15 @@ class GradientPass:
         check_inputs(inputs)
         if not callable(model):
             raise TypeError(f"`model` must be callable (an nn.Module), got {type(model).__name__}")
-        dtype = model_dtype(model)
-        if dtype is not None and inputs.dtype != dtype:
-            inputs = inputs.to(dtype)  # differentiable: a caller's input graph continues
+        inputs = place_inputs(model, inputs)  # differentiable: a caller's input graph continues
         if inputs.is_inference():  # made under the caller's inference_mode: autograd needs a copy
             inputs = inputs.clone()
         self.input_grad = inputs.requires_grad
         self.x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
         self.backend = _BACKENDS[self.method]
         self.state: Any = None  # what the backend's forward keeps for its norms
-        self.logits, self.op = self.backend.forward(self)
+        with second_order_errors(), differentiable_forward():
+            self.logits, self.op = self.backend.forward(self)
 
     def operand_of(self, logits: Tensor) -> Tensor:
         """The operand of `logits` `(B, N)` at this pass's temperature."""
@@ -205,7 +230,35 @@ class GradientPass:
 
     def norms(self, columns: Tensor | None = None) -> Tensor:
         """Norms `(B, K)` of the operand columns `columns` `(B, K)` (all N when None)."""
-        return self.backend.norms(self, columns)
+        with second_order_errors(self.logits):
+            norms = self.backend.norms(self, columns)
+            if self.create_graph and self.method != "recompute":
+                probe_second_order(self, norms)
+        return norms
+
+
+# Models (by identity) whose second derivatives one GQ pass has already taken.
+_PROBED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def probe_second_order(run: GradientPass, norms: Tensor) -> None:
+    """Takes one second derivative now, once per model, so that an operation without one fails
+    here, with `second_order_errors`' advice, rather than deep in the caller's `backward()`.
+
+    The probe differentiates one class's norms w.r.t. the inputs: that runs the double backward
+    of every operation between the inputs and the logits, for 1/N of a GQ backward, once.
+    """
+    key = unwrap_ddp(run.model)
+    try:
+        if key in _PROBED:
+            return
+    except TypeError:  # not weak-referenceable: probe every time
+        key = None
+    if norms.numel() and norms.requires_grad:
+        one = norms[:, 0] if norms.ndim == 2 else norms
+        torch.autograd.grad(one.sum(), run.x, retain_graph=True, allow_unused=True)
+    if key is not None:
+        _PROBED.add(key)
 
 
 def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
@@ -233,9 +286,9 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
 
 
 def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
-    if run.method == "recompute":  # lets the replay draw the same Dropout masks
-        run.state = get_rng_state(run.x.device)
-    logits = call_model(run.model, run.x)
+    if run.method == "recompute":  # lets the replay draw the same Dropout masks, under autocast
+        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device)
+    logits = call_model(run.model, run.x, run.output)
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
 
@@ -259,10 +312,12 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         scratch = {name: buf.clone() for name, buf in named}
         if scratch and isinstance(model, nn.Module):
             logits = call_model(
-                lambda t: torch.func.functional_call(model, scratch, (t,), strict=False), x
+                lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
+                x,
+                run.output,
             )
         else:
-            logits = call_model(model, x)
+            logits = call_model(model, x, run.output)
         check_logits(logits, x.shape[0])
         return run.operand_of(logits), (logits, scratch)
 
@@ -317,9 +372,10 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
     norms = _loop(run, columns, create_graph=False)
     if not run.create_graph:
         return norms
+    rng_state, autocast = run.state
     job = Replay(
-        run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, run.state,
-        run.input_grad,
+        run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, rng_state,
+        run.input_grad, autocast, run.output,
     )  # fmt: skip
     named = [(n, q) for n, q in unwrap_ddp(run.model).named_parameters() if q.requires_grad]
     out: Tensor = RecomputeNorms.apply(
@@ -384,12 +440,27 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         yield
     except RuntimeError as err:
         text = str(err)
-        markers = ("transform", "vmap", "functorch", "captured", "Batching rule", "setup_context")
+        markers = (
+            "transform",
+            "vmap",
+            "functorch",
+            "captured",
+            "Batching rule",
+            "setup_context",
+            "saved tensor hooks",
+        )
         if not any_error and not any(m in text for m in markers):
             raise
+        hint = (
+            " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
+            "use use_reentrant=False)"
+            if "setup_context" in text
+            else ""
+        )
         raise RuntimeError(
             f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "
-            "use method='loop' (or 'recompute'), which run any model autograd can differentiate"
+            "use method='loop' (or 'recompute'), which run any model autograd can "
+            f"differentiate{hint}"
         ) from err
 
 

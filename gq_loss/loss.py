@@ -20,15 +20,26 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
+from ._autograd import second_order_errors
 from ._validation import (
+    OutputSpec,
     check_choice,
     check_class_indices,
     check_nonnegative,
     check_norm_order,
     check_optional_int,
+    check_output_spec,
     check_positive,
 )
-from .kernels import OPERANDS, GradientPass, Method, Operand, autograd_enabled, resolve_method
+from .kernels import (
+    OPERANDS,
+    GradientPass,
+    Method,
+    Operand,
+    autograd_enabled,
+    probe_second_order,
+    resolve_method,
+)
 
 __all__ = ["ESTIMATORS", "FORMULATIONS", "REDUCTIONS", "GQLoss", "gq_loss"]
 
@@ -58,6 +69,7 @@ def gq_loss(
     eps: float = ...,
     generator: torch.Generator | None = ...,
     return_logits: Literal[False] = ...,
+    output: OutputSpec | None = ...,
 ) -> Tensor: ...
 
 
@@ -79,6 +91,7 @@ def gq_loss(
     eps: float = ...,
     generator: torch.Generator | None = ...,
     return_logits: Literal[True],
+    output: OutputSpec | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -100,6 +113,7 @@ def gq_loss(
     eps: float = ...,
     generator: torch.Generator | None = ...,
     return_logits: bool,
+    output: OutputSpec | None = ...,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -120,6 +134,7 @@ def gq_loss(
     eps: float = 1e-12,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    output: OutputSpec | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Gradient Quotient of a batch, differentiable w.r.t. the model's parameters.
 
@@ -135,13 +150,20 @@ def gq_loss(
     is built, and the result (and the logits with `return_logits=True`) comes back detached; no
     parameter `.grad` is written.
 
+    Any differentiable model works, attention models and `torch.compile`d modules included:
+    GQ's own forward passes run PyTorch's attention on its math backend and compiled code
+    eagerly, since the fused attention kernels and compiled graphs have no second derivative
+    (on CUDA this makes GQ's passes slower and larger than a flash-attention forward; the
+    caller's other forward passes are not affected). `docs/math.md` has the details.
+
     Args:
-        model: Maps `inputs` `(B, *)` to logits `(B, N)`; used in its current mode. A model
-            returning a dict or tuple needs a one-line wrapper (the error shows it). Under
-            DistributedDataParallel pass the wrapped model.
-        inputs: Batch `(B, *)`, floating point; cast to the dtype of the model's first floating
-            parameter when that differs (plain callables: no cast). Not modified.
-        targets: True labels `(B,)`, int64 in `[0, N)`.
+        model: Maps `inputs` `(B, *)` to logits `(B, N)` (or to an output holding them, see
+            `output`); used in its current mode. Under DistributedDataParallel pass the wrapped
+            model.
+        inputs: Batch `(B, *)`, floating point; moved to the device and cast to the dtype of the
+            model's first floating parameter when those differ (plain callables: unchanged).
+            Not modified.
+        targets: True labels `(B,)`, int64 in `[0, N)`; moved to the logits' device.
         temperature: $T > 0$ of the softmax scores.
         p: Norm order of the input gradients: `1` (paper), `2` or `math.inf`.
         operand: `"softmax"` (default for `paper`, Eq. 7), `"log_softmax"` or `"logits"`
@@ -162,6 +184,12 @@ def gq_loss(
         generator: Random generator of the sampled estimator.
         return_logits: Also return the logits `(B, N)` of the one forward pass, with their
             graph, so the training step can add cross-entropy without a second forward.
+        output: Names the logits in the model's output: a key (`str`, of a Mapping; otherwise
+            an attribute), an index (`int`, of a tuple or list) or a callable applied to the
+            output, e.g. `output="logits"`, `output=0`. `None` takes a tensor as it is, and the
+            Hugging Face convention unnamed: the `"logits"` key of a Mapping, or the tensor
+            attribute `logits` (`ModelOutput`). The model stays a module, so its mode, device
+            placement and `method="recompute"` keep working.
 
     Returns:
         `(B,)` or `()`; `(loss, logits)` with logits `(B, N)` when `return_logits`.
@@ -169,7 +197,10 @@ def gq_loss(
     Raises:
         ValueError: A bad option (the message names it), a model output that is not logits
             `(B, N)` with `N >= 2`, or `N = 2` with the paper formulation on softmax.
-        TypeError: Bad `inputs`/`targets` types, or a model returning a dict/tuple.
+        TypeError: Bad `inputs`/`targets`/`output` types, or a model output with no logits
+            found (the message shows `output=`).
+        RuntimeError: A model with an operation that has no second derivative, or with
+            reentrant checkpointing (the message says what to use instead).
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -194,6 +225,7 @@ def gq_loss(
         method,
         chunk_size,
         eps,
+        output,
     )
     with autograd_enabled() as tracking:
         run = GradientPass(
@@ -205,12 +237,17 @@ def gq_loss(
             method=method,
             chunk_size=chunk_size,
             create_graph=tracking,
+            output=output,
         )
         logits = run.logits
         batch, num_classes = logits.shape
         check_class_indices("targets", targets, batch, num_classes, ndim=1)
+        targets = targets.to(logits.device)
         if formulation == "reference":
-            value = _reference_ratio(run.op, run.x, targets, run.p, eps, tracking)
+            with second_order_errors(logits):
+                value = _reference_ratio(run.op, run.x, targets, run.p, eps, tracking)
+                if tracking:
+                    probe_second_order(run, value)
         else:
             _check_class_count(num_classes, operand_name)
             columns, weights = _columns(
@@ -243,6 +280,9 @@ class GQLoss(nn.Module):
         method: One of `gq_loss.kernels.GRADIENT_METHODS`.
         chunk_size: Classes differentiated at once (the memory knob).
         eps: Added to the denominator.
+        output: Names the logits in the model's output (a key, an attribute, an index or a
+            callable; see [`gq_loss`][gq_loss.gq_loss]); `None` reads the Hugging Face
+            `logits` field unnamed.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -266,6 +306,7 @@ class GQLoss(nn.Module):
         method: Method = "auto",
         chunk_size: int | None = None,
         eps: float = 1e-12,
+        output: OutputSpec | None = None,
     ) -> None:
         """Validates and stores the settings (see the class docstring for each argument).
 
@@ -285,6 +326,7 @@ class GQLoss(nn.Module):
             method,
             chunk_size,
             eps,
+            output,
         )
         resolve_method(method, chunk_size, nn.Identity())
         self.temperature = temperature
@@ -297,6 +339,7 @@ class GQLoss(nn.Module):
         self.method = method
         self.chunk_size = chunk_size
         self.eps = eps
+        self.output = output
 
     @overload
     def forward(
@@ -377,6 +420,7 @@ class GQLoss(nn.Module):
             eps=self.eps,
             generator=generator,
             return_logits=return_logits,
+            output=self.output,
         )
 
     def extra_repr(self) -> str:
@@ -394,6 +438,7 @@ _SETTINGS = (
     "method",
     "chunk_size",
     "eps",
+    "output",
 )
 
 
@@ -408,9 +453,11 @@ def _check_options(
     method: Any,
     chunk_size: Any,
     eps: Any,
+    output: Any,
 ) -> str:
     """Validates every setting; returns the operand to use."""
     check_positive("temperature", temperature)
+    check_output_spec(output)
     check_norm_order(p)
     check_choice("formulation", formulation, FORMULATIONS)
     check_choice("reduction", reduction, REDUCTIONS)

@@ -479,12 +479,9 @@ class Returns(nn.Module):
         (lambda z: z[:, :, None], ValueError, r"got shape \(2, 3, 1\)"),
         (lambda z: z.long(), ValueError, r"floating-point logits .*torch.int64"),
         (lambda z: z[:, :1], ValueError, r"N >= 2 classes, got N = 1"),
-        (lambda z: (z,), TypeError, r"tensor of logits .*got tuple .*`lambda x: model\(x\)\[0\]`"),
-        (
-            lambda z: {"logits": z},
-            TypeError,
-            r"got dict with keys \['logits'\].*`lambda x: model\(x\)\['logits'\]`",
-        ),
+        (lambda z: (z,), TypeError, r"tensor of logits .*got tuple .*`output=0`"),
+        (lambda z: {"scores": z}, TypeError, r"got dict with keys \['scores'\].*`output='scores'`"),
+        (lambda z: object(), TypeError, r"got object; .*`output=lambda out: <the logits in out>`"),
     ],
 )
 def test_bad_model_output(

@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gq_loss import GQLoss, gq_loss
+from gq_loss import GQLoss, class_gradient_norms, gq_loss
+from gq_loss._validation import place_inputs
 from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS
 
 
@@ -816,25 +817,113 @@ def test_no_grad_builds_no_double_backward_graph() -> None:
 # --------------------------------------------------------------------------- model types and dtypes
 
 
-class DictModel(nn.Module):
-    def __init__(self) -> None:
+class Fields:
+    """An output object with fields, like a Hugging Face ``ModelOutput`` (not a Mapping)."""
+
+    def __init__(self, logits: Tensor, hidden: Tensor) -> None:
+        self.logits, self.hidden = logits, hidden
+
+
+class AnyOutput(nn.Module):
+    """Linear logits wrapped by ``wrap`` (dict, tuple, object...)."""
+
+    def __init__(self, wrap: Any) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3).to(F64)
+        self.wrap = wrap
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {"logits": self.lin(x), "hidden": x}
+    def forward(self, x: Tensor) -> Any:
+        return self.wrap(self.lin(x), x)
 
 
-def test_dict_and_tuple_models_get_the_wrapper_fix() -> None:
-    model = DictModel()
+@pytest.mark.parametrize(
+    ("wrap", "output"),
+    [
+        (lambda z, x: {"logits": z, "hidden": x}, None),  # the Hugging Face key, unnamed
+        (lambda z, x: Fields(z, x), None),  # the Hugging Face attribute, unnamed
+        (lambda z, x: {"hidden": x, "scores": z}, "scores"),
+        (lambda z, x: Fields(x, z), "hidden"),
+        (lambda z, x: (x, z), 1),
+        (lambda z, x: [x, z], -1),
+        (lambda z, x: {"out": (x, z)}, lambda out: out["out"][1]),
+    ],
+)
+def test_output_names_the_logits(wrap: Any, output: Any) -> None:
+    model = AnyOutput(wrap)
+    x, y = torch.randn(3, 4, dtype=F64), torch.tensor([0, 2, 1])
+    want = brute_gq(model.lin, x, y)
+    want_grads = grads(model, want.mean())
+    errors: list[str] = []
+    for method, chunk in VARIANTS:
+        got, logits = gq_loss(
+            model, x, y, method=method, chunk_size=chunk, output=output, return_logits=True
+        )
+        check(errors, f"{method}/{chunk} value", got, want.mean())
+        check(errors, f"{method}/{chunk} grads", grads(model, got), want_grads)
+        check(errors, f"{method}/{chunk} logits", logits, model.lin(x))
+    criterion = GQLoss(reduction="none", output=output)
+    check(errors, "GQLoss", criterion(model, x, y), want)
+    assert f"output={output!r}" in repr(criterion)
+    norms = class_gradient_norms(model, x, output=output)
+    check(errors, "class_gradient_norms", norms, brute_norms(model.lin, x))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "output", "error", "match"),
+    [
+        (
+            lambda z, x: {"hidden": x, "scores": z},
+            None,
+            TypeError,
+            r"got dict with keys \['hidden', 'scores'\]; name the logits with the `output` "
+            r"argument, e.g. `output='hidden'`",
+        ),
+        (lambda z, x: (z, x), None, TypeError, r"got tuple of length 2; .*e\.g\. `output=0`"),
+        (lambda z, x: Fields(x, z), "nope", ValueError, r"`output`='nope' names no key or attr"),
+        (lambda z, x: {"a": z}, "b", ValueError, r"names no key .*dict with keys \['a'\]"),
+        (lambda z, x: (z, x), 2, ValueError, r"`output`=2 is an index .*tuple of length 2"),
+        (lambda z, x: z, 0, ValueError, r"`output`=0 is an index .*a tensor of shape \(2, 3\)"),
+        (lambda z, x: (z, x), 1.0, TypeError, r"`output` must be None, a key .*got float 1\.0"),
+        (lambda z, x: (z, x), True, TypeError, r"`output` must be .*got bool True"),
+        (lambda z, x: (z, x), [0], TypeError, r"`output` must be .*got list \[0\]"),
+        (lambda z, x: (z, x), lambda out: out, TypeError, r"got tuple of length 2"),
+    ],
+)
+def test_bad_output(wrap: Any, output: Any, error: type[Exception], match: str) -> None:
+    model = AnyOutput(wrap)
     x, y = torch.randn(2, 4, dtype=F64), torch.tensor([0, 2])
-    with pytest.raises(TypeError, match=r"got dict .*`lambda x: model\(x\)\['logits'\]`"):
-        gq_loss(model, x, y)
-    with pytest.raises(TypeError, match=r"got tuple of length 2.*`lambda x: model\(x\)\[0\]`"):
-        GQLoss()(lambda t: (model.lin(t), t), x, y)
-    # The wrapper the message shows works, and equals the plain model.
-    got = gq_loss(lambda t: model(t)["logits"], x, y)
-    torch.testing.assert_close(got, brute_gq(model.lin, x, y).mean(), rtol=1e-9, atol=0)
+    with pytest.raises(error, match=match):
+        gq_loss(model, x, y, output=output)
+    with pytest.raises(error, match=match):
+        class_gradient_norms(model, x, output=output)
+    if isinstance(output, (bool, float, list)):  # a setting of the wrong type fails at build time
+        with pytest.raises(error, match=match):
+            GQLoss(output=output)
+
+
+def test_place_inputs_rule() -> None:
+    model = nn.Linear(4, 3).to(F64)
+    x = torch.randn(2, 4)
+    assert place_inputs(model, x).dtype == F64
+    same = x.double()
+    assert place_inputs(model, same) is same  # no copy when device and dtype already match
+    ids = torch.tensor([1, 2])
+    assert place_inputs(model, ids).dtype == torch.long  # only floating inputs are cast
+    assert place_inputs(lambda t: model(t), x) is x  # plain callables: unchanged
+    assert place_inputs(nn.ReLU(), x) is x  # no floating parameter: unchanged
+    meta = nn.Linear(4, 3, device="meta")
+    assert place_inputs(meta, x).device.type == "meta"  # inputs follow the parameters' device
+
+
+@pytest.mark.cuda
+def test_inputs_and_targets_follow_a_cuda_model() -> None:
+    model = nn.Linear(4, 3).to(F64)
+    x, y = torch.randn(3, 4, dtype=F64), torch.tensor([0, 2, 1])
+    want = gq_loss(model, x, y)
+    got = gq_loss(copy.deepcopy(model).cuda(), x, y)  # CPU inputs and targets
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=0)
 
 
 def test_float64_model_with_float32_inputs() -> None:
