@@ -12,8 +12,8 @@ that needs the network fails too), and reads the resulting DOM. A page fails whe
 3. its text outside code blocks still shows TeX: ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``$$`` or a
    command such as ``\\frac`` (a formula without delimiters is never typeset).
 
-PAGE defaults to the pages with formulas: ``math/``, ``api/`` and ``ood/``. With
-``--screenshots DIR`` it also saves a PNG of each page, for a person to look at.
+PAGE defaults to ``math/``, ``api/`` and ``ood/``, and any other page whose HTML holds a
+formula. With ``--screenshots DIR`` it also saves a PNG of each page, for a person to look at.
 """
 
 from __future__ import annotations
@@ -160,12 +160,24 @@ def check_page(url: str, name: str) -> tuple[list[str], int]:
     return problems, page.typeset
 
 
+def default_pages(site: Path) -> list[str]:
+    """``PAGES``, and any other page whose HTML holds a formula."""
+    pages = list(PAGES)
+    for html_file in sorted(site.rglob("index.html")):
+        folder = html_file.parent.relative_to(site).as_posix()
+        name = "" if folder == "." else folder + "/"
+        if name not in pages and 'class="arithmatex"' in html_file.read_text(encoding="utf-8"):
+            pages.append(name)
+    return pages
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("site", type=Path)
-    parser.add_argument("pages", nargs="*", default=list(PAGES))
+    parser.add_argument("pages", nargs="*")
     parser.add_argument("--screenshots", type=Path, help="save a PNG of each page here")
     args = parser.parse_args()
+    args.pages = args.pages or default_pages(args.site)
 
     handler = functools.partial(QuietHandler, directory=str(args.site))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
