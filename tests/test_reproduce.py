@@ -50,15 +50,39 @@ def test_paired_interval(reproduce: Any) -> None:
     assert math.isnan(reproduce.paired([0.5])[1])
 
 
+def test_arms_train_for_their_steps_across_epochs(reproduce: Any) -> None:
+    x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 10
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
+    log = reproduce.train(model, (x, y), arm=reproduce.ARMS["gq_1_k1"], steps=7, lr=0.01,
+                          schedule="cosine", seed=0, batch_size=16, desc="t", show_progress=False)  # fmt: skip
+    assert [r["steps"] for r in log] == [2, 2, 2, 1]  # 40 // 16 = 2 steps an epoch, cut at 7
+    assert all(r["train_gq"] > 0 for r in log)
+
+
+def test_grid_order_and_controls(reproduce: Any) -> None:
+    args = reproduce.parse_args(["--seeds", "0", "1", "--few-seeds", "1",
+                                 "--arms", "gq_1_s80", "gq_1_k1", "ce_s80"])  # fmt: skip
+    assert reproduce.grid_jobs(args) == [
+        ("pretrained", 0), ("gq_1_s80", 0), ("gq_1_k1", 0), ("ce_s80", 0),
+        ("pretrained", 1), ("gq_1_s80", 1), ("ce_s80", 1),
+    ]  # fmt: skip
+    controls = reproduce.CONTROLS
+    assert controls["gq_1_s320"] == "ce_s320" and controls["gq_1_k3_s320"] == "ce_s320"
+    assert controls["gq_1_k1"] == "ce" and controls["ce_s1600"] == "ce"
+    assert reproduce.ARMS["gq_1_k1_s320"].loss == reproduce.ARMS["gq_1_k1"]
+
+
 @pytest.mark.slow
 def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
-    args = [sys.executable, str(SCRIPT), "--smoke", "--no-progress",
+    args = [sys.executable, str(SCRIPT), "--smoke", "--no-progress", "--jobs", "2",
             "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = tmp_path / "res"
-    arms = ("ce", "gq_0.1", "gq_1", "gq_10", "gq_reversed", "logitnorm", "reference_1")
+    arms = ("ce", "gq_0.1", "gq_1", "gq_10", "gq_reversed", "logitnorm", "reference_1",
+            "ce_s80", "gq_1_s80", "ce_s320", "gq_1_s320", "ce_s1600",
+            "gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320")  # fmt: skip
     for arm in (*arms, "pretrained"):
         for seed in (0, 1):
             run = json.loads((res / arm / f"seed{seed}.json").read_text())
@@ -67,8 +91,15 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     gq10 = json.loads((res / "gq_10" / "seed0.json").read_text())
     assert gq10["lam"] == 10.0 and gq10["train_log"][0]["train_gq"] > 0
     assert json.loads((res / "ce" / "seed0.json").read_text())["train_log"][0]["train_gq"] == 0
+    long = json.loads((res / "ce_s1600" / "seed0.json").read_text())  # smoke: 1600 / 20 steps
+    assert sum(r["steps"] for r in long["train_log"]) == 80 and len(long["train_log"]) == 10
+    k1 = json.loads((res / "gq_1_k1_s320" / "seed1.json").read_text())
+    assert (k1["estimator"], k1["num_sampled"], k1["steps"]) == ("sampled", 1, 320)
     report = (res / "report.md").read_text()
-    assert "## Which should I use?" in report and "| gq_reversed | 2 |" in report
+    assert "## Which should I use?" in report and "| gq_reversed | 20 | ce | 2 |" in report
+    for section in ("Does the effect grow", "The same compute", "The cheap estimator"):
+        assert section in report
+    assert "| gq_1_s320 | 320 | ce_s320 | 2 |" in report
     assert list((tmp_path / "cache" / "pretrain").glob("*.pt"))  # weights: cache only
     assert not list(res.rglob("*.pt"))
     costs = json.loads((res / "step_costs.json").read_text())
