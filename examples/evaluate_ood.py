@@ -66,7 +66,7 @@ from models import ALL_MODEL_NAMES, build_model
 from torch import Tensor, nn
 from train_utils import HelpFormatter, default_device
 
-from gq_loss import MahalanobisScore
+from gq_loss import MahalanobisDetector
 
 SPEC_KINDS = ("npz", "folder", "torchvision", "noise")
 NOISE_NAMES = {"uniform": "uniform noise", "gaussian": "Gaussian noise"}
@@ -251,7 +251,7 @@ def choose_epsilon(args: argparse.Namespace, dataset: str) -> tuple[float, str]:
 
 def fit_mahalanobis(
     model: nn.Module, ckpt: dict[str, Any], id_spec: str, args: argparse.Namespace
-) -> tuple[MahalanobisScore | None, str]:
+) -> tuple[MahalanobisDetector | None, str]:
     """Fit on ``--fit-data`` (a random subset of ``--fit-limit`` images); ``(score, note)``."""
     if args.fit_data == "none":
         return None, "Mahalanobis skipped (--fit-data none)"
@@ -265,7 +265,7 @@ def fit_mahalanobis(
     if len(x) > args.fit_limit:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
         x, y = x[keep[: args.fit_limit]], y[keep[: args.fit_limit]]
-    maha = MahalanobisScore(
+    maha = MahalanobisDetector(
         model,
         feature_fn=penultimate(model, args.feature_layer),
         num_classes=int(ckpt["num_classes"]),

@@ -65,7 +65,7 @@ def score_methods(
 
     ODIN uses ``temperature`` and ``epsilon`` (in the pixel units of ``x``); MSP and energy the
     plain logits; ``extra`` maps more method names to batch scorers (e.g. a fitted
-    ``MahalanobisScore.score``). With ``grad_norms``, also computes the paper's Fig. 1 quantity
+    ``MahalanobisDetector.score``). With ``grad_norms``, also computes the paper's Fig. 1 quantity
     ``||∇x log S_ŷ(x; T)||_1`` at the predicted class ŷ. The model is put in eval mode.
 
     Returns:

@@ -4,7 +4,7 @@ Public API (all importable from the top level)::
 
     from gq_loss import GQLoss, gq_loss, class_gradient_norms      # training
     from gq_loss import odin_score, odin_perturb, msp_score, energy_score   # scores, per batch
-    from gq_loss import ODINDetector, MSPDetector, EnergyDetector, MahalanobisScore  # detectors
+    from gq_loss import ODINDetector, MSPDetector, EnergyDetector, MahalanobisDetector  # detectors
     from gq_loss import Detector, NotFittedError                    # their protocol
     from gq_loss.metrics import ood_metrics                         # evaluation
 """
@@ -17,15 +17,16 @@ from ._detection import Detector, NotFittedError
 from .functional import odin_perturb, odin_score
 from .kernels import class_gradient_norms
 from .loss import GQLoss, gq_loss
+from .mahalanobis import MahalanobisDetector
 from .odin import ODINDetector
-from .scores import EnergyDetector, MahalanobisScore, MSPDetector, energy_score, msp_score
+from .scores import EnergyDetector, MSPDetector, energy_score, msp_score
 
 __all__ = [
     "Detector",
     "EnergyDetector",
     "GQLoss",
     "MSPDetector",
-    "MahalanobisScore",
+    "MahalanobisDetector",
     "NotFittedError",
     "ODINDetector",
     "__version__",

@@ -14,10 +14,13 @@ original ODIN code does (the *Learning ODIN* paper's Eq. 2 prints the opposite s
 
 Choices made explicit here:
 
-* **Unit of ε.** ``σ_c = 1`` by default, so ε is in the units of the model's input. With
-  ``input_std=σ`` (per channel, dim 1) the step of channel ``c`` is ``ε / σ_c``: for a model that
-  normalises its input as ``(pixel - mean) / σ``, ε is then in raw pixel units of the ``[0, 1]``
-  range (the original code's convention).
+* **Unit of ε.** ε is in the units of the tensor the model receives (``σ_c = 1``). For
+  ``[0, 1]`` images, including a model that normalises its input *inside* its forward, that is
+  already the paper's unit: pixels of the ``[0, 1]`` range; leave ``input_std`` unset.
+  ``input_std=σ`` (per channel, dim 1) is **only for inputs fed already normalised**,
+  ``(pixel - mean) / σ``: the step of channel ``c`` becomes ``ε / σ_c`` in those units, which is
+  ε in pixel units again (the original code's convention). Passing it to a model fed ``[0, 1]``
+  pixels divides the step by σ (about 4x the paper's ε for CIFAR's σ ≈ 0.25).
 * **Sign of a zero gradient** (``sign_of_zero``). The original code binarises the gradient of the
   cross-entropy as ``(g >= 0) * 2 - 1``, so a coordinate whose gradient is exactly zero is still
   *decreased* by ``ε / σ_c`` (``sign_of_zero=1``). The default ``0`` is the mathematical sign
@@ -34,8 +37,12 @@ Choices made explicit here:
   max-softmax at ``T = 1000`` lies on a grid of ~7.5e-9 while scores spread over ~3e-5, and
   would tie.
 * **Model.** An ``nn.Module`` runs in eval mode (each submodule's flag restored) and inputs are
-  moved to the device and cast to the floating dtype of its first floating parameter. A plain
-  callable (``lambda t: m(t)["logits"]``) is called as it is, on the inputs as they are.
+  moved to the device and cast to the floating dtype of its first floating parameter (the
+  package's one placement rule, shared with GQ). A plain callable is called as it is, on the
+  inputs as they are. ``output=`` names the logits in a model output that is not a tensor (a
+  dict key, an attribute, a tuple index or a callable), so a Hugging Face model or one that
+  returns a tuple is passed as the module itself and keeps eval mode and placement; a
+  ``logits`` key or tensor attribute is read without being named.
   No ``.grad`` is left anywhere, and both functions work under ``torch.no_grad()`` and
   ``torch.inference_mode()``.
 """
@@ -50,8 +57,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._detection import Model, check_batch, check_model, eval_mode, float64, placement
-from ._validation import call_model, check_logits, check_nonnegative, check_positive
+from ._detection import Model, check_batch, check_model, eval_mode, float64, logits_of
+from ._validation import (
+    OutputSpec,
+    check_nonnegative,
+    check_output_spec,
+    check_positive,
+    place_inputs,
+)
 
 __all__ = ["odin_perturb", "odin_score"]
 
@@ -117,9 +130,8 @@ def _grad_pass(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _logits(model: Model, x: Tensor) -> Tensor:
-    out = call_model(model, x)
-    check_logits(out, x.shape[0])
+def _logits(model: Model, x: Tensor, output: OutputSpec | None) -> Tensor:
+    out = logits_of(model, x, output)
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
@@ -172,31 +184,32 @@ def _step(
 
 def odin_grid(
     model: Model,
-    x: Tensor,
+    inputs: Tensor,
     temperatures: Sequence[float],
     epsilons: Sequence[float],
     *,
     std: Tensor | None,
     clamp: Clamp | None,
     sign_of_zero: int,
+    output: OutputSpec | None,
 ) -> tuple[Tensor, Tensor]:
     """Scores ``(len(temperatures), len(epsilons), B)`` float64 and clean argmax ``(B,)``, on
     the model's device, for validated settings; one forward and backward per temperature."""
     need_grad = any(e > 0 for e in epsilons)
-    device, dtype = placement(model, x)
-    with eval_mode(model), _grad_pass(device):
-        x = _leaf(x, device, dtype).requires_grad_(need_grad)
-        logits = _logits(model, x)
+    with eval_mode(model), _grad_pass(_device(model, inputs)):
+        x = _leaf(model, inputs).requires_grad_(need_grad)
+        logits = _logits(model, x, output)
         pred = logits.argmax(dim=1)
         out = torch.empty(len(temperatures), len(epsilons), x.shape[0], dtype=torch.float64)
-        out = out.to(float64(logits).device)
+        out = out.to(float64(logits[:0]).device)
         for ti, temperature in enumerate(temperatures):
             retain = ti + 1 < len(temperatures)
             sign = _sign(x, logits, pred, temperature, sign_of_zero, retain) if need_grad else None
             with torch.no_grad():
                 for ei, epsilon in enumerate(epsilons):
                     if epsilon > 0 or clamp is not None:
-                        stepped = _logits(model, _step(x.detach(), sign, epsilon, std, clamp))
+                        x_tilde = _step(x.detach(), sign, epsilon, std, clamp)
+                        stepped = _logits(model, x_tilde, output)
                     else:  # x̃ = x: reuse the clean logits
                         stepped = logits
                     z = float64(stepped.detach()) / temperature
@@ -207,25 +220,32 @@ def odin_grid(
 # --------------------------------------------------------------------------- public API
 
 
-def _leaf(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A fresh copy of ``x`` for the input gradient; call it inside `_grad_pass`."""
-    x = x.detach().to(device=device, dtype=dtype)
+def _device(model: Model, inputs: Tensor) -> torch.device:
+    """The device the model runs on (`place_inputs`), without copying the inputs."""
+    return place_inputs(model, inputs[:0]).device
+
+
+def _leaf(model: Model, inputs: Tensor) -> Tensor:
+    """A fresh copy of ``inputs``, placed by `place_inputs`, for the input gradient; call it
+    inside `_grad_pass`."""
+    x = place_inputs(model, inputs.detach())
     # Made under the caller's inference_mode: autograd needs a normal tensor.
     return x.clone() if x.is_inference() else x
 
 
 def _check(
     model: Any,
-    x: Any,
+    inputs: Any,
     temperature: float,
     epsilon: float,
     input_std: PerChannel | None,
     clamp: Any,
     sign_of_zero: Any,
-) -> tuple[float, float, Tensor | None, Clamp | None, int]:
-    """Validated ``(temperature, epsilon, std, clamp, sign_of_zero)`` of one ODIN call."""
-    check_model(model)
-    check_batch(x, "x")
+    output: Any,
+) -> tuple[float, float, Tensor | None, Clamp | None, int, OutputSpec | None]:
+    """Validated ``(temperature, epsilon, std, clamp, sign_of_zero, output)`` of one call."""
+    check_model("model", model)
+    check_batch(inputs, "inputs")
     std = None if input_std is None else per_channel("input_std", input_std, positive=True)
     return (
         check_positive("temperature", temperature),
@@ -233,40 +253,48 @@ def _check(
         std,
         check_clamp(clamp),
         check_sign_of_zero(sign_of_zero),
+        check_output_spec(output),
     )
 
 
 def odin_perturb(
     model: Model,
-    x: Tensor,
+    inputs: Tensor,
     *,
     temperature: float = 1000.0,
     epsilon: float = 0.001,
     input_std: PerChannel | None = None,
     sign_of_zero: int = 0,
     clamp: tuple[PerChannel, PerChannel] | None = None,
+    output: OutputSpec | None = None,
 ) -> Tensor:
     r"""The ODIN input ``x̃ = clamp(x - ε · sign(-∇_x log S_ŷ(x; T)) / σ)`` of one batch.
 
     Args:
-        model: An ``nn.Module`` or a callable mapping ``x`` to logits ``(B, N)``, ``N >= 2``;
-            samples must be independent (see the module docstring for mode, device and dtype).
-        x: Input batch ``(B, ...)``, floating point; never modified.
+        model: An ``nn.Module`` or a callable mapping ``inputs`` to logits ``(B, N)``,
+            ``N >= 2`` (or to an output holding them, see ``output``); samples must be
+            independent (see the module docstring for mode, device and dtype).
+        inputs: Input batch ``(B, ...)``, floating point; never modified.
         temperature: ``T > 0`` of the gradient. Default: ``1000.0`` (paper).
-        epsilon: Step ``ε >= 0`` in the model's input units, or in the units fixed by
-            ``input_std``. Default: ``0.001`` (paper, CIFAR-10).
-        input_std: ``σ``, a positive float or one value per channel (dim 1); the step of
-            channel ``c`` is ``ε / σ_c``. Default: ``None`` (``σ = 1``).
+        epsilon: Step ``ε >= 0`` in the units of the tensor the model receives: for ``[0, 1]``
+            images (also when the model normalises them inside) that is pixel units, the
+            paper's. Default: ``0.001`` (paper, CIFAR-10).
+        input_std: Only for inputs fed **already normalised** as ``(pixel - mean) / σ``: ``σ``,
+            a positive float or one value per channel (dim 1); the step of channel ``c`` is then
+            ``ε / σ_c``, i.e. ε in pixel units. Default: ``None`` (``σ = 1``).
         sign_of_zero: Sign of an exactly-zero cross-entropy gradient: ``0`` (``torch.sign``, no
             step) or ``1`` (the original code: a step of ``-ε / σ_c``). Default: ``0``.
         clamp: Optional ``(lo, hi)`` (floats or per-channel values, model-input units).
+        output: Names the logits in the model's output when it is not a tensor: a key (str; of
+            a Mapping, else an attribute), an index (int) or a callable applied to the output.
+            Default: ``None`` (a tensor; a ``"logits"`` key or tensor attribute is read unnamed).
 
     Returns:
-        ``x̃`` of the shape of ``x``, a new tensor on ``x``'s device in the model's dtype.
+        ``x̃`` of the shape of ``inputs``, a new tensor on their device in the model's dtype.
 
     Raises:
-        TypeError: ``model`` is not callable, ``x`` is not a floating tensor, or the model does
-            not return a logits tensor (the message shows a one-line wrapper).
+        TypeError: ``model`` is not callable, ``inputs`` is not a floating tensor, or the model
+            does not return logits (the message shows the ``output=`` that names them).
         ValueError: Invalid settings, logits not ``(B, N >= 2)``, or no input gradient.
 
     Examples:
@@ -276,29 +304,29 @@ def odin_perturb(
         >>> x_tilde.shape, x_tilde.abs().unique().tolist()  # one step of ±ε per element
         (torch.Size([2, 3, 2, 2]), [0.009999999776482582])
     """
-    temperature, epsilon, std, bounds, zero_sign = _check(
-        model, x, temperature, epsilon, input_std, clamp, sign_of_zero
+    temperature, epsilon, std, bounds, zero_sign, output = _check(
+        model, inputs, temperature, epsilon, input_std, clamp, sign_of_zero, output
     )
-    device, dtype = placement(model, x)
-    with eval_mode(model), _grad_pass(device):
-        leaf = _leaf(x, device, dtype)
+    with eval_mode(model), _grad_pass(_device(model, inputs)):
+        leaf = _leaf(model, inputs)
         sign = None
         if epsilon > 0:
-            logits = _logits(model, leaf.requires_grad_())
+            logits = _logits(model, leaf.requires_grad_(), output)
             sign = _sign(leaf, logits, logits.argmax(dim=1), temperature, zero_sign, False)
         # copy=True: with ε = 0 and no clamp the result would alias the caller's tensor
-        return _step(leaf.detach(), sign, epsilon, std, bounds).to(x.device, copy=True)
+        return _step(leaf.detach(), sign, epsilon, std, bounds).to(inputs.device, copy=True)
 
 
 def odin_score(
     model: Model,
-    x: Tensor,
+    inputs: Tensor,
     *,
     temperature: float = 1000.0,
     epsilon: float = 0.001,
     input_std: PerChannel | None = None,
     sign_of_zero: int = 0,
     clamp: tuple[PerChannel, PerChannel] | None = None,
+    output: OutputSpec | None = None,
 ) -> Tensor:
     r"""ODIN scores ``max_j S_j(x̃; T)`` of one batch, higher = more in-distribution.
 
@@ -307,7 +335,8 @@ def odin_score(
 
     Returns:
         Scores ``(B,)`` in ``[1/N, 1]``, **float64** (the softmax is computed in float64 from the
-        logits), detached, on ``x``'s device. An input the model maps to NaN scores NaN.
+        logits), detached, on the device of ``inputs``. An input the model maps to NaN scores
+        NaN.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -315,10 +344,17 @@ def odin_score(
         >>> scores.shape, scores.dtype, bool((scores >= 1 / 3).all())
         (torch.Size([4]), torch.float64, True)
     """
-    temperature, epsilon, std, bounds, zero_sign = _check(
-        model, x, temperature, epsilon, input_std, clamp, sign_of_zero
+    temperature, epsilon, std, bounds, zero_sign, output = _check(
+        model, inputs, temperature, epsilon, input_std, clamp, sign_of_zero, output
     )
     scores, _ = odin_grid(
-        model, x, (temperature,), (epsilon,), std=std, clamp=bounds, sign_of_zero=zero_sign
+        model,
+        inputs,
+        (temperature,),
+        (epsilon,),
+        std=std,
+        clamp=bounds,
+        sign_of_zero=zero_sign,
+        output=output,
     )
-    return scores[0, 0].to(x.device)
+    return scores[0, 0].to(inputs.device)

@@ -1,5 +1,5 @@
-r"""[`MahalanobisScore`][gq_loss.MahalanobisScore]: class-conditional Gaussians with a tied
-covariance on a model's features (Lee et al., 2018), as a [`Detector`][gq_loss.Detector]."""
+r"""[`MahalanobisDetector`][gq_loss.MahalanobisDetector]: class-conditional Gaussians with a
+tied covariance on a model's features (Lee et al., 2018), as a [`Detector`][gq_loss.Detector]."""
 
 from __future__ import annotations
 
@@ -9,18 +9,51 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._detection import Detector, NotFittedError, eval_mode, labelled_pair, placement
-from ._validation import check_nonnegative, check_optional_int
+from ._detection import (
+    Detector,
+    Model,
+    NotFittedError,
+    Setting,
+    check_model,
+    eval_mode,
+    float64,
+    labelled_pair,
+)
+from ._validation import (
+    OutputSpec,
+    call_model,
+    check_nonnegative,
+    check_optional_int,
+    place_inputs,
+    select_output,
+)
 
-__all__ = ["PINV_RTOL", "MahalanobisScore"]
+__all__ = ["PINV_RTOL", "MahalanobisDetector"]
 
 #: Eigenvalues of the (ridged) covariance below this share of the largest one count as zero.
 PINV_RTOL = 1e-10
 
 Data = Tensor | tuple[Tensor, ...] | list[Tensor] | Iterable[Any]
+FeatureFn = Callable[[Tensor], Any]
 
 
-class MahalanobisScore(Detector):
+def _check_optional_model(name: str, value: Any) -> Model | None:
+    return None if value is None else check_model(name, value)
+
+
+def _check_layer(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a submodule name (str) or None, got {value!r}")
+    return value
+
+
+def _check_feature_fn(name: str, value: Any) -> FeatureFn | None:
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be callable or None, got {type(value).__name__}")
+    return value
+
+
+class MahalanobisDetector(Detector):
     r"""Class-conditional Gaussians with a tied covariance on designated features.
 
     Fitted on labelled in-distribution training data (Lee et al., 2018, without their input
@@ -35,22 +68,34 @@ class MahalanobisScore(Detector):
     with ``ρ = ridge`` and ``+`` the pseudo-inverse (eigenvalues below ``PINV_RTOL`` times the
     largest count as zero), so singular covariances (more features than samples, dead ReLUs)
     work. Statistics are accumulated in float64 batch by batch (pairwise mean/scatter merging,
-    no second pass over the data).
+    no second pass over the data); on a device without float64 (MPS) that work runs on the CPU,
+    the rule of every score.
 
     Features ``φ(x)`` come from exactly one of:
 
     * ``feature_fn``: any callable ``(B, ...) -> (B, D)`` (more dims are flattened);
     * ``layer``: the name of a submodule of ``model`` (as in ``model.named_modules()``); a
-      forward hook records its output during ``model(x)`` and is removed afterwards. If the
-      submodule runs several times in one forward, its last output is used.
+      forward hook copies its output (in float64) at the moment the submodule returns it, so
+      in-place operations later in the forward (``ReLU(inplace=True)``, a residual ``+=``) do
+      not change the features; the hook is removed afterwards. If the submodule runs several
+      times in one forward, its last output is used.
 
-    When ``model`` is given, every call runs it in eval mode (each submodule's mode restored
-    afterwards), and inputs are moved to the device and cast to the floating dtype of its first
-    floating parameter. Everything runs under ``torch.no_grad()``.
+    ``output`` names the features in what the layer (or ``feature_fn``) returns when that is not
+    a tensor: a key, an attribute, a tuple index or a callable, as for
+    [`odin_score`][gq_loss.odin_score] (a Hugging Face encoder layer returns a tuple:
+    ``output=0``). The model's own output is not used.
+
+    When ``model`` is an ``nn.Module``, every call runs it in eval mode (each submodule's mode
+    restored afterwards), and inputs are moved to the device and cast to the floating dtype of
+    its first floating parameter; a plain callable (with ``feature_fn``) gets the inputs as they
+    are. Everything runs under ``torch.no_grad()``.
 
     It follows the [`Detector`][gq_loss.Detector] protocol: `fit` first (before it, `score`,
     `calibrate` and `predict` raise [`NotFittedError`][gq_loss.NotFittedError]), then `score`,
-    `calibrate` and `predict`. The class `predict` returns is the nearest class mean
+    `calibrate` and `predict`. Every argument is a public attribute, validated on assignment;
+    assigning one that changes the features or the score (``model``, ``layer``,
+    ``feature_fn``, ``output``, ``ridge``, ``num_classes``) drops the fit and the threshold, and
+    a new `fit` drops the threshold. The class `predict` returns is the nearest class mean
     ``argmin_c`` of the distance above (the generative classifier of Lee et al.), so it needs no
     logits.
 
@@ -61,76 +106,105 @@ class MahalanobisScore(Detector):
     space, while this class flattens.
 
     Args:
-        model: The classifier; required with ``layer``, optional with ``feature_fn``.
+        model: The classifier (an ``nn.Module``, required with ``layer``; or a callable), or
+            ``None`` with ``feature_fn``.
         layer: Name of the submodule whose output is the feature.
         feature_fn: Callable mapping inputs ``(B, ...)`` to features ``(B, D)``.
         ridge: ``ρ >= 0`` added to the covariance diagonal before inversion. Default: ``0.0``.
         num_classes: Number of classes ``C``; default: largest label seen plus one. Every
             class must have samples.
+        output: Names the features in the output of ``layer`` / ``feature_fn`` (see above).
+            Default: ``None`` (a tensor).
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
 
     Attributes:
-        means_: Class means ``(C, D)``, float64 (after `fit`).
+        means_: Class means ``(C, D)``, float64 (after `fit`; ``None`` before).
         covariance_: Tied covariance ``(D, D)``, float64.
         precision_: ``P``, ``(D, D)``, float64.
         class_counts_: Samples per class ``(C,)``, int64.
-        threshold: Set by `calibrate` (``None`` before).
+        threshold_: Set by `calibrate` (``None`` before).
 
     Examples:
         >>> x = torch.tensor([[0.0, 0], [2, 0], [0, 2], [2, 2], [10, 10], [12, 10], [10, 12],
         ...                   [12, 12]])
         >>> y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-        >>> maha = MahalanobisScore(feature_fn=lambda t: t).fit((x, y))
+        >>> maha = MahalanobisDetector(feature_fn=lambda t: t).fit((x, y))
         >>> maha.score(torch.tensor([[1.0, 3.0], [5.5, 5.5]])).tolist()
         [-4.0, -40.5]
         >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> MahalanobisScore(net, layer="1").fit((x, y)).score(x).shape
+        >>> MahalanobisDetector(net, layer="1").fit(id_train_data=(x, y)).score(x).shape
         torch.Size([8])
         >>> maha.calibrate(x, tpr=1.0).predict(torch.tensor([[1.0, 1], [11, 11], [30, 0]]))
         tensor([ 0,  1, -1])
     """
 
+    _desc = "Mahalanobis"
+    model: Setting[Model | None] = Setting(_check_optional_model)  # type: ignore[assignment]
+    layer: Setting[str | None] = Setting(_check_layer)
+    feature_fn: Setting[FeatureFn | None] = Setting(_check_feature_fn)
+    ridge: Setting[float] = Setting(check_nonnegative)
+    num_classes: Setting[int | None] = Setting(check_optional_int)
+
     def __init__(
         self,
-        model: nn.Module | None = None,
+        model: Model | None = None,
         *,
         layer: str | None = None,
-        feature_fn: Callable[[Tensor], Tensor] | None = None,
+        feature_fn: FeatureFn | None = None,
         ridge: float = 0.0,
         num_classes: int | None = None,
+        output: OutputSpec | None = None,
         ood_label: int = -1,
         batch_size: int | None = None,
         progress: bool = False,
     ) -> None:
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(
-                f"`model` must be a torch.nn.Module or None, got {type(model).__name__}"
-            )
-        super().__init__(model, ood_label=ood_label, batch_size=batch_size, progress=progress)
+        super().__init__(
+            model, output=output, ood_label=ood_label, batch_size=batch_size, progress=progress
+        )
+        self.layer = layer
+        self.feature_fn = feature_fn
+        self.ridge = ridge
+        self.num_classes = num_classes
+        self._check_source()
+        self.__dict__["_ready"] = True
+
+    def _check_setting(self, name: str, value: Any) -> None:
+        """After construction, the feature source must stay consistent on every assignment."""
+        if not self.__dict__.get("_ready") or name not in ("model", "layer", "feature_fn"):
+            return
+        current = {n: getattr(self, n) for n in ("model", "layer", "feature_fn")}
+        current[name] = value
+        self._check_source(**current)
+
+    def _check_source(self, **source: Any) -> None:
+        model = source.get("model", self.model) if source else self.model
+        layer = source.get("layer", self.layer) if source else self.layer
+        feature_fn = source.get("feature_fn", self.feature_fn) if source else self.feature_fn
         if (layer is None) == (feature_fn is None):
             raise ValueError(
                 "pass exactly one of `feature_fn` or `layer`, got "
-                f"feature_fn={feature_fn!r}, layer={layer!r}"
+                f"feature_fn={feature_fn!r}, layer={layer!r} (to switch the feature source, "
+                "build a new MahalanobisDetector)"
             )
-        self._module: nn.Module | None = None
         if layer is not None:
-            if not isinstance(layer, str):
-                raise TypeError(f"`layer` must be a submodule name (str), got {layer!r}")
             if model is None:
                 raise ValueError(f"`layer={layer!r}` needs `model`, got model=None")
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"`layer={layer!r}` needs `model` to be a torch.nn.Module (its submodules "
+                    f"are looked up by name), got {type(model).__name__}; pass `feature_fn` for "
+                    "a plain callable"
+                )
             modules = dict(model.named_modules())
             if layer not in modules:
                 names = [n for n in modules if n][:10]
                 raise ValueError(f"`layer` {layer!r} is not a submodule of `model`; some: {names}")
-            self._module = modules[layer]
-        if feature_fn is not None and not callable(feature_fn):
-            raise TypeError(f"`feature_fn` must be callable, got {type(feature_fn).__name__}")
-        self.layer = layer
-        self.feature_fn = feature_fn
-        self.ridge = check_nonnegative("ridge", ridge)
-        self.num_classes = check_optional_int("num_classes", num_classes)
+
+    def _invalidate(self) -> None:
+        """Drop the fit and the threshold: a setting that changes the features was assigned."""
+        super()._invalidate()
         self.means_: Tensor | None = None
         self.covariance_: Tensor | None = None
         self.precision_: Tensor | None = None
@@ -139,54 +213,74 @@ class MahalanobisScore(Detector):
     # ------------------------------------------------------------------ features
 
     def features(self, inputs: Tensor) -> Tensor:
-        """Features of one batch: inputs ``(B, ...)`` -> ``(B, D)`` float64, no graph."""
+        """Features of one batch: inputs ``(B, ...)`` -> ``(B, D)`` float64, no graph; on the
+        device of the features, or on the CPU where that device has no float64 (MPS)."""
         if not isinstance(inputs, Tensor):
             raise TypeError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
-        model, captured, handle = self.model, [], None
+        model, layer, output = self.model, self.layer, self.output
+        source = f"`layer` {layer!r}" if layer is not None else "`feature_fn`"
         if model is not None:
-            device, dtype = placement(model, inputs)
-            inputs = inputs.to(device=device, dtype=dtype)
+            inputs = place_inputs(model, inputs)
+        captured: list[Any] = []
+
+        def copy(out: Any) -> Any:
+            """The features in ``out``, copied in float64 now: later in-place operations of the
+            forward must not reach them."""
+            try:
+                feats = select_output(out, output)
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from err
+            return float64(feats.detach(), copy=True) if isinstance(feats, Tensor) else feats
+
+        handle = None
         try:
             with eval_mode(model), torch.no_grad():
-                if self._module is not None:
-                    assert model is not None  # set together in __init__
-                    handle = self._module.register_forward_hook(
-                        lambda _m, _i, out: captured.append(out)
+                if layer is not None:
+                    assert isinstance(model, nn.Module)  # checked by _check_source
+                    module = dict(model.named_modules())[layer]
+                    handle = module.register_forward_hook(
+                        lambda _m, _i, out: captured.__setitem__(slice(None), [copy(out)])
                     )
-                    model(inputs)
+                    call_model(model, inputs)
                     if not captured:
-                        raise RuntimeError(f"`layer` {self.layer!r} did not run in model(inputs)")
+                        raise RuntimeError(f"`layer` {layer!r} did not run in model(inputs)")
                     feats = captured[-1]
                 else:
                     assert self.feature_fn is not None
-                    feats = self.feature_fn(inputs)
+                    feats = copy(self.feature_fn(inputs))
         finally:
             if handle is not None:
                 handle.remove()
-        source = f"`layer` {self.layer!r}" if self.layer is not None else "`feature_fn`"
         if not isinstance(feats, Tensor):
-            raise TypeError(f"{source} must produce a Tensor, got {type(feats).__name__}")
+            raise TypeError(
+                f"{source} must produce a Tensor, got {type(feats).__name__}; name the features "
+                "in its output with `output=` (a key, an attribute, an index or a callable)"
+            )
         if feats.ndim < 2 or feats.shape[0] != inputs.shape[0]:
             raise ValueError(
                 f"{source} must produce features (B, D) with B={inputs.shape[0]}, "
                 f"got shape {tuple(feats.shape)}"
             )
-        return feats.detach().flatten(1).to(torch.float64)
+        return feats.flatten(1)
 
     # ------------------------------------------------------------------ fit / score
 
-    def fit(self, data: Data) -> MahalanobisScore:
+    def fit(self, id_train_data: Data) -> MahalanobisDetector:
         """Estimate class means and the tied covariance from labelled ID data.
 
+        Drops the threshold (and any earlier fit): call `calibrate` after it.
+
         Args:
-            data: ``(inputs, labels)`` with inputs ``(B, ...)`` and int labels ``(B,)``, or an
-                iterable of such batches (e.g. a ``DataLoader``).
+            id_train_data: ``(inputs, labels)`` with inputs ``(B, ...)`` and int labels
+                ``(B,)``, or an iterable of such batches (e.g. a `DataLoader`, with or without
+                a length).
 
         Returns:
             ``self``, fitted.
         """
+        self._invalidate()
         count = mean = scatter = None
-        for inputs, labels in _labelled_batches(data):
+        for inputs, labels in _labelled_batches(id_train_data):
             feats = self.features(inputs)
             labels = _check_labels(labels, feats.shape[0]).to(feats.device)
             if feats.shape[0] == 0:
@@ -221,7 +315,7 @@ class MahalanobisScore(Detector):
             mean += delta * (n_b / (count + n_b).clamp(min=1)).unsqueeze(1)
             count += n_b
         if count is None or mean is None or scatter is None:
-            raise ValueError("`data` must contain at least one sample, got none")
+            raise ValueError("`id_train_data` must contain at least one sample, got none")
         empty = torch.nonzero(count == 0).flatten().tolist()
         if empty:
             raise ValueError(f"every class needs samples to fit; classes {empty} have none")
@@ -234,7 +328,10 @@ class MahalanobisScore(Detector):
 
     def _check_fitted(self) -> None:
         if self.means_ is None or self.precision_ is None:
-            raise NotFittedError("MahalanobisScore is not fitted: call `fit(id_train_data)` first")
+            raise NotFittedError(
+                "MahalanobisDetector is not fitted: call `fit(id_train_data)` first (assigning a "
+                "setting that changes the features drops the fit)"
+            )
 
     def _score_batch(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Scores ``(B,)`` float64 ``<= 0`` and the nearest class ``(B,)``."""
@@ -278,13 +375,14 @@ def _check_labels(labels: Any, batch: int) -> Tensor:
 
 def _labelled_batches(data: Data) -> Iterator[tuple[Tensor, Any]]:
     if isinstance(data, Tensor):
-        raise TypeError("`data` needs labels: pass (inputs, labels) or batches of them")
+        raise TypeError("`id_train_data` needs labels: pass (inputs, labels) or batches of them")
     if labelled_pair(data):
         yield data[0], data[1]  # type: ignore[index]
         return
     for batch in data:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError(
-                f"each batch of `data` must be (inputs, labels, ...), got {type(batch).__name__}"
+                "each batch of `id_train_data` must be (inputs, labels, ...), got "
+                f"{type(batch).__name__}"
             )
         yield batch[0], batch[1]

@@ -4,8 +4,12 @@ Every function takes ``(id_scores, ood_scores)``: 1-D scores of in-distribution 
 out-of-distribution (OOD) samples, where a **higher score means more in-distribution** (the
 convention of ODIN's max-softmax, [`msp_score`][gq_loss.msp_score] and
 [`energy_score`][gq_loss.energy_score]). Scores may be torch tensors (any device), numpy arrays or
-sequences; they are converted to float64 numpy and must be finite. They are used as they are (no
-sigmoid or other squashing), so raw logits of any magnitude work.
+sequences; they must be finite. They are used as they are (no sigmoid or other squashing), so raw
+logits of any magnitude work.
+
+Outputs: every scalar metric is a Python ``float``; the one curve,
+[`roc_curve`][gq_loss.metrics.roc_curve], returns float64 torch tensors on the CPU, like every
+other array the package returns. (numpy is used inside, for the sort and the cumulative sums.)
 
 All metrics are rank based and computed from one sort (``O(n log n)``). Tied scores are grouped
 into one threshold, exactly as scikit-learn's ``roc_curve`` (with ``drop_intermediate=False``),
@@ -51,7 +55,7 @@ ScoresLike = torch.Tensor | np.ndarray | Sequence[float]
 
 #: Allowed values of ``positive``; validation and dispatch both read this tuple.
 POSITIVES: tuple[str, ...] = ("id", "ood")
-#: Allowed values of ``rule`` / ``fpr_rule``.
+#: Allowed values of ``rule``.
 FPR_RULES: tuple[str, ...] = ("first", "interpolate")
 
 
@@ -163,7 +167,7 @@ def _prepare(id_scores: ScoresLike, ood_scores: ScoresLike) -> _Counts:
 
 def roc_curve(
     id_scores: ScoresLike, ood_scores: ScoresLike, *, positive: Positive = "id"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""ROC curve with one point per distinct score, plus the starting point ``(0, 0)``.
 
     Thresholds are swept from the most to the least positive score; tied scores form one point
@@ -177,12 +181,12 @@ def roc_curve(
             thresholds[k]`` as OOD, TPR/FPR are the shares of OOD/ID flagged.
 
     Returns:
-        ``(fpr, tpr, thresholds)``, float64 arrays of shape ``(K + 1,)`` for ``K`` distinct
-        scores; ``thresholds[0]`` is ``+inf`` (``"id"``) or ``-inf`` (``"ood"``).
+        ``(fpr, tpr, thresholds)``, float64 CPU tensors of shape ``(K + 1,)`` for ``K``
+        distinct scores; ``thresholds[0]`` is ``+inf`` (``"id"``) or ``-inf`` (``"ood"``).
 
     Examples:
         >>> fpr, tpr, thr = roc_curve([3.0, 2.0, 1.0], [1.0, 0.0])
-        >>> fpr.tolist(), tpr.round(3).tolist(), thr.tolist()
+        >>> fpr.tolist(), tpr.round(decimals=3).tolist(), thr.tolist()
         ([0.0, 0.0, 0.0, 0.5, 1.0], [0.0, 0.333, 0.667, 1.0, 1.0], [inf, 3.0, 2.0, 1.0, 0.0])
     """
     check_choice("positive", positive, POSITIVES)
@@ -192,7 +196,10 @@ def roc_curve(
         thresholds = np.concatenate([[np.inf], counts.values])
     else:
         thresholds = np.concatenate([[-np.inf], counts.values[::-1]])
-    return fps / fps[-1], tps / tps[-1], thresholds
+    return tuple(  # type: ignore[return-value]
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+        for a in (fps / fps[-1], tps / tps[-1], thresholds)
+    )
 
 
 def auroc(id_scores: ScoresLike, ood_scores: ScoresLike) -> float:
@@ -221,8 +228,8 @@ def auroc(id_scores: ScoresLike, ood_scores: ScoresLike) -> float:
 def fpr_at_tpr(
     id_scores: ScoresLike,
     ood_scores: ScoresLike,
-    tpr: float = 0.95,
     *,
+    tpr: float = 0.95,
     positive: Positive = "id",
     rule: FprRule = "first",
 ) -> float:
@@ -320,7 +327,7 @@ def ood_metrics(
     *,
     positive: Positive = "id",
     tpr: float = 0.95,
-    fpr_rule: FprRule = "first",
+    rule: FprRule = "first",
 ) -> dict[str, float]:
     r"""All standard OOD metrics from one sort of the scores.
 
@@ -328,8 +335,7 @@ def ood_metrics(
 
     * ``"auroc"``: [`auroc`][gq_loss.metrics.auroc].
     * ``"fpr95"``: [`fpr_at_tpr`][gq_loss.metrics.fpr_at_tpr] at ``tpr`` with ``positive`` and
-      ``rule=fpr_rule``. The key
-      is named after the target: ``"fpr95"`` for ``0.95`` (default), ``"fpr90"`` for ``0.9``,
+      ``rule``. The key is named after the target: ``"fpr95"`` for ``0.95`` (default), ``"fpr90"`` for ``0.9``,
       ``"fpr99.5"`` for ``0.995`` (``f"fpr{100 * tpr:g}"``).
     * ``"aupr_in"``: [`aupr`][gq_loss.metrics.aupr] with ID positive (whatever ``positive`` is).
     * ``"aupr_out"``: [`aupr`][gq_loss.metrics.aupr] with OOD positive, scores negated
@@ -342,7 +348,7 @@ def ood_metrics(
         positive: Convention of the FPR: ``"id"`` (ODIN paper) or ``"ood"`` (OpenOOD,
             pytorch-ood). Default: ``"id"``.
         tpr: Target true-positive rate of the FPR, in ``(0, 1]``. Default: ``0.95``.
-        fpr_rule: ``"first"`` or ``"interpolate"`` (see
+        rule: ``"first"`` or ``"interpolate"`` (see
             [`fpr_at_tpr`][gq_loss.metrics.fpr_at_tpr]). Default: ``"first"``.
 
     Returns:
@@ -355,11 +361,11 @@ def ood_metrics(
     """
     tpr = check_fraction("tpr", tpr)
     check_choice("positive", positive, POSITIVES)
-    check_choice("fpr_rule", fpr_rule, FPR_RULES)
+    check_choice("rule", rule, FPR_RULES)
     counts = _prepare(id_scores, ood_scores)
     return {
         "auroc": _auroc(counts),
-        f"fpr{round(100 * tpr, 6):g}": _fpr_at_tpr(counts, tpr, positive, fpr_rule),
+        f"fpr{round(100 * tpr, 6):g}": _fpr_at_tpr(counts, tpr, positive, rule),
         "aupr_in": _aupr(counts, "id"),
         "aupr_out": _aupr(counts, "ood"),
         "detection_error": _detection_error(counts),

@@ -9,12 +9,14 @@ and the choices made); ``ODINDetector(model, ...).score(x)`` equals
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import Tensor
 
-from ._detection import Data, Detector, Model, check_batch, check_scores
-from ._validation import check_choice, check_nonnegative, check_positive
+from ._detection import Data, Detector, Model, Setting, check_batch, check_scores
+from ._validation import OutputSpec, check_choice, check_nonnegative, check_positive
 from .functional import (
+    Clamp,
     PerChannel,
     check_clamp,
     check_sign_of_zero,
@@ -33,37 +35,57 @@ TUNE_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005, 0.01, 0.05, 0
 CRITERIA: dict[str, bool] = {"fpr95": False, "auroc": True}
 
 
+def _as_tuple(t: Tensor) -> tuple[float, ...]:
+    return tuple(float(v) for v in t.tolist())
+
+
+def _check_std(name: str, value: Any) -> tuple[float, ...] | None:
+    return None if value is None else _as_tuple(per_channel(name, value, positive=True))
+
+
+def _check_clamp(name: str, value: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    bounds = check_clamp(value)
+    return None if bounds is None else (_as_tuple(bounds[0]), _as_tuple(bounds[1]))
+
+
 class ODINDetector(Detector):
     r"""ODIN detector wrapped around a trained classifier.
 
     Holds the settings of [`odin_score`][gq_loss.odin_score] (formula and choices in
     `gq_loss.functional`) and follows the [`Detector`][gq_loss.Detector] protocol: `score`,
     `calibrate`, `predict` over tensors or iterables of batches; `tune` grid-searches ``(T, ε)``.
+    Every argument is a public attribute, validated on assignment; assigning one that changes
+    scores drops `threshold_` (see [`Detector`][gq_loss.Detector]).
 
     Args:
         model: An ``nn.Module`` or a callable mapping a float batch ``(B, ...)`` to logits
-            ``(B, N)``, ``N >= 2``; samples must be independent. A module runs in eval mode
-            (each submodule's flag restored) and inputs are moved to the device and cast to the
-            floating dtype of its first floating parameter; a plain callable (e.g.
-            ``lambda t: m(t)["logits"]``) gets the inputs as they are.
+            ``(B, N)``, ``N >= 2`` (or to an output holding them, see ``output``); samples must
+            be independent. A module runs in eval mode (each submodule's flag restored) and
+            inputs are moved to the device and cast to the floating dtype of its first floating
+            parameter; a plain callable gets the inputs as they are.
         temperature: ``T > 0``. Default: ``1000.0`` (paper).
-        epsilon: Step size ``ε >= 0`` in the model's input units, or in the units fixed by
-            ``input_std``. Default: ``0.001`` (paper, CIFAR-10). ``0`` gives temperature-scaled
+        epsilon: Step size ``ε >= 0`` in the units of the tensor the model receives: for
+            ``[0, 1]`` images (also when the model normalises them inside) that is pixel units,
+            the paper's. Default: ``0.001`` (paper, CIFAR-10). ``0`` gives temperature-scaled
             max-softmax.
-        input_std: ``σ``, a positive float or one value per channel (dim 1); the step of channel
-            ``c`` is ``ε / σ_c``. Default: ``None`` (``σ = 1``).
+        input_std: Only for inputs fed **already normalised** as ``(pixel - mean) / σ``: ``σ``,
+            a positive float or one value per channel (dim 1); the step of channel ``c`` is then
+            ``ε / σ_c``, i.e. ε in pixel units. Default: ``None`` (``σ = 1``). Read back as a
+            tuple of floats.
         sign_of_zero: Sign given to an exactly-zero cross-entropy gradient: ``0`` (default,
             ``torch.sign``: no step) or ``1`` (original code: step ``-ε / σ_c``).
         clamp: Optional ``(lo, hi)`` (floats or per-channel values, model-input units); ``x̃`` is
-            clamped to it.
+            clamped to it. Read back as a pair of tuples of floats.
+        output: Names the logits in the model's output, as for
+            [`odin_score`][gq_loss.odin_score]. Default: ``None``.
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
 
     Attributes:
-        threshold: Score threshold set by `calibrate` (``None`` before); accepted when
-            ``score >= threshold`` (and the score is finite).
-        tuning_results: List of dicts, one per grid point, filled by `tune`.
+        threshold_: Score threshold set by `calibrate` (``None`` before); accepted when
+            ``score >= threshold_`` (and the score is finite).
+        tuning_results_: List of dicts, one per grid point, filled by `tune` (empty before).
 
     Examples:
         >>> import torch
@@ -78,7 +100,12 @@ class ODINDetector(Detector):
     """
 
     _desc = "ODIN"
-    model: Model
+    model: Setting[Model]
+    temperature: Setting[float] = Setting(check_positive)
+    epsilon: Setting[float] = Setting(check_nonnegative)
+    input_std: Setting[tuple[float, ...] | None] = Setting(_check_std)
+    sign_of_zero: Setting[int] = Setting(lambda _name, value: check_sign_of_zero(value))
+    clamp: Setting[tuple[tuple[float, ...], tuple[float, ...]] | None] = Setting(_check_clamp)
 
     def __init__(
         self,
@@ -89,59 +116,46 @@ class ODINDetector(Detector):
         input_std: PerChannel | None = None,
         sign_of_zero: int = 0,
         clamp: tuple[PerChannel, PerChannel] | None = None,
+        output: OutputSpec | None = None,
         ood_label: int = -1,
         batch_size: int | None = None,
         progress: bool = False,
     ) -> None:
-        super().__init__(model, ood_label=ood_label, batch_size=batch_size, progress=progress)
+        super().__init__(
+            model, output=output, ood_label=ood_label, batch_size=batch_size, progress=progress
+        )
         self.temperature = temperature
         self.epsilon = epsilon
-        self._std = (
-            None if input_std is None else per_channel("input_std", input_std, positive=True)
-        )
-        self._clamp = check_clamp(clamp)
-        self.sign_of_zero = check_sign_of_zero(sign_of_zero)
-        self.tuning_results: list[dict[str, float]] = []
+        self.input_std = input_std
+        self.sign_of_zero = sign_of_zero
+        self.clamp = clamp
+        self.tuning_results_: list[dict[str, float]] = []
 
-    @property
-    def temperature(self) -> float:
-        """Temperature ``T > 0`` of both the gradient and the final softmax."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = check_positive("temperature", value)
-
-    @property
-    def epsilon(self) -> float:
-        """Step size ``ε >= 0`` (see ``input_std`` for its unit)."""
-        return self._epsilon
-
-    @epsilon.setter
-    def epsilon(self, value: float) -> None:
-        self._epsilon = check_nonnegative("epsilon", value)
-
-    def __repr__(self) -> str:
+    def _settings(self) -> tuple[Tensor | None, Clamp | None]:
+        """``input_std`` and ``clamp`` as the tensors the functional core takes."""
+        std, clamp = self.input_std, self.clamp
         return (
-            f"ODINDetector(temperature={self.temperature:g}, epsilon={self.epsilon:g}, "
-            f"sign_of_zero={self.sign_of_zero}, threshold={self.threshold!r})"
+            None if std is None else per_channel("input_std", std, positive=True),
+            check_clamp(clamp),
         )
 
     def _odin(
         self, x: Tensor, temperatures: Sequence[float], epsilons: Sequence[float]
     ) -> tuple[Tensor, Tensor]:
+        std, clamp = self._settings()
         return odin_grid(
             self.model,
             x,
             temperatures,
             epsilons,
-            std=self._std,
-            clamp=self._clamp,
+            std=std,
+            clamp=clamp,
             sign_of_zero=self.sign_of_zero,
+            output=self.output,
         )
 
-    def _score_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        scores, pred = self._odin(x, (self.temperature,), (self.epsilon,))
+    def _score_batch(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        scores, pred = self._odin(inputs, (self.temperature,), (self.epsilon,))
         return scores[0, 0], pred
 
     def perturb(self, inputs: Tensor) -> Tensor:
@@ -158,9 +172,10 @@ class ODINDetector(Detector):
             check_batch(inputs, "inputs"),
             temperature=self.temperature,
             epsilon=self.epsilon,
-            input_std=self._std,
+            input_std=self.input_std,
             sign_of_zero=self.sign_of_zero,
-            clamp=self._clamp,
+            clamp=self.clamp,
+            output=self.output,
         )
 
     def _scan(self, data: Data, name: str, temps: Sequence[float], eps: Sequence[float]) -> Tensor:
@@ -181,7 +196,7 @@ class ODINDetector(Detector):
 
         Each temperature costs one forward and one backward per batch, each ``ε > 0`` one more
         forward; the data is read once. The result of every grid point is kept in
-        `tuning_results`; `threshold` is reset (call `calibrate` again).
+        `tuning_results_`; `threshold_` is reset (call `calibrate` again).
 
         * With ``ood_data``: ``criterion="fpr95"`` (default, the ODIN paper: lowest FPR at 95%
           TPR, ties broken by AUROC) or ``"auroc"`` (highest, ties broken by FPR95), computed by
@@ -254,9 +269,9 @@ class ODINDetector(Detector):
             other = "auroc" if criterion == "fpr95" else "fpr95"
             sign = -1.0 if CRITERIA[criterion] else 1.0  # minimise sign * criterion, then the other
             best = min(results, key=lambda r: (sign * r[criterion], -sign * r[other]))
-        self.temperature, self.epsilon = best["temperature"], best["epsilon"]
-        self.tuning_results = results
-        self.threshold = None
+        self.temperature, self.epsilon = best["temperature"], best["epsilon"]  # drop threshold_
+        self.threshold_ = None  # also where the best setting is the current one
+        self.tuning_results_ = results
         return self
 
     @staticmethod

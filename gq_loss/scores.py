@@ -1,5 +1,5 @@
 r"""Baseline OOD scores on a trained classifier: MSP and energy, as functions on logits and as
-detectors; [`MahalanobisScore`][gq_loss.MahalanobisScore] on features.
+detectors; [`MahalanobisDetector`][gq_loss.MahalanobisDetector] on features.
 
 Every score follows the package convention **higher = more in-distribution**, so each can be
 passed to [`ood_metrics`][gq_loss.metrics.ood_metrics] side by side with ODIN. The final softmax
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._detection import Detector, Model, float64, placement
-from ._validation import call_model, check_logits, check_positive
-from .mahalanobis import MahalanobisScore
+from ._detection import Detector, Model, Setting, float64, logits_of
+from ._validation import OutputSpec, check_logits, check_positive
+from .mahalanobis import MahalanobisDetector
 
-__all__ = ["EnergyDetector", "MSPDetector", "MahalanobisScore", "energy_score", "msp_score"]
+__all__ = ["EnergyDetector", "MSPDetector", "MahalanobisDetector", "energy_score", "msp_score"]
 
 
 def _scaled(logits: Any, temperature: float) -> Tensor:
@@ -31,7 +31,7 @@ def _scaled(logits: Any, temperature: float) -> Tensor:
     return float64(logits) / temperature
 
 
-def msp_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
+def msp_score(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     r"""Maximum softmax probability (Hendrycks & Gimpel, 2017), optionally temperature-scaled.
 
     $$ s(x) = \max_j \operatorname{softmax}(f(x) / T)_j $$
@@ -50,7 +50,7 @@ def msp_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.softmax(_scaled(logits, temperature), dim=1).amax(dim=1)
 
 
-def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
+def energy_score(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     r"""Negative free energy (Liu et al., 2020): higher = more in-distribution.
 
     $$ s(x) = T \log \sum_j \exp\big(f_j(x) / T\big) $$
@@ -73,31 +73,29 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
 class _LogitDetector(Detector):
     """A score of the logits, as a [`Detector`][gq_loss.Detector]: one forward per batch."""
 
-    _fn: Callable[[Tensor, float], Tensor]
-    model: Model
+    _fn: Callable[..., Tensor]
+    model: Setting[Model]
+    temperature: Setting[float] = Setting(check_positive)
 
     def __init__(
         self,
         model: Model,
         *,
         temperature: float = 1.0,
+        output: OutputSpec | None = None,
         ood_label: int = -1,
         batch_size: int | None = None,
         progress: bool = False,
     ) -> None:
-        super().__init__(model, ood_label=ood_label, batch_size=batch_size, progress=progress)
-        self.temperature = check_positive("temperature", temperature)
+        super().__init__(
+            model, output=output, ood_label=ood_label, batch_size=batch_size, progress=progress
+        )
+        self.temperature = temperature
 
-    def _score_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        device, dtype = placement(self.model, x)
+    def _score_batch(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            logits = call_model(self.model, x.to(device=device, dtype=dtype))
-        check_logits(logits, x.shape[0])
-        return type(self)._fn(logits, self.temperature), logits.argmax(dim=1)
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"{name}(temperature={self.temperature:g}, threshold={self.threshold!r})"
+            logits = logits_of(self.model, inputs, self.output)
+        return type(self)._fn(logits, temperature=self.temperature), logits.argmax(dim=1)
 
 
 class MSPDetector(_LogitDetector):
@@ -105,9 +103,12 @@ class MSPDetector(_LogitDetector):
 
     Args:
         model: An ``nn.Module`` or a callable mapping ``(B, ...)`` to logits ``(B, N)``,
-            ``N >= 2``. A module runs in eval mode under ``torch.no_grad()`` and inputs are moved
-            to the device and cast to the floating dtype of its first floating parameter.
+            ``N >= 2`` (or to an output holding them, see ``output``). A module runs in eval
+            mode under ``torch.no_grad()`` and inputs are moved to the device and cast to the
+            floating dtype of its first floating parameter.
         temperature: ``T > 0`` of the softmax. Default: ``1.0``.
+        output: Names the logits in the model's output, as for
+            [`odin_score`][gq_loss.odin_score]. Default: ``None``.
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
@@ -131,6 +132,8 @@ class EnergyDetector(_LogitDetector):
     Args:
         model: As for [`MSPDetector`][gq_loss.MSPDetector].
         temperature: ``T > 0``. Default: ``1.0``.
+        output: Names the logits in the model's output, as for
+            [`odin_score`][gq_loss.odin_score]. Default: ``None``.
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.

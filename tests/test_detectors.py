@@ -3,6 +3,8 @@ and the rules every detector follows: non-finite scores, model outputs, dtype, N
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -11,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gq_loss import (
     Detector,
     EnergyDetector,
-    MahalanobisScore,
+    MahalanobisDetector,
     MSPDetector,
     NotFittedError,
     ODINDetector,
@@ -39,7 +41,7 @@ DETECTORS = {
     "odin": lambda m: ODINDetector(m, temperature=10.0, epsilon=0.01),
     "msp": lambda m: MSPDetector(m, temperature=2.0),
     "energy": lambda m: EnergyDetector(m),
-    "mahalanobis": lambda m: MahalanobisScore(m, layer="1", ridge=1e-3).fit(
+    "mahalanobis": lambda m: MahalanobisDetector(m, layer="1", ridge=1e-3).fit(
         (torch.randn(80, 3, 2, 2, dtype=torch.float64), torch.arange(80) % 4)
     ),
 }
@@ -78,7 +80,8 @@ def test_detector_score_equals_odin_score(settings):
     detector = ODINDetector(model, **settings)
     assert torch.equal(detector.score(x), odin_score(model, x, **settings))
     assert torch.equal(detector.perturb(x), odin_perturb(model, x, **settings))
-    assert torch.equal(ODINDetector(model, batch_size=4, **settings).score(x), detector.score(x))
+    chunked = ODINDetector(model, batch_size=4, **settings).score(x)  # conv: batch-size ulps
+    torch.testing.assert_close(chunked, detector.score(x), rtol=1e-14, atol=1e-15)
 
 
 def test_odin_functions_leave_no_trace_and_restore_mode():
@@ -99,9 +102,9 @@ def test_odin_functions_validate():
     model, x = mlp(), torch.randn(3, 12, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"`model` must be a torch\.nn\.Module or a callable"):
         odin_score("model", x)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`x` batches must be tensors, got list"):
+    with pytest.raises(TypeError, match=r"`inputs` batches must be tensors, got list"):
         odin_score(model, [[1.0]])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`x` must be a floating tensor"):
+    with pytest.raises(TypeError, match=r"`inputs` must be a floating tensor"):
         odin_perturb(model, x.long())
     with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0, got 0"):
         odin_score(model, x, temperature=0)
@@ -133,10 +136,10 @@ def test_every_detector_calibrates_and_predicts(name):
     assert scores.shape == (40,) and scores.dtype == torch.float64
     assert torch.equal(detector(x), scores)
     assert torch.equal(detector.score((x, torch.arange(40))), scores)  # one labelled batch
-    assert (scores >= detector.threshold).sum() == 30  # ceil(0.75 * 40), scores distinct
+    assert (scores >= detector.threshold_).sum() == 30  # ceil(0.75 * 40), scores distinct
     predicted = detector.predict(x)
     assert predicted.dtype == torch.long
-    accepted = scores >= detector.threshold
+    accepted = scores >= detector.threshold_
     assert torch.equal(predicted == -1, ~accepted)
     if name != "mahalanobis":  # the classifier's argmax
         with torch.no_grad():
@@ -152,10 +155,11 @@ def test_logit_detectors_equal_their_functions_and_restore_mode():
     with torch.no_grad():
         logits = model.eval()(x)
     model.train()
-    assert torch.equal(MSPDetector(model, temperature=3.0).score(x), msp_score(logits, 3.0))
-    assert torch.equal(EnergyDetector(model, temperature=3.0).score(x), energy_score(logits, 3.0))
+    msp, energy = msp_score(logits, temperature=3.0), energy_score(logits, temperature=3.0)
+    assert torch.equal(MSPDetector(model, temperature=3.0).score(x), msp)
+    assert torch.equal(EnergyDetector(model, temperature=3.0).score(x), energy)
     assert all(m.training for m in model.modules())
-    assert MSPDetector(model).fit(None).threshold is None  # nothing to fit
+    assert MSPDetector(model).fit(None).threshold_ is None  # nothing to fit
     with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0"):
         EnergyDetector(model, temperature=-1.0)
     with pytest.raises(TypeError, match=r"`ood_label` must be an int"):
@@ -167,18 +171,18 @@ def test_logit_detectors_equal_their_functions_and_restore_mode():
 def test_mahalanobis_predicts_the_nearest_class_mean():
     x = torch.tensor([[0.0, 0], [2, 0], [0, 2], [2, 2], [10, 10], [12, 10], [10, 12], [12, 12]])
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    maha = MahalanobisScore(feature_fn=lambda t: t, ood_label=9).fit((x, y))
+    maha = MahalanobisDetector(feature_fn=lambda t: t, ood_label=9).fit((x, y))
     query = torch.tensor([[1.0, 1.0], [11.0, 11.0], [5.0, 5.0], [7.0, 7.0]])
-    maha.threshold = -10.0
+    maha.threshold_ = -10.0
     assert maha.predict(query).tolist() == [0, 1, 9, 9]  # scores 0, 0, -32, -32
-    maha.threshold = -40.0
+    maha.threshold_ = -40.0
     assert maha.predict(query).tolist() == [0, 1, 0, 1]
 
 
 def test_not_fitted_error_is_a_value_error():
     assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
     with pytest.raises(ValueError, match="not fitted"):
-        MahalanobisScore(feature_fn=lambda t: t).score(torch.zeros(2, 3))
+        MahalanobisDetector(feature_fn=lambda t: t).score(torch.zeros(2, 3))
 
 
 # --------------------------------------------------------------------------- non-finite scores
@@ -224,24 +228,12 @@ def test_tune_refuses_non_finite_scores():
 # --------------------------------------------------------------------------- model outputs
 
 
-class DictOut(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = mlp()
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {"logits": self.net(x)}
-
-
 @pytest.mark.parametrize("make", [lambda m: ODINDetector(m), MSPDetector, EnergyDetector])
 def test_model_outputs_one_rule(make):
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    wrapped = DictOut().eval()
-    with pytest.raises(TypeError, match=r"pass a callable .* `lambda x: model\(x\)\['logits'\]`"):
+    wrapped = Wrapped(mlp(), lambda z: {"scores": z}).eval()
+    with pytest.raises(TypeError, match=r"name the logits with the `output` argument.*'scores'"):
         make(wrapped).score(x)
-    # the fix from the message: a plain callable, used as it is
-    expected = make(wrapped.net).score(x)
-    assert torch.equal(make(lambda t: wrapped(t)["logits"]).score(x), expected)
     one_output = nn.Sequential(nn.Flatten(), nn.Linear(12, 1)).double()
     with pytest.raises(ValueError, match=r"must have N >= 2 classes, got N = 1"):
         make(one_output).score(x)  # ODIN used to score every input 1.0
@@ -291,3 +283,445 @@ def test_float32_model_scores_have_float64_resolution():
         assert got.dtype == torch.float64
         assert len(got.unique()) == len(reference.unique()) == 400
         torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- settings (1.0)
+
+
+def feature_mahalanobis(m):
+    """Mahalanobis on `feature_fn` (the model only sets mode and placement)."""
+    return MahalanobisDetector(m, feature_fn=lambda t: t.flatten(1), ridge=1e-3).fit(LABELLED)
+
+
+LABELLED = (torch.randn(80, 3, 2, 2, dtype=torch.float64), torch.arange(80) % 4)
+
+# (detector, setting, a new value that changes scores); `model` is swapped for a copy of the
+# model with other weights.
+CHANGES = [
+    ("odin", "temperature", 3.0),
+    ("odin", "epsilon", 0.05),
+    ("odin", "input_std", (0.5, 0.25, 2.0)),
+    ("odin", "sign_of_zero", 1),
+    ("odin", "clamp", (-0.1, 0.1)),
+    ("odin", "output", lambda out: 2 * out),
+    ("msp", "temperature", 7.0),
+    ("msp", "output", lambda out: 2 * out),
+    ("energy", "temperature", 7.0),
+    ("energy", "output", lambda out: 2 * out),
+    ("mahalanobis", "layer", "2"),
+    ("mahalanobis", "ridge", 10.0),
+    ("mahalanobis", "num_classes", 4),
+    ("mahalanobis", "output", lambda out: 2 * out),
+    ("feature_mahalanobis", "feature_fn", lambda t: t.flatten(1)[:, :6]),
+]
+ALL_DETECTORS = {**DETECTORS, "feature_mahalanobis": feature_mahalanobis}
+KEEPS_SCORES = {"ood_label": 5, "batch_size": 3, "progress": False}
+
+
+@pytest.mark.parametrize(
+    ("name", "setting", "value"), CHANGES + [(n, "model", None) for n in ALL_DETECTORS]
+)
+def test_a_setting_that_changes_scores_drops_the_threshold(name, setting, value):
+    torch.manual_seed(0)
+    model = mlp()
+    detector = ALL_DETECTORS[name](model)
+    x = torch.randn(30, 3, 2, 2, dtype=torch.float64)
+    before = detector.calibrate(x, tpr=0.8).score(x)
+    assert detector.threshold_ is not None
+    if setting == "model":
+        value = mlp()  # other weights, same architecture
+    setattr(detector, setting, value)
+    assert detector.threshold_ is None
+    with pytest.raises(NotFittedError):
+        detector.predict(x)
+    if name.endswith("mahalanobis"):  # the features changed: the fit is gone too
+        assert detector.means_ is None and detector.precision_ is None
+        with pytest.raises(NotFittedError, match="not fitted"):
+            detector.score(x)
+        detector.fit(LABELLED)
+    if (setting, name) not in (("sign_of_zero", "odin"), ("model", "feature_mahalanobis")):
+        assert not torch.equal(detector.score(x), before)  # the setting does change scores
+    assert detector.calibrate(x, tpr=0.8).predict(x).shape == (30,)
+
+
+def test_every_score_setting_is_covered_and_the_others_keep_the_threshold():
+    from gq_loss._detection import settings_of
+
+    x = torch.randn(30, 3, 2, 2, dtype=torch.float64)
+    for name, make in ALL_DETECTORS.items():
+        detector = make(mlp())
+        both = {"mahalanobis", "feature_mahalanobis"}
+        family = both if name in both else {name}
+        changing = {s for n, s, _ in CHANGES if n in family} | {"model"}
+        names = set(settings_of(type(detector)))
+        # a new setting needs a row in CHANGES or in KEEPS_SCORES
+        expected = changing | set(KEEPS_SCORES)
+        assert names == expected, name
+        detector.calibrate(x, tpr=0.8)
+        threshold = detector.threshold_
+        for setting, value in KEEPS_SCORES.items():
+            setattr(detector, setting, value)
+        assert detector.threshold_ == threshold
+        assert (detector.predict(x) == 5).any()  # the new ood_label
+        if name.endswith("mahalanobis"):  # a second fit drops the threshold
+            assert detector.fit(LABELLED).threshold_ is None
+
+
+def test_tune_drops_the_threshold_even_when_the_best_setting_is_the_current_one():
+    x = torch.randn(20, 3, 2, 2, dtype=torch.float64)
+    detector = ODINDetector(mlp(), epsilon=0.0).calibrate(x)
+    detector.tune(x, epsilons=(0.0,))
+    assert detector.epsilon == 0.0 and detector.threshold_ is None
+    assert len(detector.tuning_results_) == 1
+
+
+# (detector, setting, bad value, error, message): the same check on assignment as at construction
+BAD_SETTINGS = [
+    ("odin", "temperature", 0.0, ValueError, r"`temperature` must be finite and > 0"),
+    ("odin", "epsilon", -1.0, ValueError, r"`epsilon` must be finite and >= 0"),
+    ("odin", "input_std", (1.0, 0.0), ValueError, r"`input_std` must hold one or more positive"),
+    ("odin", "sign_of_zero", 7, ValueError, r"`sign_of_zero` must be one of \(0, 1\), got 7"),
+    ("odin", "clamp", (1.0, 0.0), ValueError, r"`clamp` must satisfy lo < hi"),
+    ("odin", "output", 1.5, TypeError, r"`output` must be None, a key"),
+    ("msp", "temperature", float("nan"), ValueError, r"`temperature` must be finite and > 0"),
+    ("energy", "output", [0], TypeError, r"`output` must be None, a key"),
+    ("msp", "model", 3, TypeError, r"`model` must be a torch\.nn\.Module or a callable"),
+    ("energy", "ood_label", 1.0, TypeError, r"`ood_label` must be an int"),
+    ("odin", "batch_size", 0, ValueError, r"`batch_size` must be >= 1"),
+    ("msp", "progress", 1, TypeError, r"`progress` must be a bool"),
+    ("mahalanobis", "ridge", -0.1, ValueError, r"`ridge` must be finite and >= 0"),
+    ("mahalanobis", "num_classes", 0, ValueError, r"`num_classes` must be >= 1"),
+    ("mahalanobis", "layer", "nope", ValueError, r"`layer` 'nope' is not a submodule"),
+    ("mahalanobis", "layer", None, ValueError, r"pass exactly one of `feature_fn` or `layer`"),
+    ("mahalanobis", "feature_fn", 3, TypeError, r"`feature_fn` must be callable or None"),
+    ("mahalanobis", "model", None, ValueError, r"`layer='1'` needs `model`"),
+]
+
+
+@pytest.mark.parametrize(("name", "setting", "value", "error", "message"), BAD_SETTINGS)
+def test_settings_are_validated_on_assignment_as_at_construction(
+    name, setting, value, error, message
+):
+    detector = DETECTORS[name](mlp())
+    if name == "mahalanobis" and setting not in ("layer", "model", "feature_fn"):
+        with pytest.raises(error, match=message):  # construction
+            MahalanobisDetector(mlp(), layer="1", **{setting: value})
+    elif name != "mahalanobis" and setting != "model":
+        with pytest.raises(error, match=message):
+            type(detector)(mlp(), **{setting: value})
+    detector.calibrate(torch.randn(10, 3, 2, 2, dtype=torch.float64))
+    before = getattr(detector, setting)
+    with pytest.raises(error, match=message):
+        setattr(detector, setting, value)
+    assert getattr(detector, setting) is before  # unchanged, and nothing dropped
+    assert detector.threshold_ is not None
+
+
+def test_settings_are_public_and_in_the_repr():
+    from gq_loss._detection import settings_of
+
+    odin = ODINDetector(mlp(), input_std=torch.tensor([0.5, 0.25, 2.0]), clamp=(0.0, [1, 2, 3]))
+    assert odin.input_std == (0.5, 0.25, 2.0)  # immutable: no in-place change bypasses a check
+    assert odin.clamp == ((0.0,), (1.0, 2.0, 3.0))
+    text = repr(odin)
+    for fragment in (
+        "ODINDetector(model=Sequential, temperature=1000.0, epsilon=0.001,",
+        "input_std=(0.5, 0.25, 2.0)",
+        "sign_of_zero=0",
+        "clamp=((0.0,), (1.0, 2.0, 3.0))",
+        "output=None",
+        "ood_label=-1",
+        "threshold_=None",
+    ):
+        assert fragment in text
+    for name, make in ALL_DETECTORS.items():
+        detector = make(mlp())
+        text = repr(detector)
+        for setting in settings_of(type(detector)):
+            assert f"{setting}=" in text, (name, setting)
+            getattr(detector, setting)  # public
+    # a detector built from its own settings scores the same
+    copy = ODINDetector(odin.model, input_std=odin.input_std, clamp=odin.clamp)
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    assert torch.equal(copy.score(x), odin.score(x))
+
+
+def test_fitted_state_ends_in_an_underscore():
+    detector = DETECTORS["odin"](mlp())
+    assert not hasattr(detector, "threshold") and not hasattr(detector, "tuning_results")
+    assert detector.threshold_ is None and detector.tuning_results_ == []
+    with pytest.raises(TypeError, match=r"`threshold_` must be a real number or None"):
+        detector.threshold_ = "0.5"  # type: ignore[assignment]
+    maha = DETECTORS["mahalanobis"](mlp())
+    assert {"means_", "covariance_", "precision_", "class_counts_"} <= set(vars(maha))
+
+
+# --------------------------------------------------------------------------- streaming data
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Samples one at a time, with no length (a streaming dataset)."""
+
+    def __init__(self, *tensors: Tensor) -> None:
+        self.tensors = tensors
+
+    def __iter__(self):
+        return iter(zip(*self.tensors, strict=True))
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_every_method_takes_an_iterable_without_a_length(name, monkeypatch):
+    x = torch.randn(23, 3, 2, 2, dtype=torch.float64)
+    y = torch.arange(23) % 4
+    stream = DataLoader(Stream(x, y), batch_size=5)
+    with pytest.raises(TypeError):
+        len(stream)  # the defect: DataLoader has __len__, and it raises
+    detector = DETECTORS[name](mlp())
+    if name == "mahalanobis":  # fit from the stream equals fit from the tensors
+        detector.fit((x, y))
+        streamed = MahalanobisDetector(detector.model, layer="1", ridge=1e-3).fit(stream)
+        torch.testing.assert_close(streamed.means_, detector.means_, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(streamed.precision_, detector.precision_, rtol=1e-9, atol=0)
+        detector = streamed
+    expected = detector.score(x)
+    torch.testing.assert_close(detector.score(stream), expected, rtol=1e-12, atol=1e-12)
+    generator = (x[i : i + 4] for i in range(0, 23, 4))  # a generator: no length either
+    torch.testing.assert_close(detector.score(generator), expected, rtol=1e-12, atol=1e-12)
+    threshold = detector.calibrate(x, tpr=0.7).threshold_
+    assert detector.calibrate(stream, tpr=0.7).threshold_ == pytest.approx(threshold, rel=1e-12)
+    assert torch.equal(detector.predict(stream), detector.predict(x))
+    if isinstance(detector, ODINDetector):
+        ood = DataLoader(Stream(x + 3.0), batch_size=5)
+        detector.tune(stream, ood, temperatures=(1.0, 10.0), epsilons=(0.0, 0.01))
+        assert len(detector.tuning_results_) == 4
+        detector.tune(stream, epsilons=(0.0, 0.01))
+    totals = []  # the progress bar simply has no total
+    if importlib.util.find_spec("tqdm") is not None:
+        import tqdm
+
+        original = tqdm.tqdm
+
+        def spy(*args, **kwargs):
+            totals.append(kwargs.get("total"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(tqdm, "tqdm", spy)
+        detector.progress = True
+        detector.score(stream)
+        detector.score(x)
+        assert totals == [None, 1]
+
+
+# --------------------------------------------------------------------------- Mahalanobis
+
+
+class ResidualBlock(nn.Module):
+    """Linear -> BatchNorm -> (+= skip) -> ReLU(inplace) -> Linear: after the hooked BatchNorm
+    the residual `+=` and the in-place ReLU overwrite its output, as in a torchvision ResNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.skip = nn.Linear(4, 6)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn(self.fc(x))
+        out += self.skip(x)
+        return self.head(self.relu(out))
+
+
+def test_mahalanobis_hook_copies_the_layer_output_before_in_place_operations():
+    torch.manual_seed(0)
+    model = ResidualBlock()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.train()
+    x, y = torch.randn(40, 4), torch.arange(40) % 2
+    with torch.no_grad():
+        true = model.eval().bn(model.fc(x)).double()  # the layer's output itself
+    model.train()
+    assert true.min() < -1.0  # what the in-place ReLU would zero
+    detector = MahalanobisDetector(model, layer="bn")
+    torch.testing.assert_close(detector.features(x), true, rtol=0, atol=0)
+    detector.fit((x, y))
+    means = torch.stack([true[y == c].mean(0) for c in (0, 1)])
+    torch.testing.assert_close(detector.means_, means, rtol=1e-12, atol=1e-12)
+    assert all(m.training for m in model.modules())  # mode restored
+    assert not model.bn._forward_hooks
+    # in the working dtype: a float32 model's features are copied as float64
+    assert detector.features(x).dtype == torch.float64
+
+
+def test_float64_work_follows_the_one_device_rule(monkeypatch):
+    """MPS has no float64: every score (Mahalanobis included) asks `lacks_float64` where its
+    float64 work may run; with no MPS here, the check is made to answer "no float64"."""
+    import gq_loss._detection as detection
+
+    asked: list[str] = []
+
+    def lacks_float64(device: torch.device) -> bool:
+        asked.append(device.type)
+        return True  # as on MPS: the float64 work runs on the CPU
+
+    x = LABELLED[0]
+    monkeypatch.setattr(detection, "lacks_float64", lacks_float64)
+    for name, make in DETECTORS.items():
+        asked.clear()
+        model = mlp()
+        torch.manual_seed(1)
+        detector = make(model)  # Mahalanobis: fits here
+        scores = detector.score(x)
+        assert asked and set(asked) == {"cpu"}, name
+        assert scores.device.type == "cpu" and scores.dtype == torch.float64
+        if name == "mahalanobis":
+            assert detector.means_.device.type == "cpu"
+            assert detector.precision_.dtype == torch.float64
+        monkeypatch.undo()
+        torch.manual_seed(1)
+        torch.testing.assert_close(make(model).score(x), scores, rtol=1e-12, atol=1e-12)
+        monkeypatch.setattr(detection, "lacks_float64", lacks_float64)
+
+
+def test_mahalanobis_takes_what_the_others_take():
+    x, y = LABELLED
+    net = mlp()
+    by_keyword = MahalanobisDetector(net, layer="1").fit(id_train_data=(x, y))
+    # a plain callable, as the other detectors accept: no eval mode, no placement
+    seen = []
+
+    def spy(t: Tensor) -> Tensor:
+        seen.append(t.dtype)
+        return net(t)
+
+    plain = MahalanobisDetector(spy, feature_fn=lambda t: net[1](net[0](t.double())))
+    plain.fit((x.float(), y))
+    torch.testing.assert_close(plain.means_, by_keyword.means_, rtol=1e-6, atol=1e-6)
+    assert seen == []  # the model is not called with feature_fn
+    with pytest.raises(TypeError, match=r"needs `model` to be a torch.nn.Module"):
+        MahalanobisDetector(spy, layer="1")
+    import gq_loss
+
+    assert not hasattr(gq_loss, "MahalanobisScore")
+
+
+class Wrapped(nn.Module):
+    """``net`` whose output is repacked by ``pack`` (a dict, a tuple, a ModelOutput-like)."""
+
+    def __init__(self, net: nn.Module, pack) -> None:
+        super().__init__()
+        self.net = net
+        self.pack = pack
+
+    def forward(self, x: Tensor):
+        return self.pack(self.net(x))
+
+
+class ModelOutput:
+    """Like Hugging Face's ``ModelOutput``: the logits as an attribute."""
+
+    def __init__(self, logits: Tensor, hidden: Tensor) -> None:
+        self.logits, self.hidden = logits, hidden
+
+
+OUTPUTS = {
+    "dict": (lambda z: {"hidden": z.sum(1), "scores": z}, "scores"),
+    "dict-logits": (lambda z: {"hidden": z.sum(1), "logits": z}, None),  # read unnamed
+    "tuple": (lambda z: (z.sum(1), z), 1),
+    "model-output": (lambda z: ModelOutput(z, z.sum(1)), None),  # read unnamed
+    "attribute": (lambda z: ModelOutput(z.sum(1, keepdim=True), z), "hidden"),
+    "callable": (lambda z: [[z]], lambda out: out[0][0]),
+}
+
+
+@pytest.mark.parametrize("kind", list(OUTPUTS))
+@pytest.mark.parametrize("name", ["odin", "msp", "energy"])
+def test_output_names_the_logits_and_keeps_the_module(kind, name):
+    torch.manual_seed(0)
+    pack, output = OUTPUTS[kind]
+    plain = conv_bn()
+    model = Wrapped(plain, pack).train()  # train mode: the detector must switch it to eval
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 3, 2, 2)  # float32 into a float64 module: placed by the one rule
+    make = DETECTORS[name]
+    detector = make(model)
+    detector.output = output
+    assert f"output={output!r}" in repr(detector)
+    expected = make(plain).score(x.double())
+    assert torch.equal(detector.score(x), expected)
+    assert detector.calibrate(x, tpr=0.5).predict(x).shape == (6,)
+    if name == "odin":
+        kwargs = {"temperature": 10.0, "epsilon": 0.01}
+        assert torch.equal(odin_score(model, x, output=output, **kwargs), expected)
+        torch.testing.assert_close(
+            odin_perturb(model, inputs=x, output=output, **kwargs),
+            odin_perturb(plain, x.double(), **kwargs),
+        )
+    # no side effects: modes, BatchNorm statistics, .grad
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_output_errors_point_to_the_argument():
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    model = Wrapped(mlp(), lambda z: (z, z))
+    with pytest.raises(
+        TypeError, match=r"name the logits with the `output` argument, e\.g\. `output=0`"
+    ):
+        odin_score(model, x)
+    with pytest.raises(ValueError, match=r"`output`=5 is an index into a tuple or list"):
+        MSPDetector(model, output=5).score(x)
+    with pytest.raises(TypeError, match=r"`output` must be None, a key"):
+        odin_perturb(model, x, output=2.5)  # type: ignore[arg-type]
+
+
+def test_mahalanobis_output_names_the_features_in_the_layer_output():
+    class Encoder(nn.Module):  # returns a tuple, like a Hugging Face encoder layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 6)
+
+        def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+            h = self.fc(t.flatten(1))
+            return h, h.sum(1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = Encoder()
+            self.head = nn.Linear(6, 5)
+
+        def forward(self, t: Tensor) -> Tensor:
+            return self.head(self.encoder(t)[0])
+
+    net = Net().double()
+    x, y = LABELLED
+    with pytest.raises(TypeError, match=r"`layer` 'encoder' must produce a Tensor, got tuple"):
+        MahalanobisDetector(net, layer="encoder").fit((x, y))
+    by_layer = MahalanobisDetector(net, layer="encoder", output=0).fit((x, y))
+    by_fn = MahalanobisDetector(net, layer="encoder.fc").fit((x, y))
+    assert torch.equal(by_layer.means_, by_fn.means_)
+    assert "output=0" in repr(by_layer)
+
+
+# --------------------------------------------------------------------------- one vocabulary
+
+
+def test_one_vocabulary():
+    model, x = mlp(), torch.randn(8, 3, 2, 2, dtype=torch.float64)
+    assert torch.equal(odin_score(model, inputs=x), odin_score(model, x))
+    with pytest.raises(TypeError):
+        odin_score(model, x=x)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="positional"):
+        msp_score(model(x), 2.0)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="positional"):
+        energy_score(model(x), 2.0)  # type: ignore[misc]
+    for make in ALL_DETECTORS.values():
+        with pytest.raises(TypeError, match="positional"):
+            make(model).calibrate(x, 0.9)  # type: ignore[misc]
+        assert make(model).fit(id_train_data=LABELLED).calibrate(x, tpr=0.9).threshold_ is not None

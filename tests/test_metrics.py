@@ -65,7 +65,7 @@ def _brute_detection_error(id_s: np.ndarray, ood_s: np.ndarray) -> float:
 
 
 def _check_all(id_s: np.ndarray, ood_s: np.ndarray, tpr: float, positive: str, rule: str) -> None:
-    got = ood_metrics(id_s, ood_s, positive=positive, tpr=tpr, fpr_rule=rule)
+    got = ood_metrics(id_s, ood_s, positive=positive, tpr=tpr, rule=rule)
     key = f"fpr{round(100 * tpr, 6):g}"
     assert list(got) == ["auroc", key, "aupr_in", "aupr_out", "detection_error"]
     assert all(type(v) is float and 0.0 <= v <= 1.0 for v in got.values())
@@ -105,7 +105,10 @@ def test_matches_sklearn(case: str, positive: str, rule: str, tpr: float) -> Non
 def test_roc_curve_matches_sklearn(positive: str) -> None:
     rng = np.random.default_rng(1)
     id_s, ood_s = rng.integers(0, 6, 50) * 1.5, rng.integers(0, 5, 40) * 1.5
-    fpr, tpr, thr = roc_curve(id_s, ood_s, positive=positive)
+    curve = roc_curve(id_s, ood_s, positive=positive)
+    for t in curve:  # tensors, as every array the package returns; floats for scalars
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == "cpu"
+    fpr, tpr, thr = (t.numpy() for t in curve)
     sk_fpr, sk_tpr, sk_thr = _sk_roc(id_s, ood_s, positive)
     np.testing.assert_allclose(fpr, sk_fpr, atol=1e-15)
     np.testing.assert_allclose(tpr, sk_tpr, atol=1e-15)
@@ -119,8 +122,8 @@ def test_building_blocks_match_ood_metrics() -> None:
     id_s, ood_s = rng.integers(0, 8, 99) * 1.0, rng.normal(3.0, 2.0, 77)
     for positive in ("id", "ood"):
         for rule in ("first", "interpolate"):
-            m = ood_metrics(id_s, ood_s, positive=positive, tpr=0.9, fpr_rule=rule)
-            assert m["fpr90"] == fpr_at_tpr(id_s, ood_s, 0.9, positive=positive, rule=rule)
+            m = ood_metrics(id_s, ood_s, positive=positive, tpr=0.9, rule=rule)
+            assert m["fpr90"] == fpr_at_tpr(id_s, ood_s, tpr=0.9, positive=positive, rule=rule)
     m = ood_metrics(id_s, ood_s)
     assert m["auroc"] == auroc(id_s, ood_s)
     assert m["aupr_in"] == aupr(id_s, ood_s)
@@ -131,18 +134,18 @@ def test_building_blocks_match_ood_metrics() -> None:
 def test_known_values_by_hand() -> None:
     # 4 ID, 2 OOD. Accept score >= t: at t=2 three ID and one OOD are accepted.
     id_s, ood_s = [4.0, 3.0, 2.0, 1.0], [3.5, 0.5]
-    assert fpr_at_tpr(id_s, ood_s, 0.75) == 0.5
+    assert fpr_at_tpr(id_s, ood_s, tpr=0.75) == 0.5
     # OOD positive: flag score <= t; both OOD flagged at t=3.5, which flags 3 of 4 ID
-    assert fpr_at_tpr(id_s, ood_s, 1.0, positive="ood") == 0.75
-    assert fpr_at_tpr(id_s, ood_s, 0.5, positive="ood") == 0.0
+    assert fpr_at_tpr(id_s, ood_s, tpr=1.0, positive="ood") == 0.75
+    assert fpr_at_tpr(id_s, ood_s, tpr=0.5, positive="ood") == 0.0
     # pairs ID > OOD: 4>3.5,4>.5,3>.5,2>.5,1>.5 = 5 of 8
     assert auroc(id_s, ood_s) == 5 / 8
     # target hits the horizontal run t=4 (tpr .25, fpr 0) -> t=3.5 (tpr .25, fpr .5): left end
-    assert fpr_at_tpr(id_s, ood_s, 0.25, rule="interpolate") == 0.0
-    assert fpr_at_tpr(id_s, ood_s, 0.25) == 0.0
+    assert fpr_at_tpr(id_s, ood_s, tpr=0.25, rule="interpolate") == 0.0
+    assert fpr_at_tpr(id_s, ood_s, tpr=0.25) == 0.0
     # ROC (0, 0) -> (fpr 0, tpr .5) -> (fpr 1, tpr 1): tpr .75 lies half way on the last segment
-    assert fpr_at_tpr([2.0, 1.0], [1.0], 0.75, rule="interpolate") == 0.5
-    assert fpr_at_tpr([2.0, 1.0], [1.0], 0.75) == 1.0
+    assert fpr_at_tpr([2.0, 1.0], [1.0], tpr=0.75, rule="interpolate") == 0.5
+    assert fpr_at_tpr([2.0, 1.0], [1.0], tpr=0.75) == 1.0
 
 
 def test_accepts_tensors_arrays_and_lists_alike() -> None:
@@ -170,8 +173,8 @@ def test_interpolate_never_exceeds_first() -> None:
         id_s, ood_s = rng.integers(0, 5, 30) * 1.0, rng.integers(0, 5, 20) * 1.0
         for tpr in (0.3, 0.9, 0.95):
             for positive in ("id", "ood"):
-                first = fpr_at_tpr(id_s, ood_s, tpr, positive=positive)
-                interp = fpr_at_tpr(id_s, ood_s, tpr, positive=positive, rule="interpolate")
+                first = fpr_at_tpr(id_s, ood_s, tpr=tpr, positive=positive)
+                interp = fpr_at_tpr(id_s, ood_s, tpr=tpr, positive=positive, rule="interpolate")
                 assert interp <= first
 
 
@@ -204,7 +207,7 @@ def test_property_symmetries(id_s: list[float], ood_s: list[float]) -> None:
     assert auroc(a, b) == pytest.approx(auroc(-b, -a), abs=1e-12)
     assert auroc(a, b) == pytest.approx(1.0 - auroc(b, a), abs=1e-12)
     assert aupr(a, b, positive="ood") == pytest.approx(aupr(-b, -a), abs=1e-12)
-    assert fpr_at_tpr(a, b, 0.9, positive="ood") == pytest.approx(fpr_at_tpr(-b, -a, 0.9))
+    assert fpr_at_tpr(a, b, tpr=0.9, positive="ood") == pytest.approx(fpr_at_tpr(-b, -a, tpr=0.9))
     assert detection_error(a, b) == pytest.approx(detection_error(-b, -a), abs=1e-12)
 
 
@@ -250,9 +253,9 @@ def test_validation_errors() -> None:
         with pytest.raises(ValueError, match=r"`tpr` must be in \(0, 1\]"):
             ood_metrics(good, good, tpr=bad)
         with pytest.raises(ValueError, match=r"`tpr` must be in \(0, 1\]"):
-            fpr_at_tpr(good, good, bad)
+            fpr_at_tpr(good, good, tpr=bad)
     with pytest.raises(TypeError, match=r"`tpr` must be a real number"):
-        fpr_at_tpr(good, good, "0.95")  # type: ignore[arg-type]
+        fpr_at_tpr(good, good, tpr="0.95")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`tpr` must be a real number"):
         ood_metrics(good, good, tpr=True)
     for call in (
@@ -265,8 +268,20 @@ def test_validation_errors() -> None:
             call()
     with pytest.raises(ValueError, match=r"`rule` must be one of \('first', 'interpolate'\)"):
         fpr_at_tpr(good, good, rule="linear")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`fpr_rule` must be one of \('first', 'interpolate'\)"):
-        ood_metrics(good, good, fpr_rule="last")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`rule` must be one of \('first', 'interpolate'\)"):
+        ood_metrics(good, good, rule="last")  # type: ignore[arg-type]
+
+
+def test_one_vocabulary() -> None:
+    """1.0: `rule=` and a keyword-only `tpr` in every metric; no old spelling survives."""
+    good = [1.0, 2.0, 3.0]
+    assert ood_metrics(good, [0.5], tpr=0.5, rule="interpolate")["fpr50"] == fpr_at_tpr(
+        good, [0.5], tpr=0.5, rule="interpolate"
+    )
+    with pytest.raises(TypeError, match="fpr_rule"):
+        ood_metrics(good, good, fpr_rule="first")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="positional"):
+        fpr_at_tpr(good, good, 0.95)  # type: ignore[misc]
 
 
 @pytest.mark.cuda

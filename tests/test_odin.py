@@ -10,7 +10,7 @@ from _plain_odin import plain_odin
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gq_loss import NotFittedError
+from gq_loss import NotFittedError, odin_perturb, odin_score
 from gq_loss.metrics import ood_metrics
 from gq_loss.odin import ODINDetector
 from gq_loss.scores import msp_score
@@ -133,7 +133,7 @@ def test_epsilon_zero_is_temperature_scaled_max_softmax(temperature):
     detector = ODINDetector(model, temperature=temperature, epsilon=0.0)
     torch.testing.assert_close(detector.score(x), expected, rtol=1e-13, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(detector.score(x), msp_score(model(x), temperature))
+        torch.testing.assert_close(detector.score(x), msp_score(model(x), temperature=temperature))
     # through the perturbed-forward path (a clamp that changes nothing)
     detector = ODINDetector(model, temperature=temperature, epsilon=0.0, clamp=(-100.0, 100.0))
     torch.testing.assert_close(detector.score(x), expected, rtol=1e-13, atol=0)
@@ -257,7 +257,7 @@ def test_calibrate_accepts_target_share(n, tpr):
     model = mlp()
     x = torch.randn(n, 3, 2, 2, dtype=torch.float64)
     detector = ODINDetector(model, temperature=10.0, epsilon=0.01).calibrate(x, tpr=tpr)
-    accepted = (detector.score(x) >= detector.threshold).double().mean().item()
+    accepted = (detector.score(x) >= detector.threshold_).double().mean().item()
     assert tpr <= accepted < tpr + 1 / n
 
 
@@ -272,7 +272,7 @@ def test_predict():
     predicted = detector.predict(x)
     with torch.no_grad():
         classes = model(x).argmax(1)
-    expected = torch.where(scores >= detector.threshold, classes, torch.tensor(99))
+    expected = torch.where(scores >= detector.threshold_, classes, torch.tensor(99))
     assert predicted.dtype == torch.long
     assert torch.equal(predicted, expected)
     assert (predicted == 99).sum() == 20
@@ -296,10 +296,12 @@ def test_tune_finds_the_separating_epsilon():
     assert detector.tune(id_x, ood_x) is detector
     assert detector.epsilon == 0.005
     assert detector.temperature == 1.0  # all temperatures tie; the first grid point wins
-    assert detector.threshold is None
-    perfect = [(r["temperature"], r["epsilon"]) for r in detector.tuning_results if r["fpr95"] == 0]
+    assert detector.threshold_ is None
+    perfect = [
+        (r["temperature"], r["epsilon"]) for r in detector.tuning_results_ if r["fpr95"] == 0
+    ]
     assert perfect == [(t, 0.005) for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)]
-    assert len(detector.tuning_results) == 110
+    assert len(detector.tuning_results_) == 110
     detector.tune(id_x, ood_x, temperatures=(1000.0,), criterion="auroc")
     assert (detector.temperature, detector.epsilon) == (1000.0, 0.005)
 
@@ -308,9 +310,9 @@ def test_tune_id_only_maximises_mean_id_score():
     id_x, _ = bump_data()
     detector = ODINDetector(Bump(), temperature=1000.0, epsilon=0.0).tune(id_x)
     assert (detector.temperature, detector.epsilon) == (1000.0, 0.005)
-    means = [r["mean_id_score"] for r in detector.tuning_results]
+    means = [r["mean_id_score"] for r in detector.tuning_results_]
     for r, eps in zip(
-        detector.tuning_results,
+        detector.tuning_results_,
         (0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005, 0.01, 0.05, 0.1, 0.2),
         strict=True,
     ):
@@ -333,8 +335,8 @@ def test_tune_matches_brute_force(criterion):
         for e in epss:
             plain = ODINDetector(model, temperature=t, epsilon=e)
             rows.append({"temperature": t, "epsilon": e, **ood_metrics(plain(id_x), plain(ood_x))})
-    assert len(detector.tuning_results) == len(rows)
-    for got, want in zip(detector.tuning_results, rows, strict=True):
+    assert len(detector.tuning_results_) == len(rows)
+    for got, want in zip(detector.tuning_results_, rows, strict=True):
         assert got.keys() == want.keys()
         for key in want:
             assert got[key] == pytest.approx(want[key], abs=1e-12), key
@@ -447,3 +449,68 @@ def test_cuda_fp16_autocast_and_devices():
     assert (on_cuda.cpu() - clean > 2e-6).all()
     loader = DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=3)
     torch.testing.assert_close(detector.score(loader), expected, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the unit of epsilon
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def test_epsilon_is_in_pixel_units_in_both_input_conventions():
+    """A model that normalises inside takes [0, 1] pixels: ε is already in pixel units and
+    `input_std` must not be passed. `input_std` is for inputs fed already normalised: the step
+    ε / σ_c in their units is ε in pixel units. Both give the same perturbed image."""
+    torch.manual_seed(0)
+    mean, std = (0.49, 0.48, 0.45), (0.247, 0.243, 0.261)
+    net = conv_bn().eval()
+    inside = nn.Sequential(Normalize(mean, std), net).eval()
+    pixels = torch.rand(5, 3, 2, 2, dtype=torch.float64)
+    epsilon = 0.001
+    # 1. normalisation inside the model, [0, 1] pixels in: no input_std
+    step_pixels = odin_perturb(inside, pixels, epsilon=epsilon) - pixels
+    for c in range(3):
+        torch.testing.assert_close(
+            step_pixels[:, c].abs(), torch.full_like(step_pixels[:, c], epsilon), rtol=1e-9, atol=0
+        )
+    # 2. normalised inputs fed to the model: input_std brings ε back to pixel units
+    normed = (pixels - inside[0].mean) / inside[0].std
+    stepped = odin_perturb(net, normed, epsilon=epsilon, input_std=std)
+    step_from_normed = (stepped - normed) * inside[0].std  # in pixel units
+    torch.testing.assert_close(step_from_normed, step_pixels, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(
+        odin_score(net, normed, epsilon=epsilon, input_std=std),
+        odin_score(inside, pixels, epsilon=epsilon),
+        rtol=1e-12,
+        atol=0,
+    )
+    # the trap the docs used to set: input_std on a model fed pixels steps by ε / σ (≈ 4ε)
+    wrong = odin_perturb(inside, pixels, epsilon=epsilon, input_std=std) - pixels
+    for c in range(3):
+        torch.testing.assert_close(
+            wrong[:, c].abs().max().item(), epsilon / std[c], rtol=1e-9, atol=0
+        )
+
+
+def test_docs_say_input_std_is_only_for_inputs_fed_normalised():
+    import pathlib
+
+    import gq_loss
+    from gq_loss import functional
+
+    ood = (pathlib.Path(__file__).parents[1] / "docs" / "ood.md").read_text()
+    assert "normalises its input inside (or you feed it normalised tensors), pass" not in ood
+    assert "only for inputs fed already normalised" in " ".join(ood.split())
+    for doc in (
+        functional.__doc__,
+        gq_loss.odin_perturb.__doc__,
+        gq_loss.ODINDetector.__doc__,
+    ):
+        assert "already normalised" in " ".join((doc or "").split())

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gq_loss import NotFittedError
 from gq_loss.mahalanobis import PINV_RTOL
-from gq_loss.scores import MahalanobisScore, energy_score, msp_score
+from gq_loss.scores import MahalanobisDetector, energy_score, msp_score
 
 # --------------------------------------------------------------------------- MSP and energy
 
@@ -30,7 +30,10 @@ def _energy_ref(row: list[float], t: float) -> float:
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0, 1000.0])
 def test_msp_and_energy_match_direct_formulas(temperature: float) -> None:
     logits = torch.randn(7, 5, dtype=torch.float64) * 20.0
-    msp, energy = msp_score(logits, temperature), energy_score(logits, temperature=temperature)
+    msp, energy = (
+        msp_score(logits, temperature=temperature),
+        energy_score(logits, temperature=temperature),
+    )
     assert msp.shape == energy.shape == (7,)
     assert msp.dtype == energy.dtype == torch.float64
     rows = logits.tolist()
@@ -50,9 +53,10 @@ def test_scores_order_in_distribution_higher() -> None:
 def test_scores_are_float64_from_any_logits() -> None:
     logits = torch.randn(4, 3).half()
     for fn in (msp_score, energy_score):
-        out = fn(logits, 2.0)
+        out = fn(logits, temperature=2.0)
         assert out.dtype == torch.float64
-        assert torch.equal(out, fn(logits.double(), 2.0))  # the same as from float64 logits
+        # the same as from float64 logits
+        assert torch.equal(out, fn(logits.double(), temperature=2.0))
 
 
 def test_empty_batch() -> None:
@@ -73,10 +77,10 @@ def test_logit_score_validation(fn) -> None:  # type: ignore[no-untyped-def]
         fn(torch.zeros(2, 3, dtype=torch.long))
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0"):
-            fn(torch.zeros(2, 3), bad)
+            fn(torch.zeros(2, 3), temperature=bad)
     for bad_type in (True, "1.0", None):
         with pytest.raises(TypeError, match=r"`temperature` must be a real number"):
-            fn(torch.zeros(2, 3), bad_type)
+            fn(torch.zeros(2, 3), temperature=bad_type)
 
 
 # --------------------------------------------------------------------------- Mahalanobis
@@ -120,7 +124,7 @@ def test_mahalanobis_is_minus_2n_times_the_scatter_form() -> None:
     numpy, not their code."""
     x, y = _blobs(n=90, dim=5)
     n, eps = x.shape[0], 1e-6
-    ours = MahalanobisScore(feature_fn=lambda t: t, ridge=eps / n).fit((x, y))
+    ours = MahalanobisDetector(feature_fn=lambda t: t, ridge=eps / n).fit((x, y))
     x_test = torch.randn(12, 5, dtype=torch.float64) * 3.0
     feats, labels = x.numpy(), y.numpy()
     means = np.stack([feats[labels == c].mean(0) for c in range(3)])
@@ -144,7 +148,7 @@ def test_mahalanobis_feature_fn_matches_numpy(ridge: float) -> None:
 
     # uneven batches exercise the streaming mean/scatter merge
     batches = [(x[:7], y[:7]), (x[7:8], y[7:8]), (x[8:40], y[8:40]), (x[40:], y[40:])]
-    maha = MahalanobisScore(feature_fn=body, ridge=ridge).fit(batches)
+    maha = MahalanobisDetector(feature_fn=body, ridge=ridge).fit(batches)
     with torch.no_grad():
         feats, feats_test = body(x).numpy(), body(x_test).numpy()
     means, cov, want = _maha_ref(feats, y.numpy(), feats_test, ridge)
@@ -156,10 +160,10 @@ def test_mahalanobis_feature_fn_matches_numpy(ridge: float) -> None:
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
     assert maha.class_counts_ is not None and maha.class_counts_.tolist() == [20, 20, 20]
     # same fit from one (inputs, labels) tuple and from a DataLoader
-    one = MahalanobisScore(feature_fn=body, ridge=ridge).fit((x, y))
+    one = MahalanobisDetector(feature_fn=body, ridge=ridge).fit((x, y))
     loader = DataLoader(TensorDataset(x, y), batch_size=9)
     np.testing.assert_allclose(one.score(x_test).numpy(), want, rtol=1e-9, atol=1e-9)
-    from_loader = MahalanobisScore(feature_fn=body, ridge=ridge).fit(loader)
+    from_loader = MahalanobisDetector(feature_fn=body, ridge=ridge).fit(loader)
     np.testing.assert_allclose(from_loader(x_test).numpy(), want, rtol=1e-9, atol=1e-9)
 
 
@@ -168,7 +172,7 @@ def test_mahalanobis_singular_covariance_uses_pseudo_inverse() -> None:
     x = torch.randn(5, 8, dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1, 1])
     x_test = torch.randn(6, 8, dtype=torch.float64)
-    got = MahalanobisScore(feature_fn=lambda t: t).fit((x, y)).score(x_test)
+    got = MahalanobisDetector(feature_fn=lambda t: t).fit((x, y)).score(x_test)
     *_, want = _maha_ref(x.numpy(), y.numpy(), x_test.numpy())
     assert np.isfinite(got.numpy()).all()
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-8, atol=1e-8)
@@ -179,7 +183,7 @@ def test_mahalanobis_labels_growing_across_batches() -> None:
     order = torch.argsort(y, stable=True)  # first batches only see class 0
     x, y = x[order], y[order]
     batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 30, 4)]
-    got = MahalanobisScore(feature_fn=lambda t: t).fit(batches).score(x[:5])
+    got = MahalanobisDetector(feature_fn=lambda t: t).fit(batches).score(x[:5])
     *_, want = _maha_ref(x.numpy(), y.numpy(), x[:5].numpy())
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
 
@@ -207,7 +211,7 @@ def test_mahalanobis_layer_hook_matches_numpy_and_leaves_no_trace() -> None:
     x, y = _blobs()
     x_test = torch.randn(9, 4, dtype=torch.float64)
 
-    maha = MahalanobisScore(net, layer="avgpool").fit(DataLoader(TensorDataset(x, y), 16))
+    maha = MahalanobisDetector(net, layer="avgpool").fit(DataLoader(TensorDataset(x, y), 16))
     got = maha.score(DataLoader(TensorDataset(x_test, torch.zeros(9, dtype=torch.long)), 4))
 
     assert {name: m.training for name, m in net.named_modules()} == modes
@@ -235,7 +239,7 @@ def test_mahalanobis_restores_mode_and_hook_when_forward_fails() -> None:
 
     net = Failing().train()
     with pytest.raises(RuntimeError, match="boom"):
-        MahalanobisScore(net, layer="feat").fit((torch.randn(3, 2), torch.tensor([0, 1, 0])))
+        MahalanobisDetector(net, layer="feat").fit((torch.randn(3, 2), torch.tensor([0, 1, 0])))
     assert net.training and net.feat.training
     assert not net.feat._forward_hooks
 
@@ -247,39 +251,41 @@ def test_mahalanobis_validation_errors() -> None:
     net, x, y = _mlp(), *_blobs()
     ident = lambda t: t  # noqa: E731
     with pytest.raises(ValueError, match=r"pass exactly one of `feature_fn` or `layer`"):
-        MahalanobisScore(net)
+        MahalanobisDetector(net)
     with pytest.raises(ValueError, match=r"pass exactly one of `feature_fn` or `layer`"):
-        MahalanobisScore(net, layer="0", feature_fn=ident)
+        MahalanobisDetector(net, layer="0", feature_fn=ident)
     with pytest.raises(ValueError, match=r"`layer='0'` needs `model`, got model=None"):
-        MahalanobisScore(layer="0")
+        MahalanobisDetector(layer="0")
     with pytest.raises(ValueError, match=r"`layer` 'fc' is not a submodule of `model`"):
-        MahalanobisScore(net, layer="fc")
-    with pytest.raises(TypeError, match=r"`layer` must be a submodule name \(str\), got 0"):
-        MahalanobisScore(net, layer=0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module or None, got str"):
-        MahalanobisScore("net", feature_fn=ident)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`feature_fn` must be callable, got int"):
-        MahalanobisScore(feature_fn=3)  # type: ignore[arg-type]
+        MahalanobisDetector(net, layer="fc")
+    with pytest.raises(TypeError, match=r"`layer` must be a submodule name \(str\) or None, got 0"):
+        MahalanobisDetector(net, layer=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module or a callable"):
+        MahalanobisDetector("net", feature_fn=ident)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`layer='0'` needs `model` to be a torch.nn.Module"):
+        MahalanobisDetector(lambda t: net(t), layer="0")
+    with pytest.raises(TypeError, match=r"`feature_fn` must be callable or None, got int"):
+        MahalanobisDetector(feature_fn=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`ridge` must be finite and >= 0, got -0.1"):
-        MahalanobisScore(feature_fn=ident, ridge=-0.1)
+        MahalanobisDetector(feature_fn=ident, ridge=-0.1)
     with pytest.raises(TypeError, match=r"`ridge` must be a real number, got bool True"):
-        MahalanobisScore(feature_fn=ident, ridge=True)
+        MahalanobisDetector(feature_fn=ident, ridge=True)
     with pytest.raises(ValueError, match=r"`num_classes` must be >= 1, got 0"):
-        MahalanobisScore(feature_fn=ident, num_classes=0)
+        MahalanobisDetector(feature_fn=ident, num_classes=0)
     for bad in (2.0, True):
         with pytest.raises(TypeError, match=r"`num_classes` must be an int or None"):
-            MahalanobisScore(feature_fn=ident, num_classes=bad)  # type: ignore[arg-type]
+            MahalanobisDetector(feature_fn=ident, num_classes=bad)  # type: ignore[arg-type]
 
-    maha = MahalanobisScore(feature_fn=ident)
+    maha = MahalanobisDetector(feature_fn=ident)
     for method in (maha.score, maha.calibrate, maha.predict):
         with pytest.raises(NotFittedError, match=r"not fitted: call `fit\(id_train_data\)` first"):
             method(x)
     with pytest.raises(ValueError, match=r"classes \[1\] have none"):
         maha.fit((x[:4], torch.tensor([0, 2, 2, 0])))
     with pytest.raises(ValueError, match=r"classes \[3\] have none"):
-        MahalanobisScore(feature_fn=ident, num_classes=4).fit((x, y))
+        MahalanobisDetector(feature_fn=ident, num_classes=4).fit((x, y))
     with pytest.raises(ValueError, match=r"`labels` must be < num_classes=2, got 2"):
-        MahalanobisScore(feature_fn=ident, num_classes=2).fit((x, y))
+        MahalanobisDetector(feature_fn=ident, num_classes=2).fit((x, y))
     with pytest.raises(TypeError, match=r"`labels` must be an integer tensor \(B,\), got list"):
         maha.fit([(x, [0] * len(x))])
     with pytest.raises(TypeError, match=r"`labels` must be an integer tensor.*torch.float64"):
@@ -288,11 +294,11 @@ def test_mahalanobis_validation_errors() -> None:
         maha.fit((x, y[1:]))
     with pytest.raises(ValueError, match=r"`labels` must be >= 0, got -1"):
         maha.fit((x[:2], torch.tensor([0, -1])))
-    with pytest.raises(TypeError, match=r"`data` needs labels: pass \(inputs, labels\)"):
+    with pytest.raises(TypeError, match=r"`id_train_data` needs labels: pass \(inputs, labels\)"):
         maha.fit(x)
-    with pytest.raises(TypeError, match=r"each batch of `data` must be \(inputs, labels, ...\)"):
+    with pytest.raises(TypeError, match=r"each batch of `id_train_data` must be \(inputs, label"):
         maha.fit([x])
-    with pytest.raises(ValueError, match=r"`data` must contain at least one sample, got none"):
+    with pytest.raises(ValueError, match=r"`id_train_data` must contain at least one sample"):
         maha.fit([])
     with pytest.raises(ValueError, match=r"features changed size from 4 to 3"):
         maha.fit([(x[:5], y[:5]), (x[5:, :3], y[5:])])
@@ -314,21 +320,21 @@ def test_mahalanobis_validation_errors() -> None:
         ),
     ):
         with pytest.raises(ValueError, match=msg):
-            MahalanobisScore(feature_fn=fn).fit((x, y))
+            MahalanobisDetector(feature_fn=fn).fit((x, y))
     with pytest.raises(TypeError, match=r"`feature_fn` must produce a Tensor, got tuple"):
-        MahalanobisScore(feature_fn=lambda t: (t,)).fit((x, y))  # type: ignore[arg-type,return-value]
+        MahalanobisDetector(feature_fn=lambda t: (t,)).fit((x, y))  # type: ignore[arg-type,return-value]
 
     class TupleOut(nn.Module):
         def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
             return t, t
 
     tuple_net = nn.Sequential(TupleOut())
-    with pytest.raises(TypeError, match=r"`layer` '0' must produce a Tensor, got tuple"):
-        MahalanobisScore(tuple_net, layer="0").fit((x, y))
+    with pytest.raises(TypeError, match=r"`layer` '0' must produce a Tensor, got tuple; name"):
+        MahalanobisDetector(tuple_net, layer="0").fit((x, y))
     unused = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
     unused.forward = lambda t: unused["used"](t)
     with pytest.raises(RuntimeError, match=r"`layer` 'unused' did not run in model\(inputs\)"):
-        MahalanobisScore(unused, layer="unused").fit((x.float(), y))
+        MahalanobisDetector(unused, layer="unused").fit((x.float(), y))
     assert not unused["unused"]._forward_hooks
 
 
@@ -336,12 +342,12 @@ def test_mahalanobis_validation_errors() -> None:
 def test_mahalanobis_and_logit_scores_on_cuda_match_cpu() -> None:
     net = _Net().double().eval()
     x, y = _blobs()
-    cpu = MahalanobisScore(net, layer="avgpool").fit((x, y)).score(x[:10])
+    cpu = MahalanobisDetector(net, layer="avgpool").fit((x, y)).score(x[:10])
     gpu_net = _Net().double().eval()
     gpu_net.load_state_dict(net.state_dict())
     gpu_net.cuda()
     # CPU batches are moved to the model's device; statistics live on the feature device
-    gpu = MahalanobisScore(gpu_net, layer="avgpool").fit((x, y)).score(x[:10])
+    gpu = MahalanobisDetector(gpu_net, layer="avgpool").fit((x, y)).score(x[:10])
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
     logits = torch.randn(6, 4, dtype=torch.float64)
