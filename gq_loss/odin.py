@@ -269,8 +269,8 @@ class ODINDetector(Detector):
             other = "auroc" if criterion == "fpr95" else "fpr95"
             sign = -1.0 if CRITERIA[criterion] else 1.0  # minimise sign * criterion, then the other
             best = min(results, key=lambda r: (sign * r[criterion], -sign * r[other]))
-        self.temperature, self.epsilon = best["temperature"], best["epsilon"]  # drop threshold_
-        self.threshold_ = None  # also where the best setting is the current one
+        # assigning a setting drops threshold_, also where the best setting is the current one
+        self.temperature, self.epsilon = best["temperature"], best["epsilon"]
         self.tuning_results_ = results
         return self
 

@@ -533,14 +533,15 @@ class ResidualBlock(nn.Module):
         return self.head(self.relu(out))
 
 
-def test_mahalanobis_hook_copies_the_layer_output_before_in_place_operations():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mahalanobis_hook_copies_the_layer_output_before_in_place_operations(dtype):
     torch.manual_seed(0)
-    model = ResidualBlock()
+    model = ResidualBlock().to(dtype)
     with torch.no_grad():
         model.bn.running_mean.normal_()
         model.bn.running_var.uniform_(0.5, 2.0)
     model.train()
-    x, y = torch.randn(40, 4), torch.arange(40) % 2
+    x, y = torch.randn(40, 4, dtype=dtype), torch.arange(40) % 2
     with torch.no_grad():
         true = model.eval().bn(model.fc(x)).double()  # the layer's output itself
     model.train()
