@@ -17,9 +17,8 @@ from torch import Tensor
 
 from ._detection import Detector, Model, Setting, float64, logits_of
 from ._validation import OutputSpec, check_logits, check_positive
-from .mahalanobis import MahalanobisDetector
 
-__all__ = ["EnergyDetector", "MSPDetector", "MahalanobisDetector", "energy_score", "msp_score"]
+__all__ = ["EnergyDetector", "MSPDetector", "energy_score", "msp_score"]
 
 
 def _scaled(logits: Any, temperature: float) -> Tensor:

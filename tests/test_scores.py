@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gq_loss import NotFittedError
+from gq_loss import MahalanobisDetector, NotFittedError
 from gq_loss.mahalanobis import PINV_RTOL
-from gq_loss.scores import MahalanobisDetector, energy_score, msp_score
+from gq_loss.scores import energy_score, msp_score
 
 # --------------------------------------------------------------------------- MSP and energy
 
