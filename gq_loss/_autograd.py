@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -130,3 +131,32 @@ def once_differentiable_functions(graph: Tensor | None) -> list[str]:
             found.append(name)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
+
+
+# Models (by identity) that `check_second_order` has passed.
+_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()
+_ONCE_TEXT = "trying to differentiate twice a function that was marked with @once_differentiable"
+
+
+def check_second_order(model: Any, logits: Tensor, value: Tensor, x: Tensor | None) -> None:
+    """Raises now, once per model, what GQ's parameter gradient through `value` would raise later.
+
+    Two kinds of operation have no second derivative. Those whose double backward is missing
+    (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second derivative of
+    `value` w.r.t. `x` is taken (every double backward between the inputs and the logits; for
+    one class, about 1/N of a GQ backward). Custom Functions marked `@once_differentiable` fail
+    only in a full `backward()`, or not at all under `vmap` (their terms would be dropped), so
+    the forward graph of `logits` is searched for them. Call inside `second_order_errors`.
+    """
+    key = unwrap_ddp(model)
+    try:
+        if key in _CHECKED:
+            return
+    except TypeError:  # not weak-referenceable: check every time
+        key = None
+    if once_differentiable_functions(logits):
+        raise RuntimeError(_ONCE_TEXT)
+    if x is not None and value.requires_grad:
+        torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
+    if key is not None:
+        _CHECKED.add(key)

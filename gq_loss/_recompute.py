@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import (
+    check_second_order,
     differentiable_forward,
     input_grad,
     norm_rows,
@@ -149,31 +150,33 @@ class RecomputeNorms(torch.autograd.Function):
         with (
             torch.enable_grad(),
             replay(model, job.rng_state, x.device),
-            second_order_errors(),
         ):
             xr = x.detach().requires_grad_(True)
-            with autocast_as(job.autocast), differentiable_forward():
+            with autocast_as(job.autocast), differentiable_forward(), second_order_errors():
                 # Replay with the very tensors this Function received (also under functional_call).
                 logits = torch.func.functional_call(
                     model, dict(zip(ctx.names, params, strict=True)), (xr,), strict=False
                 )
                 logits = select_output(logits, job.output)
                 sel = selected(operand_of(logits, job.operand, job.temperature), job.columns)
-            targets = ([xr] if job.input_grad else []) + list(params)
-            width = sel.shape[1]
-            step = job.chunk_size or max(width, 1)
-            for start in range(0, width, step):
-                # Only this chunk's double-backward graph is alive; the forward graph is reused.
-                terms = [
-                    grad_norms[:, k] @ norm_rows(input_grad(sel[:, k].sum(), xr, True), job.p)
-                    for k in range(start, min(start + step, width))
-                ]
-                grads = torch.autograd.grad(
-                    torch.stack(terms).sum(), targets, retain_graph=True, allow_unused=True
-                )
-                total_grads = [
-                    g if t is None else (t if g is None else t + g)
-                    for t, g in zip(total_grads, grads, strict=True)
-                ]
+            with second_order_errors(logits):
+                targets = ([xr] if job.input_grad else []) + list(params)
+                width = sel.shape[1]
+                step = job.chunk_size or max(width, 1)
+                for start in range(0, width, step):
+                    # Only this chunk's double-backward graph is alive; the forward graph is reused.
+                    terms = [
+                        grad_norms[:, k] @ norm_rows(input_grad(sel[:, k].sum(), xr, True), job.p)
+                        for k in range(start, min(start + step, width))
+                    ]
+                    if start == 0:  # a missing second derivative would be dropped, not raised
+                        check_second_order(job.model, logits, terms[0], None)
+                    grads = torch.autograd.grad(
+                        torch.stack(terms).sum(), targets, retain_graph=True, allow_unused=True
+                    )
+                    total_grads = [
+                        g if t is None else (t if g is None else t + g)
+                        for t, g in zip(total_grads, grads, strict=True)
+                    ]
         grad_x = total_grads.pop(0) if job.input_grad else None
         return (None, None, None, grad_x, *total_grads)

@@ -42,7 +42,6 @@ It does not take a DistributedDataParallel-wrapped model.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import (
+    check_second_order,
     differentiable_forward,
     input_grad,
     norm_rows,
@@ -237,28 +237,12 @@ class GradientPass:
         return norms
 
 
-# Models (by identity) whose second derivatives one GQ pass has already taken.
-_PROBED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
 def probe_second_order(run: GradientPass, norms: Tensor) -> None:
-    """Takes one second derivative now, once per model, so that an operation without one fails
-    here, with `second_order_errors`' advice, rather than deep in the caller's `backward()`.
-
-    The probe differentiates one class's norms w.r.t. the inputs: that runs the double backward
-    of every operation between the inputs and the logits, for 1/N of a GQ backward, once.
-    """
-    key = unwrap_ddp(run.model)
-    try:
-        if key in _PROBED:
-            return
-    except TypeError:  # not weak-referenceable: probe every time
-        key = None
-    if norms.numel() and norms.requires_grad:
+    """Checks, once per model, that GQ's parameter gradient can be taken (`check_second_order`),
+    so that an operation without a second derivative fails here rather than in `backward()`."""
+    if norms.numel():
         one = norms[:, 0] if norms.ndim == 2 else norms
-        torch.autograd.grad(one.sum(), run.x, retain_graph=True, allow_unused=True)
-    if key is not None:
-        _PROBED.add(key)
+        check_second_order(run.model, run.logits, one, run.x)
 
 
 def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:

@@ -994,3 +994,37 @@ def test_device_parity_runs_on_cpu() -> None:
 @pytest.mark.cuda
 def test_cuda_matches_cpu_float64() -> None:
     _device_parity("cuda")
+
+
+def test_recompute_replays_under_the_callers_autocast() -> None:
+    # The value comes from a bf16 forward; the replayed gradient must come from a bf16 forward
+    # too (a float32 replay differed from loop by 3e-2, relative).
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5)
+    )
+    x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
+
+    def run(method: str, chunk: int | None, around_backward: bool = True) -> tuple[Tensor, Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = gq_loss(model, x, y, method=method, chunk_size=chunk)
+        # the replay's autocast is the recorded one, not the one around backward()
+        with torch.autocast("cpu", enabled=not around_backward):
+            flat = torch.cat([g.flatten() for g in grads(model, value)])
+        return value, flat
+
+    want_value, want = run("loop", None)
+    # Same classes per backward as loop: the same bf16 gradient. Other groupings (chunks, the
+    # vmapped backward of jacrev and batched) add up bf16 terms in another order: about 4e-3.
+    for method, chunk, tol in (
+        ("recompute", None, 1e-3),
+        ("recompute", 5, 1e-3),
+        ("recompute", 2, 1e-2),
+        ("jacrev", None, 1e-2),
+        ("batched", None, 1e-2),
+    ):
+        for around_backward in (True, False):
+            value, got = run(method, chunk, around_backward)
+            torch.testing.assert_close(value, want_value, rtol=1e-6, atol=0)
+            relative = float((got - want).norm() / want.norm())
+            assert relative <= tol, (method, chunk, around_backward, relative)
