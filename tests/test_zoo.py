@@ -1,0 +1,221 @@
+"""A model zoo nobody here wrote: Hugging Face classifiers, built offline from tiny configs.
+
+Random weights, no download (`HF_HUB_OFFLINE=1`). For each model: one cross-entropy + GQ training
+step gives a finite loss and finite parameter gradients; GQ equals the same weights with eager
+attention (and `recompute` equals `loop`); ODIN scores, calibrates and predicts on the module
+itself, the logits read from the Hugging Face `logits` field without being named.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers")
+
+from gq_loss import ODINDetector, gq_loss  # noqa: E402
+
+CLASSES = 3
+IMAGE = (3, 32, 32)
+TEXT = (6, 32)  # (tokens, embedding width)
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+VIT = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    **NO_DROPOUT,
+}
+BERT = {
+    "vocab_size": 40,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 16,
+    **NO_DROPOUT,
+}
+
+# name -> (model class, config class, config)
+IMAGE_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "vit": ("ViTForImageClassification", "ViTConfig", VIT),
+    "deit": ("DeiTForImageClassification", "DeiTConfig", VIT),
+    "dinov2": (
+        "Dinov2ForImageClassification",
+        "Dinov2Config",
+        {k: v for k, v in VIT.items() if k != "intermediate_size"} | {"mlp_ratio": 2},
+    ),
+    "swin": (
+        "SwinForImageClassification",
+        "SwinConfig",
+        {
+            "image_size": 32,
+            "patch_size": 4,
+            "embed_dim": 16,
+            "depths": [1, 1],
+            "num_heads": [2, 2],
+            "window_size": 4,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "drop_path_rate": 0.0,
+        },
+    ),
+    "convnext": (
+        "ConvNextForImageClassification",
+        "ConvNextConfig",
+        {"num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1], "drop_path_rate": 0.0},
+    ),
+    "resnet": (
+        "ResNetForImageClassification",
+        "ResNetConfig",
+        {"embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1], "layer_type": "basic"},
+    ),
+    "mobilevit": (
+        "MobileViTForImageClassification",
+        "MobileViTConfig",
+        {
+            "image_size": 32,
+            "patch_size": 2,
+            "hidden_sizes": [16, 16, 16],
+            "neck_hidden_sizes": [8, 8, 16, 16, 16, 16, 32],
+            "num_attention_heads": 2,
+            "mlp_ratio": 1.0,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "classifier_dropout_prob": 0.0,
+        },
+    ),
+    "efficientnet": (
+        "EfficientNetForImageClassification",
+        "EfficientNetConfig",
+        {
+            "image_size": 32,
+            "width_coefficient": 0.1,
+            "depth_coefficient": 0.1,
+            "hidden_dim": 128,
+            "dropout_rate": 0.0,
+            "drop_connect_rate": 0.0,
+        },
+    ),
+}
+TEXT_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "bert": ("BertForSequenceClassification", "BertConfig", BERT),
+    "roberta": ("RobertaForSequenceClassification", "RobertaConfig", BERT | {"pad_token_id": 1}),
+    "distilbert": (
+        "DistilBertForSequenceClassification",
+        "DistilBertConfig",
+        {
+            "vocab_size": 40,
+            "dim": 32,
+            "n_layers": 1,
+            "n_heads": 2,
+            "hidden_dim": 64,
+            "max_position_embeddings": 16,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "seq_classif_dropout": 0.0,
+        },
+    ),
+}
+
+
+class Embedded(nn.Module):
+    """A text classifier as a function of its input embeddings, with a fixed attention mask.
+
+    The mask is a buffer, so the module keeps its device placement, mode handling and
+    `method="recompute"`; a batch of B uses the mask's first B rows.
+    """
+
+    def __init__(self, model: nn.Module, mask: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mask", mask)
+
+    def forward(self, embeds: Tensor) -> Any:
+        return self.model(inputs_embeds=embeds, attention_mask=self.mask[: embeds.shape[0]])
+
+
+def build(name: str) -> tuple[nn.Module, Callable[[int], Tensor]]:
+    """The module (default attention backend) and a maker of input batches."""
+    table = IMAGE_MODELS if name in IMAGE_MODELS else TEXT_MODELS
+    model_name, config_name, settings = table[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(num_labels=CLASSES, **settings)
+    model = getattr(transformers, model_name)(config)
+    if name in IMAGE_MODELS:
+        return model, lambda batch: torch.randn(batch, *IMAGE)
+    mask = torch.ones(4, TEXT[0], dtype=torch.long)
+    mask[1, -2:] = 0  # padded sequences
+    mask[3, -4:] = 0
+    return Embedded(model, mask), lambda batch: torch.randn(batch, *TEXT)
+
+
+def with_eager_attention(model: nn.Module) -> nn.Module:
+    """A copy with the same weights whose attention is written out in eager PyTorch ops."""
+    eager = copy.deepcopy(model)
+    inner = eager.model if isinstance(eager, Embedded) else eager
+    inner.set_attn_implementation("eager")  # type: ignore[operator]
+    return eager
+
+
+def attention_backend(model: nn.Module) -> str | None:
+    inner = model.model if isinstance(model, Embedded) else model
+    return getattr(inner.config, "_attn_implementation", None)
+
+
+ALL = [*IMAGE_MODELS, *TEXT_MODELS]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zoo_model_trains_with_gq_and_scores_with_odin(name: str) -> None:
+    model, inputs = build(name)
+    x, y = inputs(4), torch.tensor([0, 1, 2, 1])
+
+    # One training step: CE + GQ from one forward pass, finite loss and gradients.
+    model.train()
+    gq, logits = gq_loss(model, x, y, return_logits=True)
+    loss = F.cross_entropy(logits, y) + gq
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= float(gq.detach()) <= 1
+    grads = [q.grad for q in model.parameters() if q.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad()
+
+    # GQ equals the eager-attention copy, and recompute equals loop (eval mode).
+    model.eval()
+    want = gq_loss(model, x, y)
+    params = [q for q in model.parameters() if q.requires_grad]
+    want_grads = torch.autograd.grad(want, params, allow_unused=True, materialize_grads=True)
+    others = {"recompute": gq_loss(model, x, y, method="recompute", chunk_size=2)}
+    if attention_backend(model) not in (None, "eager"):
+        eager = with_eager_attention(model)
+        others["eager attention"] = gq_loss(eager, x, y)
+        eager_params = [q for q in eager.parameters() if q.requires_grad]
+    for label, got in others.items():
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=label)
+        ps = eager_params if label == "eager attention" else params
+        got_grads = torch.autograd.grad(got, ps, allow_unused=True, materialize_grads=True)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6, msg=label)
+
+    # ODIN on the module itself: score, calibrate, predict; the mode is restored.
+    model.train()
+    detector = ODINDetector(model)
+    scores = detector.score(x)
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+    detector.calibrate([inputs(4), inputs(2)])
+    predicted = detector.predict(x)
+    assert predicted.shape == (4,) and predicted.dtype == torch.long
+    assert model.training
+    torch.testing.assert_close(detector.score(x), scores)  # eval mode inside: no batch noise
