@@ -37,6 +37,16 @@ and says so.
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
 run the model it raises a `RuntimeError` that names `method='loop'`; it never falls back silently.
 It does not take a DistributedDataParallel-wrapped model.
+
+Every method's forward pass (and `recompute`'s replay) runs PyTorch's attention on its math
+backend and compiled code eagerly, since fused attention kernels and compiled graphs have no
+double backward; on CUDA that replaces flash/memory-efficient attention inside these passes
+(more memory and time for long sequences), and nothing changes outside them. An operation that
+cannot be switched (a custom kernel, an `autograd.Function` marked `@once_differentiable`) is
+found on the first training call for a model and named in a `RuntimeError`. `recompute`
+replays under the RNG and autocast state of the original forward, like
+`torch.utils.checkpoint`, so the model's forward hooks run twice per step. `docs/math.md`
+("Which models GQ can differentiate") has the details.
 """
 
 from __future__ import annotations
