@@ -395,8 +395,8 @@ class Detector:
 
         Returns:
             Shape ``(B,)`` (total number of samples), detached. On the input's device for a
-            tensor; concatenated on the CPU for an iterable. A non-finite score is returned as
-            it is (`gq_loss.metrics.ood_metrics` refuses it).
+                tensor; concatenated on the CPU for an iterable. A non-finite score is returned as
+                it is (`gq_loss.metrics.ood_metrics` refuses it).
         """
         return self._collect(inputs, "inputs")[0]
 

@@ -6,8 +6,11 @@ prediction ``ŷ = argmax_j f_j(x)``, ODIN takes one signed-gradient step that ra
 temperature-scaled log-probability of ``ŷ`` and scores the result:
 
 $$ \tilde x = x - \varepsilon \cdot
-     \operatorname{sign}\big(-\nabla_x \log S_{\hat y}(x; T)\big) / \sigma_c, \qquad
-   \mathrm{score}(x) = \max_j S_j(\tilde x; T) \quad \text{(higher = more in-distribution)} $$
+     \operatorname{sign}\big(-\nabla_x \log S_{\hat y}(x; T)\big) / \sigma_c, $$
+
+$$ \mathrm{score}(x) = \max_j S_j(\tilde x; T), $$
+
+higher meaning more in-distribution.
 
 ``-log S_ŷ(x; T)`` is the cross-entropy of ``f(x)/T`` against ``ŷ``: the step descends it, as the
 original ODIN code does (the *Learning ODIN* paper's Eq. 2 prints the opposite sign).
@@ -334,9 +337,9 @@ def odin_score(
     ``T``. ``epsilon=0`` (and no ``clamp``) gives temperature-scaled max-softmax.
 
     Returns:
-        Scores ``(B,)`` in ``[1/N, 1]``, **float64** (the softmax is computed in float64 from the
-        logits), detached, on the device of ``inputs``. An input the model maps to NaN scores
-        NaN.
+        Scores ``(B,)`` in ``[1/N, 1]``, **float64** (the softmax is computed in float64 from
+            the logits), detached, on the device of ``inputs``. An input the model maps to NaN
+            scores NaN.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))

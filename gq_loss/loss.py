@@ -395,7 +395,7 @@ class GQLoss(nn.Module):
 
         Returns:
             `(B,)` or `()` by `reduction`; `(loss, logits)` when `return_logits`. Detached under
-            `torch.no_grad()`/`torch.inference_mode()`.
+                `torch.no_grad()`/`torch.inference_mode()`.
 
         Examples:
             >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))

@@ -182,7 +182,7 @@ def roc_curve(
 
     Returns:
         ``(fpr, tpr, thresholds)``, float64 CPU tensors of shape ``(K + 1,)`` for ``K``
-        distinct scores; ``thresholds[0]`` is ``+inf`` (``"id"``) or ``-inf`` (``"ood"``).
+            distinct scores; ``thresholds[0]`` is ``+inf`` (``"id"``) or ``-inf`` (``"ood"``).
 
     Examples:
         >>> fpr, tpr, thr = roc_curve([3.0, 2.0, 1.0], [1.0, 0.0])

@@ -219,7 +219,7 @@ class ODINDetector(Detector):
 
         Returns:
             ``self``, with the selected ``temperature`` and ``epsilon``; ties go to the first
-            grid point in ``temperatures``-major order.
+                grid point in ``temperatures``-major order.
         """
         eps_grid = self._grid("epsilons", epsilons, strict=False)
         if ood_data is None:
