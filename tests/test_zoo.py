@@ -162,10 +162,15 @@ def build(name: str) -> tuple[nn.Module, Callable[[int], Tensor]]:
 
 def with_eager_attention(model: nn.Module) -> nn.Module:
     """A copy with the same weights whose attention is written out in eager PyTorch ops."""
-    eager = copy.deepcopy(model)
-    inner = eager.model if isinstance(eager, Embedded) else eager
-    inner.set_attn_implementation("eager")  # type: ignore[operator]
-    return eager
+    inner = model.model if isinstance(model, Embedded) else model
+    # A fresh model built for eager attention (older transformers choose the attention class
+    # when the model is built), given the same weights.
+    eager_inner = type(inner)._from_config(copy.deepcopy(inner.config), attn_implementation="eager")
+    eager_inner.load_state_dict(inner.state_dict())
+    assert eager_inner.config._attn_implementation == "eager"
+    if isinstance(model, Embedded):
+        return Embedded(eager_inner, model.mask).train(model.training)
+    return eager_inner.train(model.training)
 
 
 def attention_backend(model: nn.Module) -> str | None:
