@@ -1,0 +1,168 @@
+"""GQ inside a Hugging Face `Trainer`, and GQ and ODIN for a text classifier on its embeddings.
+
+    python examples/hf_trainer.py --smoke      # a tiny BERT from a config, random tokens, CPU
+
+`GQTrainer` adds `lam * GQ` to the cross-entropy in `compute_loss`, from one forward pass of the
+model (`return_logits=True`). Image classifiers (a `pixel_values` batch) are differentiated with
+respect to their pixels, text classifiers (an `input_ids` batch) with respect to their input
+embeddings, through `FromEmbeddings`. `docs/models.md` explains the recipe;
+`tests/test_recipes.py` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer
+
+from gq_loss import GQLoss, ODINDetector
+
+
+class FromEmbeddings(nn.Module):
+    """A text classifier as a function of its input embeddings ``(B, L, D)``.
+
+    Set `attention_mask` (``(B, L)``, the batch's) before each call: a module, unlike a lambda,
+    keeps GQ's `method="recompute"`, the detectors' eval mode and the input placement.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.attention_mask: Tensor | None = None
+
+    def forward(self, embeddings: Tensor) -> Any:
+        return self.model(inputs_embeds=embeddings, attention_mask=self.attention_mask)
+
+
+class GQTrainer(Trainer):
+    """A `Trainer` whose loss is ``cross_entropy + lam * GQ`` (both means over the batch)."""
+
+    # Per-batch means: the Trainer divides them by the gradient-accumulation steps itself.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, lam: float = 1.0, criterion: GQLoss | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.lam = lam
+        # For two classes pass GQLoss(operand="logits"): the softmax quotient is then constant.
+        self.criterion = criterion or GQLoss()
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,  # a token count: unused by batch means
+    ) -> Tensor | tuple[Tensor, Any]:
+        labels = inputs["labels"]
+        if "pixel_values" in inputs:
+            # positional: the first argument of Hugging Face image classifiers
+            gq, logits = self.criterion(model, inputs["pixel_values"], labels, return_logits=True)
+        else:
+            text = FromEmbeddings(model)
+            text.attention_mask = inputs.get("attention_mask")
+            embed = self.accelerator.unwrap_model(model).get_input_embeddings()
+            # The embeddings keep their graph: CE and GQ both reach the embedding table.
+            gq, logits = self.criterion(
+                text, embed(inputs["input_ids"]), labels, return_logits=True
+            )
+        loss = F.cross_entropy(logits, labels) + self.lam * gq
+        return (loss, {"logits": logits, "gq": gq}) if return_outputs else loss
+
+
+def odin_on_text(
+    model: nn.Module,
+    batches: list[dict[str, Tensor]],
+    *,
+    epsilon: float,
+    temperature: float = 1000.0,
+) -> Tensor:
+    """ODIN scores of tokenised batches, the step taken on the input embeddings."""
+    text = FromEmbeddings(model)
+    detector = ODINDetector(text, temperature=temperature, epsilon=epsilon)
+    embed = model.get_input_embeddings()
+    scores = []
+    for batch in batches:
+        text.attention_mask = batch["attention_mask"]
+        with torch.no_grad():  # the embeddings are a fixed input here
+            embeddings = embed(batch["input_ids"])
+        scores.append(detector.score(embeddings))
+    return torch.cat(scores)
+
+
+def embedding_scale(model: nn.Module) -> float:
+    """Root mean square of one coordinate of the word embeddings: the unit of ``epsilon``."""
+    weight = model.get_input_embeddings().weight
+    return float(weight.detach().pow(2).mean().sqrt())
+
+
+# --------------------------------------------------------------------------- smoke run
+
+
+def tiny_bert(num_labels: int = 3) -> nn.Module:
+    """A one-layer BERT classifier from a config: random weights, nothing downloaded."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+def random_tokens(n: int, length: int = 8, num_labels: int = 3) -> list[dict[str, Tensor]]:
+    """Examples of random tokens, some padded, as a `Dataset` would give them."""
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, 40, (length,))
+        mask = torch.ones(length, dtype=torch.long)
+        mask[length - i % 3 :] = 0
+        ids[mask == 0] = 0
+        rows.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(i % num_labels)}
+        )
+    return rows
+
+
+def training_args(out_dir: str, steps: int) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        seed=0, data_seed=0,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny BERT, random tokens, CPU")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--lam", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        parser.error("only --smoke is built in: plug GQTrainer into your own training script")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = tiny_bert()
+    data = random_tokens(16)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = GQTrainer(
+            model=model, args=training_args(out_dir, args.steps), train_dataset=data, lam=args.lam
+        )
+        trainer.train()
+    print("losses:", [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r])
+    batches = [trainer.data_collator(data[i : i + 4]) for i in range(0, 8, 4)]
+    epsilon = 0.005 * embedding_scale(model)  # a starting point, not a validated value
+    print("ODIN scores:", odin_on_text(model, batches, epsilon=epsilon).tolist())
+
+
+if __name__ == "__main__":
+    main()
