@@ -24,6 +24,7 @@ from transformers import Trainer
 from gq_loss import GQLoss, ODINDetector
 
 
+# --8<-- [start:trainer]
 class FromEmbeddings(nn.Module):
     """A text classifier as a function of its input embeddings ``(B, L, D)``.
 
@@ -73,9 +74,13 @@ class GQTrainer(Trainer):
                 text, embed(inputs["input_ids"]), labels, return_logits=True
             )
         loss = F.cross_entropy(logits, labels) + self.lam * gq
-        return (loss, {"logits": logits, "gq": gq}) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss
 
 
+# --8<-- [end:trainer]
+
+
+# --8<-- [start:odin]
 def odin_on_text(
     model: nn.Module,
     batches: list[dict[str, Tensor]],
@@ -100,6 +105,9 @@ def embedding_scale(model: nn.Module) -> float:
     """Root mean square of one coordinate of the word embeddings: the unit of ``epsilon``."""
     weight = model.get_input_embeddings().weight
     return float(weight.detach().pow(2).mean().sqrt())
+
+
+# --8<-- [end:odin]
 
 
 # --------------------------------------------------------------------------- smoke run

@@ -34,8 +34,11 @@ def make_trainer(tmp_path: object, lam: float, steps: int = 3) -> GQTrainer:
 def test_trainer_loss_is_ce_plus_lam_gq_on_the_embeddings(tmp_path: object) -> None:
     trainer = make_trainer(tmp_path, LAM)
     model = trainer.model
-    batch = trainer.data_collator(hf_trainer.random_tokens(4))
+    rows = hf_trainer.random_tokens(4)
+    batch = trainer.data_collator(rows)
     loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(4))
+    # evaluate() reports the same loss (GQ's value under no_grad; no dropout in this model)
+    assert trainer.evaluate(rows)["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
     ce = model(**batch).loss  # the model's own cross-entropy
     text = FromEmbeddings(model)
     text.attention_mask = batch["attention_mask"]
@@ -105,11 +108,11 @@ def test_trainer_on_an_image_classifier_takes_pixels(tmp_path: object) -> None:
     trainer = GQTrainer(model=model, args=hf_trainer.training_args(str(tmp_path), 1), lam=LAM)
     batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 0])}
     loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    ce = F.cross_entropy(model(batch["pixel_values"]).logits, batch["labels"])
-    assert torch.isfinite(outputs["gq"]) and outputs["gq"] > 0.01
-    torch.testing.assert_close(
-        loss, ce + LAM * gq_loss(model, batch["pixel_values"], batch["labels"])
-    )
+    logits = model(batch["pixel_values"]).logits
+    torch.testing.assert_close(outputs["logits"], logits)
+    gq = gq_loss(model, batch["pixel_values"], batch["labels"])
+    assert torch.isfinite(gq) and gq > 0.01
+    torch.testing.assert_close(loss, F.cross_entropy(logits, batch["labels"]) + LAM * gq)
     loss.backward()
     assert model.vit.embeddings.patch_embeddings.projection.weight.grad is not None
 
