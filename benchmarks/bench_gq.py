@@ -9,6 +9,11 @@ process's memory before the step (CPU; on CUDA the allocator's peak).
     python benchmarks/bench_gq.py                         # small CNN and ResNet-18, N = 10 and 100
     python benchmarks/bench_gq.py --models small_cnn --classes 100 --memory --chunk-sizes 5 10 25
     python benchmarks/bench_gq.py --device cuda --amp     # bf16 autocast; adds peak CUDA memory
+    python benchmarks/bench_gq.py --models hf_vit hf_bert --classes 10 --only loop  # HF models
+
+``hf_<name>`` is a Hugging Face classifier of ``tests/test_zoo.py`` built from the same small
+config there (random weights, nothing downloaded; needs ``transformers``): images ``(3, 32, 32)``,
+text models on input embeddings ``(6 tokens, width 32)`` with an attention mask.
 
 `benchmarks/gpu_check.py` reuses `measure()` for its kernel table.
 """
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import _examples_path  # noqa: F401  (puts examples/ on sys.path)
 import torch
@@ -34,12 +40,71 @@ from models import build_model
 from gq_loss import gq_loss
 
 LAM = 1.0  # any non-zero weight: the cost does not depend on it
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, or the Hugging Face ``logits`` field."""
+    return out if isinstance(out, torch.Tensor) else out["logits"]
+
+
+class PatchViT(torch.nn.Module):
+    """A ViT for 32x32 images on `nn.TransformerEncoder` (attention through SDPA): 4x4 patches,
+    a class token, pre-norm layers, no dropout. ``vit_tiny``: width 16, 1 layer (CPU dry runs);
+    ``vit_small``: width 192, 6 layers, 3 heads (DeiT-Tiny's shape on 64 patches)."""
+
+    def __init__(self, num_classes: int, dim: int, depth: int, heads: int, patch: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = torch.nn.Parameter(0.02 * torch.randn(1, 1 + (32 // patch) ** 2, dim))
+        layer = torch.nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = torch.nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(tokens)[:, 0]))
+
+
+VITS = {
+    "vit_tiny": {"dim": 16, "depth": 1, "heads": 2},
+    "vit_small": {"dim": 192, "depth": 6, "heads": 3},
+}
+
+
+def build_zoo_model(
+    name: str, num_classes: int, batch: int
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Hugging Face model ``name`` of tests/test_zoo.py with ``num_classes`` outputs, and a batch."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    try:
+        import test_zoo
+    except BaseException as err:  # pytest.importorskip raises a Skipped (not an Exception)
+        raise SystemExit(f"hf_{name} needs transformers (pip install -e '.[hf]'): {err}") from None
+    if name not in test_zoo.ALL:
+        raise SystemExit(
+            f"unknown zoo model hf_{name}; choose from {['hf_' + k for k in test_zoo.ALL]}"
+        )
+    test_zoo.CLASSES = num_classes  # read by build() when it makes the config
+    model, inputs = test_zoo.build(name)
+    if isinstance(model, test_zoo.Embedded):  # a mask row for each sample, some padded
+        mask = torch.ones(batch, test_zoo.TEXT[0], dtype=torch.long)
+        mask[1::2, -2:] = 0
+        model = test_zoo.Embedded(model.model, mask)
+    return model, inputs(batch)
 
 
 def naive_loop_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Eq. 7 as a user would write it: one autograd.grad(create_graph=True) per class."""
     x = x.detach().requires_grad_(True)
-    logits = model(x)
+    logits = logits_of(model(x))
     probs = logits.softmax(dim=1)
     norms = torch.stack(
         [
@@ -55,7 +120,7 @@ def naive_loop_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 def make_steps(chunk_sizes: list[int], num_classes: int) -> dict[str, Callable[..., None]]:
     def ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(logits_of(model(x)), y).backward()
 
     def gq(**options: object) -> Callable[..., None]:
         def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -82,9 +147,16 @@ def make_steps(chunk_sizes: list[int], num_classes: int) -> dict[str, Callable[.
 
 
 def setup(name: str, num_classes: int, batch: int, device: str) -> tuple:
-    torch.manual_seed(0)
-    model = build_model(name, num_classes).to(device).train()
-    x = torch.rand(batch, 3, 32, 32, device=device)
+    if name.startswith("hf_"):
+        model, x = build_zoo_model(name[3:], num_classes, batch)
+        model, x = model.to(device).train(), x.to(device)
+    else:
+        torch.manual_seed(0)
+        model = (
+            PatchViT(num_classes, **VITS[name]) if name in VITS else build_model(name, num_classes)
+        )
+        model = model.to(device).train()
+        x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     return model, x, y
 
@@ -284,6 +356,7 @@ def main() -> None:
     parser.add_argument("--classes", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--batch-size", type=int, default=64, help="batch of the small CNN")
     parser.add_argument("--resnet-batch-size", type=int, default=16, help="batch of the ResNets")
+    parser.add_argument("--hf-batch-size", type=int, default=16, help="batch of the hf_ models")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[10, 25])
     parser.add_argument("--only", nargs="+", help="time only these rows (and ce)")
@@ -307,6 +380,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     for name in args.models:
         batch = args.batch_size if name.startswith("small") else args.resnet_batch_size
+        batch = args.hf_batch_size if name.startswith("hf_") else batch
         for n in args.classes:
             if args.estimator_error:
                 print(
@@ -322,7 +396,10 @@ def main() -> None:
                 )
                 columns = ["step", "ms", "x_ce", "x_naive"]
                 columns += ["peak_mib", "status"] if args.device.startswith("cuda") else []
-                print_markdown(time_table(args, name, n, batch), columns)
+                rows = time_table(args, name, n, batch)
+                if "status" not in columns and any(r["status"] != "ok" for r in rows):
+                    columns.append("status")
+                print_markdown(rows, columns)
             if args.memory and args.device == "cpu":
                 print(
                     f"\n### {name}, N={n}, batch {batch}: peak memory of one step above the pre-step RSS"
