@@ -10,10 +10,13 @@ allowance is stopped and recorded as ``stopped: budget``):
 
 1. ``pytest -m cuda``: the CUDA tests, including device parity of every method (``jacrev``
    included) against the CPU float64 oracle.
-2. Kernel table: CIFAR ResNet-18 (``examples/models.py``), batch 128, N = 10 and 100, float32
-   and bf16 autocast: time as a multiple of the CE step and peak CUDA memory for ``loop``,
-   ``batched``, ``jacrev``, ``recompute`` (chunk 10), ``sampled`` (K = 10) and the authors'
-   ``reference`` formulation (timing code: ``bench_gq.measure``).
+2. Kernel table: a small ViT first (``bench_gq.PatchViT`` ``vit_small``: `nn.TransformerEncoder`,
+   attention through SDPA, whose fused CUDA kernels have no double backward: GQ's passes run
+   the math backend), batch 128, N = 10, within its own allowance; then CIFAR ResNet-18
+   (``examples/models.py``), batch 128, N = 10 and 100; float32 and bf16 autocast: time as a
+   multiple of the CE step and peak CUDA memory for ``loop``, ``batched``, ``jacrev``,
+   ``recompute`` (chunk 10), ``sampled`` (K = 10, N > 11 only) and the authors' ``reference``
+   formulation (timing code: ``bench_gq.measure``).
 3. ODIN scoring throughput against its floor (``benchmarks/bench_odin.py``).
 4. A few hundred steps of ``examples/train_cifar.py --amp`` (ResNet-18 on CIFAR-10 from
    ``--data-dir`` when there, else ``--smoke``'s small CNN on generated data): loss and GQ must
@@ -51,8 +54,9 @@ KERNEL_ROWS = ("ce", "loop", "batched", "jacrev", "recompute_c10", "sampled_k10"
 EXACT = ("loop", "batched", "jacrev", "recompute_c10")
 
 # (seconds allowed per stage) on a GPU and in the dry run; the sum stays under the 8-minute cap.
-BUDGET = {"pytest": 100, "kernels": 200, "odin": 45, "train": 120}
-DRY_BUDGET = {"pytest": 20, "kernels": 35, "odin": 25, "train": 30}
+# "vit" is the attention model's share, spent inside the kernel stage before the ResNet rows.
+BUDGET = {"pytest": 90, "vit": 45, "kernels": 185, "odin": 40, "train": 105}
+DRY_BUDGET = {"pytest": 20, "vit": 15, "kernels": 35, "odin": 25, "train": 30}
 
 
 class Check:
@@ -133,27 +137,29 @@ def stage_pytest(check: Check, allowance: float) -> None:
 # --------------------------------------------------------------------------- stage 2
 
 
-def stage_kernels(check: Check, allowance: float, args: argparse.Namespace) -> None:
+def kernel_rows(
+    check: Check, model: str, classes: list[int], batch: int, deadline: float, repeats: int
+) -> list[dict]:
+    """The kernel table's rows of one model: every N, float32 and bf16 autocast."""
     device = "cpu" if check.dry_run else "cuda"
-    deadline = time.perf_counter() + allowance
     rows: list[dict] = []
-    for n in args.classes:
+    for n in classes:
         for amp in (False, True):
             steps = {k: v for k, v in bench_gq.make_steps([10], n).items() if k in KERNEL_ROWS}
-            label = f"{args.model}, N={n}, batch {args.batch_size}, {'bf16' if amp else 'fp32'}"
+            label = f"{model}, N={n}, batch {batch}, {'bf16' if amp else 'fp32'}"
             if time.perf_counter() > deadline:
-                rows += [dict(model=args.model, N=n, batch=args.batch_size, amp=amp, step=k,
+                rows += [dict(model=model, N=n, batch=batch, amp=amp, step=k,
                               status="skipped: budget") for k in steps]  # fmt: skip
                 check.log(f"stage 2: {label}: skipped: budget")
                 continue
             check.log(f"stage 2: {label}")
             try:
                 table = bench_gq.measure(
-                    args.model, n, args.batch_size, steps, device=device,
-                    repeats=args.repeats, amp=amp, deadline=deadline,
+                    model, n, batch, steps, device=device,
+                    repeats=repeats, amp=amp, deadline=deadline,
                 )  # fmt: skip
             except Exception as err:  # recorded, and the next setting still runs
-                table = [dict(model=args.model, N=n, batch=args.batch_size, amp=amp, step="*",
+                table = [dict(model=model, N=n, batch=batch, amp=amp, step="*",
                               status=f"error: {type(err).__name__}: {err}"[:300])]  # fmt: skip
             for row in table:
                 check.log(
@@ -161,20 +167,34 @@ def stage_kernels(check: Check, allowance: float, args: argparse.Namespace) -> N
                     f"{row.get('peak_mib', math.nan):10.0f} MiB  {row['status']}"
                 )
             rows += table
+    return rows
+
+
+def stage_kernels(
+    check: Check, allowance: float, vit_allowance: float, args: argparse.Namespace
+) -> None:
+    start = time.perf_counter()
+    # The attention model first, within its own share: its rows are the point of the first run.
+    rows = kernel_rows(check, args.vit_model, [args.classes[0]], args.batch_size,
+                       start + vit_allowance, args.repeats)  # fmt: skip
+    deadline = start + vit_allowance + allowance
+    rows += kernel_rows(check, args.model, args.classes, args.batch_size, deadline, args.repeats)
     fastest = {}
-    for amp in (False, True):
-        for n in args.classes:
-            exact = [
-                r for r in rows
-                if r["N"] == n and r["amp"] == amp and r["step"] in EXACT and r["status"] == "ok"
-            ]  # fmt: skip
-            if exact:
-                best = min(exact, key=lambda r: r["ms"])
-                loop = next((r for r in exact if r["step"] == "loop"), None)
-                fastest[f"N={n} {'bf16' if amp else 'fp32'}"] = {
-                    "method": best["step"],
-                    "x_loop": best["ms"] / loop["ms"] if loop else math.nan,
-                }
+    for model in (args.vit_model, args.model):
+        for amp in (False, True):
+            for n in args.classes:
+                exact = [
+                    r for r in rows
+                    if r["model"] == model and r["N"] == n and r["amp"] == amp
+                    and r["step"] in EXACT and r["status"] == "ok"
+                ]  # fmt: skip
+                if exact:
+                    best = min(exact, key=lambda r: r["ms"])
+                    loop = next((r for r in exact if r["step"] == "loop"), None)
+                    fastest[f"{model} N={n} {'bf16' if amp else 'fp32'}"] = {
+                        "method": best["step"],
+                        "x_loop": best["ms"] / loop["ms"] if loop else math.nan,
+                    }
     check.record("kernels", {"rows": rows, "fastest_exact": fastest})
 
 
@@ -308,18 +328,22 @@ def write_report(check: Check, args: argparse.Namespace) -> str:
     ]
     st = stages.get("pytest_cuda", {})
     lines += [f"{st.get('status', 'not run')}: {st.get('summary', '')} ({st.get('seconds')} s)"]
-    lines += ["", f"## 2. Kernel table ({args.model}, batch {args.batch_size})", ""]
+    lines += [
+        "",
+        f"## 2. Kernel table ({args.vit_model}, {args.model}; batch {args.batch_size})",
+        "",
+    ]
     lines += [
         "Time of one training step (CE + GQ, forward and backward) as a multiple of the CE "
         "step, medians of interleaved repeats; peak memory above the pre-step level.",
         "",
-        "| N | dtype | step | x CE | ms | peak MiB | status |",
-        "|---|---|---|---|---|---|---|",
+        "| model | N | dtype | step | x CE | ms | peak MiB | status |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     kernels = stages.get("kernels", {})
     for r in kernels.get("rows", []):
         lines.append(
-            f"| {r['N']} | {'bf16' if r['amp'] else 'fp32'} | {r['step']} | "
+            f"| {r['model']} | {r['N']} | {'bf16' if r['amp'] else 'fp32'} | {r['step']} | "
             f"{fmt(r.get('x_ce', math.nan))} | {fmt(r.get('ms', math.nan))} | "
             f"{fmt(r.get('peak_mib', math.nan))} | {r['status']} |"
         )
@@ -382,18 +406,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         torch.set_num_threads(1)
         args.model, args.batch_size, args.classes, args.repeats = "tiny_cnn", 4, [12], 1
+        args.vit_model = "vit_tiny"
         budget = DRY_BUDGET
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run with --dry-run to check the pipeline on CPU")
         args.model, args.batch_size, args.classes, args.repeats = "resnet18", 128, [10, 100], 3
+        args.vit_model = "vit_small"
         budget = BUDGET
     budget = {k: v * args.budget_scale for k, v in budget.items()}
     check = Check(args.out_dir, args.dry_run)
     check.log(f"gpu_check on {check.results['device']}, budget {sum(budget.values())} s")
     stages = {
         "pytest": lambda: stage_pytest(check, budget["pytest"]),
-        "kernels": lambda: stage_kernels(check, budget["kernels"], args),
+        "kernels": lambda: stage_kernels(check, budget["kernels"], budget["vit"], args),
         "odin": lambda: stage_odin(check, budget["odin"]),
         "train": lambda: stage_train(check, budget["train"], args),
     }
