@@ -376,6 +376,9 @@ def run_grid(args: argparse.Namespace) -> None:
         return cached and os.path.isfile(result_path(args, name, seed))
 
     todo = [job for job in grid_jobs(args) if not done(job)]
+    # Every optimizer imports torch._dynamo (seconds): once here, not in every forked run.
+    import torch._dynamo  # noqa: F401
+
     running: dict[Any, tuple[str, int]] = {}
     failed: list[tuple[str, int]] = []
     context = multiprocessing.get_context("fork")
@@ -794,7 +797,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.results_dir = os.path.join(tmp, "results")
         if args.cache_dir == p.get_default("cache_dir"):
             args.cache_dir = os.path.join(tmp, "cache")
-        args.arch, args.pretrain_epochs, args.step_scale = "tiny_cnn", 1, 0.05
+        args.arch, args.pretrain_epochs, args.step_scale = "tiny_cnn", 1, 0.025
         args.batch_size, args.ood_size, args.seeds = 32, 32, args.seeds[:2]
         args.id_eval_size = 64
     return args
