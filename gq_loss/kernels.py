@@ -30,8 +30,8 @@ command measures every method on a GPU, and `auto` changes only on such evidence
 
     python benchmarks/gpu_check.py --out-dir gpu_report
 
-`jacrev` under CPU bf16 autocast fails on BatchNorm (torch 2.13's vmapped backward mixes dtypes)
-and says so.
+`jacrev` under CPU bf16 autocast fails on BatchNorm and LayerNorm (so on transformers too:
+torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there.
 
 `jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
