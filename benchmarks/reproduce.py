@@ -340,12 +340,20 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def grid_jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """``(arm, seed)`` in the order they run: seed-major (each finished seed is a complete paired
-    comparison), each seed's pre-training first; ``FEW_SEED_ARMS`` on the first ``--few-seeds``."""
+    """``(arm, seed)`` in the order they start; ``FEW_SEED_ARMS`` on the first ``--few-seeds``.
+
+    ``--order seed``: seed-major, each seed's pre-training first, so each finished seed is a
+    complete paired comparison. ``--order arm``: every pre-training, then arm-major in the order
+    of ``--arms``, so the first arms reach every seed before the last arms start."""
+    seeds = {
+        a: args.seeds[: args.few_seeds] if a in FEW_SEED_ARMS else args.seeds for a in args.arms
+    }
+    if args.order == "arm":
+        arms = [(a, s) for a in args.arms for s in seeds[a]]
+        return [("pretrained", s) for s in args.seeds] + arms
     jobs = []
-    for i, seed in enumerate(args.seeds):
-        jobs.append(("pretrained", seed))
-        jobs += [(a, seed) for a in args.arms if a not in FEW_SEED_ARMS or i < args.few_seeds]
+    for seed in args.seeds:
+        jobs += [("pretrained", seed)] + [(a, seed) for a in args.arms if seed in seeds[a]]
     return jobs
 
 
@@ -781,6 +789,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--few-seeds", type=int, default=3,
                    help="the sampled-estimator arms run on this many of the seeds")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
+    p.add_argument("--order", choices=("seed", "arm"), default="seed",
+                   help="seed-major or arm-major start order (see grid_jobs)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the JSON")

@@ -66,6 +66,11 @@ def test_grid_order_and_controls(reproduce: Any) -> None:
         ("pretrained", 0), ("gq_1_s80", 0), ("gq_1_k1", 0), ("ce_s80", 0),
         ("pretrained", 1), ("gq_1_s80", 1), ("ce_s80", 1),
     ]  # fmt: skip
+    args.order = "arm"
+    assert reproduce.grid_jobs(args) == [
+        ("pretrained", 0), ("pretrained", 1), ("gq_1_s80", 0), ("gq_1_s80", 1), ("gq_1_k1", 0),
+        ("ce_s80", 0), ("ce_s80", 1),
+    ]  # fmt: skip
     controls = reproduce.CONTROLS
     assert controls["gq_1_s320"] == "ce_s320" and controls["gq_1_k3_s320"] == "ce_s320"
     assert controls["gq_1_k1"] == "ce" and controls["ce_s1600"] == "ce"
