@@ -21,10 +21,19 @@ Arms (20 steps unless the name says ``_s<steps>``):
   (``estimator="sampled"`` with K = 1 or 3 of the 9 other classes), on the first
   ``--few-seeds`` seeds.
 
-    python benchmarks/reproduce.py --data-dir ../shared/data --jobs 2   # the grid; resumes
+    python benchmarks/reproduce.py --data-dir ../shared/data --jobs 2 --order arm \
+        --arms ce gq_1 ce_s80 ce_s320 gq_1_k1 ce_s1600 gq_1_s80 gq_1_s320 gq_1_k1_s320 \
+               gq_1_k3 gq_1_k3_s320              # the longer-training grid; resumes
     python benchmarks/reproduce.py --report-only                   # tables + figures from JSON
-    python benchmarks/reproduce.py --measure-cost                  # step cost of every arm
+    python benchmarks/reproduce.py --report-only --results-dir docs/reproduction/study
+                                                   # the 20-step study of every loss
+    python benchmarks/reproduce.py --measure-cost --arms ...       # step cost of every arm
     python benchmarks/reproduce.py --smoke                         # generated data, < 1 min
+
+The committed runs pair with the pre-training of the machine that ran them (cached under
+``--cache-dir``, not committed). Resuming on a machine without that cache pre-trains again and
+says whether the test accuracy equals the stored one; CPU pre-training is not bit-identical
+across machines, so a mismatch means the new runs of that seed pair only with each other.
 """
 
 from __future__ import annotations
@@ -765,8 +774,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir", default="../shared/data", help="folder of the CIFAR-10/OOD .npz files"
     )
-    p.add_argument("--results-dir", default="docs/reproduction/study",
-                   help="per-run JSON, report.md and the figure (small files, committed)")  # fmt: skip
+    p.add_argument("--results-dir", default="docs/reproduction/study_long",
+                   help="per-run JSON, report.md and the figure (small files, committed); the "
+                        "20-step study of every loss is in docs/reproduction/study")  # fmt: skip
     p.add_argument(
         "--cache-dir", default="runs/study", help="cached pre-trained weights (not committed)"
     )
