@@ -489,6 +489,8 @@ def paired(diffs: list[float]) -> tuple[float, float]:
 
 
 def fmt_ci(mean: float, half: float, scale: float = 100.0) -> str:
+    if math.isnan(mean):  # no seed to compare
+        return "-"
     if math.isnan(half):
         return f"{scale * mean:+.1f}"
     return f"{scale * mean:+.1f} ± {scale * half:.1f}"
