@@ -87,6 +87,7 @@ class Arm:
     estimator: str = "exact"
     num_sampled: int | None = None
     steps: int = 20
+    from_scratch: bool = False  # the CE pre-training's recipe, seed and batches, with this loss
 
     @property
     def loss(self) -> Arm:
@@ -114,12 +115,20 @@ ARMS = {
     "gq_1_k3": Arm(lam=1.0, estimator="sampled", num_sampled=3),
     "gq_1_k1_s320": Arm(lam=1.0, estimator="sampled", num_sampled=1, steps=320),
     "gq_1_k3_s320": Arm(lam=1.0, estimator="sampled", num_sampled=3, steps=320),
+    # the paper's regime: from random weights, 5 epochs (its control is the CE pre-training)
+    "scratch_gq_1_k1": Arm(
+        lam=1.0, estimator="sampled", num_sampled=1, steps=1950, from_scratch=True
+    ),
 }
-FEW_SEED_ARMS = ("gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320")
+FEW_SEED_ARMS = ("gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320", "scratch_gq_1_k1")
 DOSE_STEPS = (20, 80, 320)
 # Each arm's control: CE of the same length; a longer CE arm is compared with the 20-step one.
 CONTROLS = {
-    name: "ce" if arm.steps == 20 or arm.lam == 0 else f"ce_s{arm.steps}"
+    name: "pretrained"
+    if arm.from_scratch
+    else "ce"
+    if arm.steps == 20 or arm.lam == 0
+    else f"ce_s{arm.steps}"
     for name, arm in ARMS.items()
 }
 EQUAL_COMPUTE = ("gq_1_s80", "ce_s1600")
@@ -323,19 +332,30 @@ def test_accuracy(model: nn.Module, data: StudyData) -> float:
 def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> dict[str, Any]:
     arm = ARMS[name]
     base, pre_info = pretrained(args, seed, data)
-    model = build_model(args.arch, 10)
-    model.load_state_dict(base.state_dict())
-    # The fine-tuning images and the batch order depend on the seed and the length only: arms of
-    # equal length see the same batches, and a longer arm's images extend a shorter one's.
-    steps = arm_steps(args, arm)
-    n = min(steps * args.batch_size, len(data.train[0]))
-    subset = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))[:n]
-    log = train(model, (data.train[0][subset], data.train[1][subset]), arm=arm, steps=steps,
-                lr=args.ft_lr, schedule="cosine", seed=10_000 + seed, batch_size=args.batch_size,
-                desc=f"{name} seed {seed}", show_progress=args.progress)  # fmt: skip
+    if arm.from_scratch:  # the pre-training's initial weights, batches and schedule
+        torch.manual_seed(seed)
+        model = build_model(args.arch, 10)
+        steps = args.pretrain_epochs * (len(data.train[0]) // args.batch_size)
+        log = train(model, data.train, arm=arm, steps=steps, lr=args.pretrain_lr,
+                    schedule="onecycle", seed=seed, batch_size=args.batch_size,
+                    desc=f"{name} seed {seed}", show_progress=args.progress)  # fmt: skip
+    else:
+        model = build_model(args.arch, 10)
+        model.load_state_dict(base.state_dict())
+        # The fine-tuning images and the batch order depend on the seed and the length only:
+        # arms of equal length see the same batches, and a longer arm's images extend a
+        # shorter one's.
+        steps = arm_steps(args, arm)
+        n = min(steps * args.batch_size, len(data.train[0]))
+        perm = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))
+        subset = perm[:n]
+        log = train(model, (data.train[0][subset], data.train[1][subset]), arm=arm, steps=steps,
+                    lr=args.ft_lr, schedule="cosine", seed=10_000 + seed,
+                    batch_size=args.batch_size, desc=f"{name} seed {seed}",
+                    show_progress=args.progress)  # fmt: skip
     seconds = sum(r["seconds"] for r in log)
     return evaluate(model, data, args.id_eval_size) | {
-        "arm": name, "seed": seed, **asdict(arm), "train_log": log,
+        "arm": name, "seed": seed, **asdict(arm), "steps": steps, "train_log": log,
         "seconds_per_step": seconds / steps, "train_seconds": seconds,
         "settings": settings(args), "pretrain": {"seconds": pre_info["seconds"],
                                                  "reproduced": pre_info.get("reproduced")},

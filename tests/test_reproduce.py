@@ -74,6 +74,7 @@ def test_grid_order_and_controls(reproduce: Any) -> None:
     controls = reproduce.CONTROLS
     assert controls["gq_1_s320"] == "ce_s320" and controls["gq_1_k3_s320"] == "ce_s320"
     assert controls["gq_1_k1"] == "ce" and controls["ce_s1600"] == "ce"
+    assert controls["scratch_gq_1_k1"] == "pretrained"
     assert reproduce.ARMS["gq_1_k1_s320"].loss == reproduce.ARMS["gq_1_k1"]
 
 
@@ -87,7 +88,7 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     res = tmp_path / "res"
     arms = ("ce", "gq_0.1", "gq_1", "gq_10", "gq_reversed", "logitnorm", "reference_1",
             "ce_s80", "gq_1_s80", "ce_s320", "gq_1_s320", "ce_s1600",
-            "gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320")  # fmt: skip
+            "gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320", "scratch_gq_1_k1")  # fmt: skip
     for arm in (*arms, "pretrained"):
         for seed in (0, 1):
             run = json.loads((res / arm / f"seed{seed}.json").read_text())
@@ -99,12 +100,16 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     long = json.loads((res / "ce_s1600" / "seed0.json").read_text())  # smoke: 1600 / 40 steps
     assert sum(r["steps"] for r in long["train_log"]) == 40 and len(long["train_log"]) == 5
     k1 = json.loads((res / "gq_1_k1_s320" / "seed1.json").read_text())
-    assert (k1["estimator"], k1["num_sampled"], k1["steps"]) == ("sampled", 1, 320)
+    assert (k1["estimator"], k1["num_sampled"], k1["steps"]) == ("sampled", 1, 8)  # 320 / 40
+    # from scratch: the pre-training's recipe (1 epoch of 256 images in batches of 32), with GQ
+    scratch = json.loads((res / "scratch_gq_1_k1" / "seed0.json").read_text())
+    assert scratch["steps"] == 8 and scratch["train_log"][0]["train_gq"] > 0
     report = (res / "report.md").read_text()
     assert "## Which should I use?" in report and "| gq_reversed | 20 | ce | 2 |" in report
     for section in ("Does the effect grow", "The same compute", "The cheap estimator"):
         assert section in report
     assert "| gq_1_s320 | 320 | ce_s320 | 2 |" in report
+    assert "| scratch_gq_1_k1 | 1950 | pretrained | 2 |" in report
     assert list((tmp_path / "cache" / "pretrain").glob("*.pt"))  # weights: cache only
     assert not list(res.rglob("*.pt"))
     costs = json.loads((res / "step_costs.json").read_text())
