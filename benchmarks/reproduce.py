@@ -426,6 +426,7 @@ def run_grid(args: argparse.Namespace) -> None:
                 failed.append(job)
             print(f"{'FAILED' if proc.exitcode else 'finished'} {job[0]} seed {job[1]} "
                   f"({time.perf_counter() - t0:.0f} s elapsed)", flush=True)  # fmt: skip
+        todo = [j for j in todo if not done(j)]  # another process may have finished it
         busy = {seed for name, seed in running.values() if name == "pretrained"}
         ready = [
             j
