@@ -147,10 +147,7 @@ class RecomputeNorms(torch.autograd.Function):
             )
         model = unwrap_ddp(job.model)
         total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
-        with (
-            torch.enable_grad(),
-            replay(model, job.rng_state, x.device),
-        ):
+        with torch.enable_grad(), replay(model, job.rng_state, x.device):
             xr = x.detach().requires_grad_(True)
             with autocast_as(job.autocast), differentiable_forward(), second_order_errors():
                 # Replay with the very tensors this Function received (also under functional_call).

@@ -109,15 +109,6 @@ def check_logits(
         )
 
 
-def model_dtype(model: Any) -> torch.dtype | None:
-    """Floating dtype of the first floating parameter of an ``nn.Module``; None otherwise."""
-    parameters = getattr(model, "parameters", None)
-    if not callable(parameters):
-        return None
-    param = next((q for q in parameters() if q.is_floating_point()), None)
-    return None if param is None else param.dtype
-
-
 def call_model(model: Callable[..., Any], inputs: Tensor, output: OutputSpec | None = None) -> Any:
     """``select_output(model(inputs), output)``; a failure on an unbatched-looking input says how
     to add the batch dim. The one model-call rule of GQ and every detector."""
