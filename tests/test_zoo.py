@@ -21,7 +21,7 @@ from torch import Tensor, nn
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
-from gq_loss import ODINDetector, gq_loss  # noqa: E402
+from gq_loss import ODINDetector, gq_loss, odin_score  # noqa: E402
 
 CLASSES = 3
 IMAGE = (3, 32, 32)
@@ -219,8 +219,16 @@ def test_zoo_model_trains_with_gq_and_scores_with_odin(name: str) -> None:
     detector = ODINDetector(model)
     scores = detector.score(x)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
+    # Reference: the logits named by hand, through a plain callable on the model in eval mode.
+    model.eval()
+    with torch.no_grad():
+        classes = model(x).logits.argmax(1)
+    reference = odin_score(lambda t: model(t).logits, x)
+    model.train()
+    torch.testing.assert_close(scores, reference, rtol=1e-12, atol=0)
     detector.calibrate([inputs(4), inputs(2)])
     predicted = detector.predict(x)
-    assert predicted.shape == (4,) and predicted.dtype == torch.long
+    accepted = scores >= detector.threshold_
+    assert torch.equal(predicted, torch.where(accepted, classes, torch.full_like(classes, -1)))
     assert model.training
     torch.testing.assert_close(detector.score(x), scores)  # eval mode inside: no batch noise
