@@ -78,7 +78,7 @@ NOISE_SETS = ("uniform", "gaussian")
 
 @dataclass(frozen=True)
 class Arm:
-    """One fine-tuning run: ``base`` ("ce" or "logitnorm") + ``lam`` * GQ(``formulation``,
+    """One fine-tuning run: ``base`` ("ce", "logitnorm" or "none") + ``lam`` * GQ(``formulation``,
     ``estimator`` with ``num_sampled`` = K), for ``steps`` optimiser steps."""
 
     base: str = "ce"
@@ -119,13 +119,27 @@ ARMS = {
     "scratch_gq_1_k1": Arm(
         lam=1.0, estimator="sampled", num_sampled=1, steps=1950, from_scratch=True
     ),
+    "scratch_gq_0.1_k1": Arm(
+        lam=0.1, estimator="sampled", num_sampled=1, steps=1950, from_scratch=True
+    ),
+    "scratch_gq_1": Arm(lam=1.0, steps=1950, from_scratch=True),
+    # the paper's Table 3: the GQ term alone (no CE) for one epoch, from the CE weights
+    "gq_only_k1_s390": Arm(base="none", lam=1.0, estimator="sampled", num_sampled=1, steps=390),
 }
-FEW_SEED_ARMS = ("gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320", "scratch_gq_1_k1")
+FEW_SEED_ARMS = (
+    "gq_1_k1",
+    "gq_1_k3",
+    "gq_1_k1_s320",
+    "gq_1_k3_s320",
+    "scratch_gq_0.1_k1",
+    "scratch_gq_1",
+    "gq_only_k1_s390",
+)
 DOSE_STEPS = (20, 80, 320)
 # Each arm's control: CE of the same length; a longer CE arm is compared with the 20-step one.
 CONTROLS = {
     name: "pretrained"
-    if arm.from_scratch
+    if arm.from_scratch or arm.base == "none"
     else "ce"
     if arm.steps == 20 or arm.lam == 0
     else f"ce_s{arm.steps}"
@@ -173,6 +187,15 @@ def logitnorm_loss(logits: Tensor, y: Tensor, tau: float = LOGITNORM_TAU) -> Ten
     return F.cross_entropy(logits / (norms * tau), y)
 
 
+def base_loss(base: str, logits: Tensor, y: Tensor) -> Tensor:
+    """The arm's loss before the GQ term: CE, LogitNorm, or none (GQ alone)."""
+    if base == "logitnorm":
+        return logitnorm_loss(logits, y)
+    if base == "none":
+        return logits.new_zeros(())
+    return F.cross_entropy(logits, y)
+
+
 def train(
     model: nn.Module,
     data: tuple[Tensor, Tensor],
@@ -186,6 +209,7 @@ def train(
     desc: str,
     show_progress: bool,
     probe: Any = None,
+    checkpoint: str | None = None,
 ) -> list[dict[str, float]]:
     """``steps`` SGD steps (nesterov momentum 0.9, weight decay 5e-4) with reflect-pad crop + flip,
     in epochs over ``data`` (the last one cut short when ``steps`` ends inside it).
@@ -194,6 +218,11 @@ def train(
     The batch order, the augmentation and the sampled estimator's draws are a function of
     ``seed`` alone, so every arm of a seed with the same data sees the same batches. Returns one
     log row per epoch (loss, GQ, seconds, steps).
+
+    ``checkpoint``: a file written after every epoch (weights, optimiser, schedule, random
+    states, log) and resumed from when it exists, so that an interrupted run continues where its
+    last epoch ended and gives the numbers of an uninterrupted one. A resumed epoch's log row
+    says ``"resumed": True``. The file is removed when the run ends.
     """
     x_all, y_all = data
     per_epoch = len(x_all) // batch_size
@@ -213,7 +242,20 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     draws = torch.Generator().manual_seed(seed + 1) if arm.estimator == "sampled" else None
     log: list[dict[str, float]] = []
-    for epoch in range(epochs):
+    first = 0
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["order_rng"])
+        if draws is not None:
+            draws.set_state(state["draws_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        log = json.loads(state["log"])
+        first = len(log)
+        print(f"  {desc}: resumed after epoch {first} from {checkpoint}", flush=True)
+    for epoch in range(first, epochs):
         model.train()
         order = torch.randperm(len(x_all), generator=gen)
         offsets, flips = augmentation_params(len(x_all), seed, epoch)
@@ -230,9 +272,7 @@ def train(
                 logits, gq = model(x), None
             else:  # one forward: the loss hands back the logits it computed
                 gq, logits = criterion(model, x, y, generator=draws, return_logits=True)
-            loss = (
-                logitnorm_loss(logits, y) if arm.base == "logitnorm" else F.cross_entropy(logits, y)
-            )
+            loss = base_loss(arm.base, logits, y)
             if gq is not None:
                 loss = loss + arm.lam * gq
                 sums["gq"] += float(gq.detach())
@@ -245,9 +285,22 @@ def train(
         bar.close()
         log.append({"epoch": epoch, "loss": sums["loss"] / n, "train_gq": sums["gq"] / n,
                     "seconds": time.perf_counter() - start, "steps": n})  # fmt: skip
+        if epoch == first > 0:
+            log[-1]["resumed"] = True
         if probe is not None:
             log[-1] |= probe(model)
             print(f"  {desc} epoch {epoch + 1}: {log[-1]}", flush=True)
+        if checkpoint is not None and epoch + 1 < epochs:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "order_rng": gen.get_state(),
+                     "torch_rng": torch.get_rng_state(), "log": json.dumps(log)}  # fmt: skip
+            if draws is not None:
+                state["draws_rng"] = draws.get_state()
+            os.makedirs(os.path.dirname(checkpoint) or ".", exist_ok=True)
+            torch.save(state, checkpoint + ".tmp")
+            os.replace(checkpoint + ".tmp", checkpoint)
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        os.remove(checkpoint)
     return log
 
 
@@ -268,7 +321,7 @@ def pretrained(args: argparse.Namespace, seed: int, data: StudyData) -> tuple[nn
     log = train(model, data.train, arm=ARMS["ce"], steps=steps, lr=args.pretrain_lr,
                 schedule="onecycle", seed=seed, batch_size=args.batch_size,
                 desc=f"pre-train seed {seed}", show_progress=args.progress,
-                probe=lambda m: quick_probe(m, data))  # fmt: skip
+                probe=lambda m: quick_probe(m, data), checkpoint=path + ".epoch")  # fmt: skip
     info: dict[str, Any] = {"log": log, "seconds": sum(r["seconds"] for r in log)}
     stored = os.path.join(args.results_dir, "pretrained", f"seed{seed}.json")
     if os.path.isfile(stored):
@@ -331,15 +384,19 @@ def test_accuracy(model: nn.Module, data: StudyData) -> float:
 
 def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> dict[str, Any]:
     arm = ARMS[name]
-    base, pre_info = pretrained(args, seed, data)
+    checkpoint = os.path.join(args.cache_dir, "checkpoints", name, f"seed{seed}.pt")
     if arm.from_scratch:  # the pre-training's initial weights, batches and schedule
+        with open(result_path(args, "pretrained", seed)) as f:  # its control
+            pre_info = {"seconds": sum(r["seconds"] for r in json.load(f)["train_log"])}
         torch.manual_seed(seed)
         model = build_model(args.arch, 10)
         steps = args.pretrain_epochs * (len(data.train[0]) // args.batch_size)
         log = train(model, data.train, arm=arm, steps=steps, lr=args.pretrain_lr,
                     schedule="onecycle", seed=seed, batch_size=args.batch_size,
-                    desc=f"{name} seed {seed}", show_progress=args.progress)  # fmt: skip
+                    desc=f"{name} seed {seed}", show_progress=args.progress,
+                    checkpoint=checkpoint)  # fmt: skip
     else:
+        base, pre_info = pretrained(args, seed, data)
         model = build_model(args.arch, 10)
         model.load_state_dict(base.state_dict())
         # The fine-tuning images and the batch order depend on the seed and the length only:
@@ -352,13 +409,14 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
         log = train(model, (data.train[0][subset], data.train[1][subset]), arm=arm, steps=steps,
                     lr=args.ft_lr, schedule="cosine", seed=10_000 + seed,
                     batch_size=args.batch_size, desc=f"{name} seed {seed}",
-                    show_progress=args.progress)  # fmt: skip
+                    show_progress=args.progress, checkpoint=checkpoint)  # fmt: skip
     seconds = sum(r["seconds"] for r in log)
     return evaluate(model, data, args.id_eval_size) | {
         "arm": name, "seed": seed, **asdict(arm), "steps": steps, "train_log": log,
         "seconds_per_step": seconds / steps, "train_seconds": seconds,
         "settings": settings(args), "pretrain": {"seconds": pre_info["seconds"],
                                                  "reproduced": pre_info.get("reproduced")},
+        "resumed_at_epochs": [r["epoch"] for r in log if r.get("resumed")],
     }  # fmt: skip
 
 
@@ -372,17 +430,27 @@ def grid_jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
     """``(arm, seed)`` in the order they start; ``FEW_SEED_ARMS`` on the first ``--few-seeds``.
 
     ``--order seed``: seed-major, each seed's pre-training first, so each finished seed is a
-    complete paired comparison. ``--order arm``: every pre-training, then arm-major in the order
-    of ``--arms``, so the first arms reach every seed before the last arms start."""
+    complete paired comparison. ``--order arm``: arm-major in the order of ``--arms``, so the
+    first arms reach every seed before the last arms start; a seed's pre-training comes just
+    before the first arm that starts from its weights. Arms from scratch need no pre-trained
+    weights, only the pre-training's JSON (their control): a seed whose JSON exists is not
+    pre-trained for them."""
     seeds = {
         a: args.seeds[: args.few_seeds] if a in FEW_SEED_ARMS else args.seeds for a in args.arms
     }
     if args.order == "arm":
         arms = [(a, s) for a in args.arms for s in seeds[a]]
-        return [("pretrained", s) for s in args.seeds] + arms
-    jobs = []
-    for seed in args.seeds:
-        jobs += [("pretrained", seed)] + [(a, seed) for a in args.arms if seed in seeds[a]]
+    else:
+        arms = [(a, s) for s in args.seeds for a in args.arms if s in seeds[a]]
+    jobs: list[tuple[str, int]] = []
+    for name, seed in arms:
+        needs = not ARMS[name].from_scratch or not os.path.isfile(
+            result_path(args, "pretrained", seed)
+        )
+        if (needs or args.order == "seed") and ("pretrained", seed) not in jobs:
+            jobs.append(("pretrained", seed))
+        jobs.append((name, seed))
+    jobs += [("pretrained", s) for s in args.seeds if ("pretrained", s) not in jobs]
     return jobs
 
 
@@ -428,24 +496,34 @@ def run_grid(args: argparse.Namespace) -> None:
                   f"({time.perf_counter() - t0:.0f} s elapsed)", flush=True)  # fmt: skip
         todo = [j for j in todo if not done(j)]  # another process may have finished it
         busy = {seed for name, seed in running.values() if name == "pretrained"}
-        ready = [
-            j
-            for j in todo
-            if j[0] == "pretrained" or (j[1] not in busy and done(("pretrained", j[1])))
-        ]
-        while ready and len(running) < args.jobs:
-            job = ready.pop(0)
+
+        def ready(job: tuple[str, int], busy: set[int] = busy) -> bool:
+            name, seed = job
+            if name == "pretrained":
+                return seed not in busy
+            if ARMS[name].from_scratch:  # needs the pre-training's JSON only
+                return os.path.isfile(result_path(args, "pretrained", seed))
+            return seed not in busy and done(("pretrained", seed))
+
+        startable = [j for j in todo if ready(j)]
+        if startable and len(running) < args.jobs:
+            job = startable[0]
             todo.remove(job)
             print(f"start {job[0]} seed {job[1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            if args.jobs == 1:  # in this process; then look again at what is ready
-                run_job(args, *job, data)
-                break
+            if args.jobs == 1:  # in this process; the next round looks again at what is ready
+                try:
+                    run_job(args, *job, data)
+                except Exception as error:  # reported with the failed jobs
+                    print(f"FAILED {job[0]} seed {job[1]}: {error!r}", flush=True)
+                    failed.append(job)
+                continue
             proc = context.Process(target=run_job, args=(args, *job, data))
             proc.start()
             running[proc] = job
+            continue
         if running:
             time.sleep(1)
-        elif todo and not ready:  # a seed whose pre-training failed
+        elif todo:  # nothing runs and nothing can start: a seed whose pre-training failed
             failed += todo
             break
     print(f"grid done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -68,7 +68,7 @@ def test_grid_order_and_controls(reproduce: Any) -> None:
     ]  # fmt: skip
     args.order = "arm"
     assert reproduce.grid_jobs(args) == [
-        ("pretrained", 0), ("pretrained", 1), ("gq_1_s80", 0), ("gq_1_s80", 1), ("gq_1_k1", 0),
+        ("pretrained", 0), ("gq_1_s80", 0), ("pretrained", 1), ("gq_1_s80", 1), ("gq_1_k1", 0),
         ("ce_s80", 0), ("ce_s80", 1),
     ]  # fmt: skip
     controls = reproduce.CONTROLS
