@@ -60,6 +60,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._auto import AutoChoice, auto_choice, auto_method
 from ._autograd import (
     check_second_order,
     differentiable_forward,
@@ -85,7 +86,14 @@ from ._validation import (
     place_inputs,
 )
 
-__all__ = ["GRADIENT_METHODS", "METHODS", "OPERANDS", "class_gradient_norms"]
+__all__ = [
+    "GRADIENT_METHODS",
+    "METHODS",
+    "OPERANDS",
+    "AutoChoice",
+    "auto_choice",
+    "class_gradient_norms",
+]
 
 Operand = Literal["softmax", "log_softmax", "logits"]
 Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
@@ -166,6 +174,7 @@ def class_gradient_norms(
             chunk_size=chunk_size,
             create_graph=create_graph and tracking,
             output=output,
+            width=classes.shape[1] if isinstance(classes, Tensor) and classes.ndim == 2 else None,
         )
         if classes is not None:
             batch, num_classes = run.logits.shape
@@ -211,6 +220,7 @@ class GradientPass:
         chunk_size: int | None,
         create_graph: bool,
         output: OutputSpec | None = None,
+        width: int | None = None,
     ) -> None:
         check_choice("operand", operand, OPERANDS)
         self.output = check_output_spec(output)
@@ -229,6 +239,8 @@ class GradientPass:
             inputs = inputs.clone()
         self.input_grad = inputs.requires_grad
         self.x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+        if method == "auto":
+            self.method = auto_method(self, chunk_size, width)
         self.backend = _BACKENDS[self.method]
         self.state: Any = None  # what the backend's forward keeps for its norms
         with second_order_errors(), differentiable_forward():
@@ -256,11 +268,12 @@ def probe_second_order(run: GradientPass, norms: Tensor) -> None:
 
 
 def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
-    """Validates `method`/`chunk_size` and returns the concrete method `auto` stands for."""
+    """Validates `method`/`chunk_size`; `auto` with `chunk_size` is `recompute`, without it
+    stays `auto` (`GradientPass` asks `auto_method` which method that is)."""
     check_choice("method", method, GRADIENT_METHODS)
     check_optional_int("chunk_size", chunk_size)
-    if method == "auto":
-        method = "recompute" if chunk_size is not None else "loop"
+    if method == "auto" and chunk_size is not None:
+        method = "recompute"
     if method == "loop" and chunk_size is not None:
         raise ValueError(
             "`chunk_size` has no effect with method='loop' (every class's graph is kept); "

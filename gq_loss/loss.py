@@ -237,10 +237,12 @@ def gq_loss(
             operand=operand_name,
             temperature=temperature,
             p=p,
-            method=method,
+            # The reference formulation takes its two gradients itself, from a plain forward.
+            method="loop" if formulation == "reference" else method,
             chunk_size=chunk_size,
             create_graph=tracking,
             output=output,
+            width=None if num_sampled is None else num_sampled + 1,
         )
         logits = run.logits
         batch, num_classes = logits.shape
