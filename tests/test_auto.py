@@ -1,0 +1,313 @@
+"""`method="auto"`: the timed choice per model and set-up, without timing anything here.
+
+The probe's clock is replaced by a fake that still runs every step (so failures are real) but
+reports the times of a given ranking; the tests check what `auto` may choose, what it must never
+choose, that its result is exact, that the probe leaves no trace, and the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _oracles import F64, Flat, brute_gq, buffers, make_model
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+from gq_loss import GQLoss, class_gradient_norms, gq_loss
+from gq_loss import _auto
+from gq_loss.kernels import AutoChoice, auto_choice
+
+X = torch.randn(4, 2, 3, 3, dtype=F64)
+Y = torch.tensor([0, 3, 1, 2])
+
+
+def grads(model: nn.Module, value: Tensor) -> list[Tensor]:
+    params = list(model.parameters())
+    out = torch.autograd.grad(value.sum(), params, allow_unused=True)
+    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, out, strict=True)]
+
+
+@pytest.fixture
+def ranking(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
+    """`ranking(*methods)`: the probe's clock says the methods are fastest in that order; returns
+    the list of methods the probe ran (a method not named is slowest)."""
+
+    def install(*order: str) -> list[str]:
+        ran: list[str] = []
+
+        def fake(step: Callable[[str], None], method: str, device: torch.device) -> float:
+            step(method)  # the real step: a method that fails here fails for real
+            ran.append(method)
+            return float(order.index(method)) if method in order else 99.0
+
+        monkeypatch.setattr(_auto, "_measure", fake)
+        return ran
+
+    return install
+
+
+@pytest.mark.parametrize("fastest", ["loop", "batched", "jacrev"])
+def test_auto_takes_the_fastest_and_is_exact(
+    ranking: Callable[..., list[str]], fastest: str
+) -> None:
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    ran = ranking(fastest)
+    got = gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == fastest
+    assert set(choice.seconds) == {"loop", "batched", "jacrev"} and not choice.excluded
+    assert len(ran) == 3 * (1 + _auto.ROUNDS)  # a warm-up and the timed rounds, each method
+    want = brute_gq(model, X, Y).mean()  # float64, one sample and one class at a time
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    for g, w in zip(grads(model, got), grads(model, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+class FakeDDP(nn.parallel.DistributedDataParallel):
+    """A DistributedDataParallel instance around a module, without a process group."""
+
+    def __init__(self, module: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+
+def test_ddp_and_multi_process_runs_are_loop_without_timing(
+    ranking: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = ranking("jacrev", "batched")
+    inner = make_model("conv_bn", (2, 3, 3), 4)
+    ddp = FakeDDP(inner)
+    torch.testing.assert_close(
+        gq_loss(ddp, X, Y), gq_loss(inner, X, Y, method="loop"), rtol=1e-12, atol=0
+    )
+    choice = auto_choice(ddp)
+    assert choice is not None and choice.method == "loop"
+    assert "DistributedDataParallel" in choice.excluded["jacrev"]
+    # Processes of one run must choose alike, and timing would run the model's collectives.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop"
+    assert "multi-process" in choice.excluded["jacrev"]
+    assert ran == []
+
+
+def test_bf16_autocast_with_batchnorm_never_takes_the_failing_jacrev(
+    ranking: Callable[..., list[str]],
+) -> None:
+    # torch 2.13's vmapped BatchNorm backward rejects CPU autocast's mixed dtypes: jacrev fails
+    # in the probe and is left out; the user sees no error.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Flat(), nn.Linear(64, 5)).eval()
+    x, y = torch.rand(3, 3, 6, 6), torch.tensor([0, 4, 2])
+    ranking("jacrev", "loop")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gq_loss(model, x, y)
+        want = gq_loss(model, x, y, method="loop")
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop"
+    assert choice.excluded["jacrev"].startswith("failed: RuntimeError: method='jacrev'")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(18, 6), nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = checkpoint(self.body, x.flatten(1), use_reentrant=False)
+        return self.head(torch.tanh(hidden))
+
+
+def test_checkpointing_never_takes_the_failing_jacrev(ranking: Callable[..., list[str]]) -> None:
+    model = Checkpointed().to(F64)
+    ranking("jacrev", "batched", "loop")
+    got = gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "batched" and "jacrev" in choice.excluded
+    plain = copy.deepcopy(model)
+    plain.forward = lambda t: plain.head(torch.tanh(plain.body(t.flatten(1))))  # type: ignore[method-assign]
+    want = brute_gq(plain, X, Y).mean()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def dropout_model() -> nn.Module:
+    torch.manual_seed(2)
+    return (
+        nn.Sequential(Flat(), nn.Linear(18, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 4))
+        .to(F64)
+        .train()
+    )
+
+
+def test_train_mode_dropout_never_takes_jacrev_and_draws_loops_masks(
+    ranking: Callable[..., list[str]],
+) -> None:
+    # torch.func may draw Dropout masks in another order than eager mode; auto's result must not
+    # depend on which method the clock favoured: with the same seed it equals loop's.
+    model, twin = dropout_model(), dropout_model()
+    ran = ranking("jacrev", "batched", "loop")
+    torch.manual_seed(5)
+    got = gq_loss(model, X, Y)
+    after_auto = torch.rand(3)
+    torch.manual_seed(5)
+    want = gq_loss(twin, X, Y, method="loop")
+    after_loop = torch.rand(3)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "batched" and "jacrev" not in ran
+    assert "random numbers" in choice.excluded["jacrev"]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for g, w in zip(grads(model, got), grads(twin, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # The probe's draws are not the caller's: the next random numbers are those after loop.
+    assert torch.equal(after_auto, after_loop)
+
+
+def test_many_classes_leave_loop_without_timing(ranking: Callable[..., list[str]]) -> None:
+    n = _auto.VMAP_MAX_CLASSES + 1
+    model = make_model("mlp_gelu", (2, 3, 3), n)
+    ran = ranking("jacrev", "batched")
+    gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop" and ran == []
+    assert f"{n} classes per sample" in choice.excluded["jacrev"]
+    # The sampled estimator differentiates 1 + num_sampled classes per sample: timed again.
+    gq_loss(model, X, Y, estimator="sampled", num_sampled=3)
+    assert auto_choice(model).method == "jacrev"  # type: ignore[union-attr]
+    # so does class_gradient_norms with `classes`
+    other = make_model("mlp_gelu", (2, 3, 3), n)
+    class_gradient_norms(other, X, classes=torch.zeros(4, 2, dtype=torch.long))
+    assert auto_choice(other).method == "jacrev"  # type: ignore[union-attr]
+
+
+def test_chunk_size_is_recompute_and_plain_functions_are_loop(
+    ranking: Callable[..., list[str]],
+) -> None:
+    ran = ranking("jacrev")
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    GQLoss(chunk_size=2)(model, X, Y)
+    assert auto_choice(model).method == "recompute"  # type: ignore[union-attr]
+
+    def plain(x: Tensor) -> Tensor:
+        return model(x)
+
+    class_gradient_norms(plain, X)
+    assert auto_choice(plain).method == "loop" and ran == []  # type: ignore[union-attr]
+
+
+def test_the_probe_leaves_no_trace(ranking: Callable[..., list[str]]) -> None:
+    # Train-mode BatchNorm and Dropout, one submodule in eval mode, an input with a graph of
+    # its own: after the call the model is as after a loop call (statistics moved once, no
+    # .grad, modes kept) and the caller's input graph still backpropagates.
+    def build() -> nn.Module:
+        torch.manual_seed(3)
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Dropout(0.2),
+            nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), Flat(), nn.Linear(27, 4),
+        )  # fmt: skip
+        model[5].eval()
+        return model.to(F64).train()
+
+    model, twin = build(), build()
+    model[5].eval()
+    twin[5].eval()
+    scale = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    ranking("batched", "loop")
+    torch.manual_seed(4)
+    got = gq_loss(model, X * scale, Y)
+    torch.manual_seed(4)
+    want = gq_loss(twin, X * scale, Y, method="loop")
+    assert auto_choice(model).method == "batched"  # type: ignore[union-attr]
+    assert [m.training for m in model.modules()] == [m.training for m in twin.modules()]
+    assert all(q.grad is None for q in model.parameters())
+    for (name, a), b in zip(buffers(model).items(), buffers(twin).values(), strict=True):
+        assert torch.equal(a, b), name
+    assert int(model[1].num_batches_tracked) == 1
+    (g,) = torch.autograd.grad(got, scale)
+    (w,) = torch.autograd.grad(want, scale)
+    torch.testing.assert_close(g, w, rtol=1e-9, atol=0)
+
+
+def test_choice_is_cached_per_model_setup_and_shape_and_held_weakly(
+    ranking: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = ranking("jacrev")
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    assert auto_choice(model) is None
+    gq_loss(model, X, Y)
+    probed = len(ran)
+    gq_loss(model, X, Y)
+    assert len(ran) == probed  # same model and set-up: looked up
+    gq_loss(model, X[:3], Y[:3])  # another batch shape
+    with torch.no_grad():  # the value only (no double-backward graph): another set-up
+        gq_loss(model, X, Y)
+    model.train()  # another mode
+    gq_loss(model, X, Y)
+    other = make_model("conv_bn", (2, 3, 3), 4)
+    gq_loss(other, X, Y)  # another model
+    assert len(ran) == 5 * probed
+    # After MAX_SHAPES shapes of one set-up, new shapes reuse the first one's choice.
+    monkeypatch.setattr(_auto, "MAX_SHAPES", 2)
+    gq_loss(other, X[:2], Y[:2])
+    assert len(ran) == 6 * probed
+    ranking("loop")
+    gq_loss(other, X[:1], Y[:1])
+    assert auto_choice(other).method == "jacrev"  # type: ignore[union-attr]
+    # The cache does not keep a model alive.
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+class FirstOrderTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:  # type: ignore[override]
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)  # type: ignore[attr-defined]
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * (1 - y * y)
+
+
+def test_a_model_every_method_refuses_gets_the_usual_error(
+    ranking: Callable[..., list[str]],
+) -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(18, 4).to(F64)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.lin(FirstOrderTanh.apply(x.flatten(1)))
+
+    ranking("jacrev")
+    with pytest.raises(RuntimeError, match=r"@once_differentiable: \['FirstOrderTanh'\]"):
+        gq_loss(Model(), X, Y)
+    # the value alone needs first derivatives only
+    with torch.no_grad():
+        assert torch.isfinite(gq_loss(Model(), X, Y))
+
+
+def test_auto_choice_of_an_unknown_object_is_none() -> None:
+    assert auto_choice(nn.Linear(2, 2)) is None
+    assert auto_choice(3) is None
+    model = nn.Sequential(Flat(), nn.Linear(18, 4)).to(F64)
+    F.cross_entropy(model(X), Y)  # a model used without GQ
+    assert auto_choice(model) is None
