@@ -97,8 +97,7 @@ def auto_method(run: Any, chunk_size: int | None, width: int | None) -> str:
     choice = _fixed_choice(model, chunk_size)
     if choice is None:
         setup = (
-            model.training,
-            sum(m.training for m in model.modules()),
+            sum(m.training for m in model.modules()),  # the modes
             run.x.dtype,
             run.x.device,
             get_autocast_state(run.x.device),
@@ -133,7 +132,9 @@ def _fixed_choice(model: Any, chunk_size: int | None) -> AutoChoice | None:
     """The choice of set-ups that leave one method, without timing; `None` where timing decides."""
     if chunk_size is not None:
         reason = "chunk_size is given: recompute is the method that bounds memory"
-        return AutoChoice("recompute", excluded=dict.fromkeys(("loop", "batched", "jacrev"), reason))
+        return AutoChoice(
+            "recompute", excluded=dict.fromkeys(("loop", "batched", "jacrev"), reason)
+        )
     if isinstance(model, nn.parallel.DistributedDataParallel):
         reason = "a DistributedDataParallel model: loop is the method tested with it"
     elif torch.distributed.is_available() and torch.distributed.is_initialized():
