@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from models import build_model
 
 from gq_loss import gq_loss
+from gq_loss.kernels import auto_choice
 
 LAM = 1.0  # any non-zero weight: the cost does not depend on it
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
@@ -197,7 +198,8 @@ def measure(
     """Median time of every step of ``steps`` (which must hold ``"ce"``) on one model and batch.
 
     Interleaved repeats, so drifts in machine load hit every row alike. Rows: ``ms``, ``x_ce``,
-    ``x_naive`` and, on CUDA, ``peak_mib`` (the allocator's peak during the step, above the
+    ``x_naive``, ``chose`` (the ``auto`` row: the method it chose; its timing probe runs in the
+    warm-up) and, on CUDA, ``peak_mib`` (the allocator's peak during the step, above the
     memory held before it). A step that runs out of memory gets ``status="oom"``, one that fails
     ``status="error: ..."``; steps not
     started before ``deadline`` (a ``time.perf_counter()`` value) get ``status="skipped: budget"``.
@@ -240,6 +242,8 @@ def measure(
         for k in steps:
             attempt(k)
     med = {k: statistics.median(v) for k, v in times.items() if v}
+    choice = auto_choice(model)
+    chose = choice.method if choice is not None and "auto" in steps else ""
     rows = []
     for k in steps:
         ms = med.get(k)
@@ -249,9 +253,24 @@ def measure(
                  ms=float("nan") if ms is None else 1e3 * ms,
                  x_ce=float("nan") if ms is None or "ce" not in med else ms / med["ce"],
                  x_naive=ms / med["naive_loop"] if ms and "naive_loop" in med else float("nan"),
-                 peak_mib=peak.get(k, float("nan")))
+                 peak_mib=peak.get(k, float("nan")), chose=chose if k == "auto" else "")
         )  # fmt: skip
     return rows
+
+
+def auto_against_fastest(rows: list[dict]) -> dict | None:
+    """The ``auto`` row of one table against its fastest exact method (``loop``, ``batched``,
+    ``jacrev``, ``recompute_c*``): ``chose``, ``fastest``, ``x_fastest`` (auto's time over the
+    fastest's); ``None`` without those rows."""
+    ok = {r["step"]: r for r in rows if r["status"] == "ok"}
+    exact = [
+        r for k, r in ok.items() if k in ("loop", "batched", "jacrev") or k.startswith("recompute")
+    ]
+    if "auto" not in ok or not exact:
+        return None
+    best = min(exact, key=lambda r: r["ms"])
+    auto = ok["auto"]
+    return {"chose": auto["chose"], "fastest": best["step"], "x_fastest": auto["ms"] / best["ms"]}
 
 
 def time_table(args: argparse.Namespace, name: str, num_classes: int, batch: int) -> list[dict]:
@@ -400,6 +419,12 @@ def main() -> None:
                 if "status" not in columns and any(r["status"] != "ok" for r in rows):
                     columns.append("status")
                 print_markdown(rows, columns)
+                versus = auto_against_fastest(rows)
+                if versus:
+                    print(
+                        f"\nauto chose {versus['chose']}; fastest exact: {versus['fastest']}; "
+                        f"auto / fastest = {versus['x_fastest']:.2f}x"
+                    )
             if args.memory and args.device == "cpu":
                 print(
                     f"\n### {name}, N={n}, batch {batch}: peak memory of one step above the pre-step RSS"

@@ -24,8 +24,12 @@ from ._validation import call_model, check_logits
 #: `batched` and `jacrev` differentiate every class of a sample at once; above this many classes
 #: per sample `auto` does not consider them (and does not pay for timing them).
 VMAP_MAX_CLASSES = 32
-#: Timed repeats of each candidate after its warm-up run; the best of them counts.
+#: Timed repeats of each candidate after its warm-up run (the best of them counts): at least
+#: `ROUNDS`, and more, up to `MAX_ROUNDS`, until the timed runs took `PROBE_SECONDS` (cheap
+#: steps are noisy).
 ROUNDS = 2
+MAX_ROUNDS = 10
+PROBE_SECONDS = 1.0
 #: Distinct input shapes timed per model and set-up; later shapes reuse the first one's choice.
 MAX_SHAPES = 8
 
@@ -216,7 +220,10 @@ def _probe(run: Any, width: int | None) -> tuple[AutoChoice, bool]:
                 torch.autograd.grad(norms.sum(), params, allow_unused=True)
 
         times: dict[str, list[float]] = {m: [] for m in candidates}
-        for repeat in range(1 + ROUNDS):  # the first run of each is a warm-up
+        spent = 0.0
+        for repeat in range(1 + MAX_ROUNDS):  # the first run of each is a warm-up
+            if len(times) == 1 or (repeat > ROUNDS and spent >= PROBE_SECONDS):
+                break
             for method in list(times):
                 try:
                     seconds = _measure(step, method, device)
@@ -228,8 +235,10 @@ def _probe(run: Any, width: int | None) -> tuple[AutoChoice, bool]:
                     continue
                 if repeat:
                     times[method].append(seconds)
-    best = {m: min(t) for m, t in times.items()}
-    return AutoChoice(min(best, key=best.__getitem__), best, excluded), True
+                    spent += seconds
+    best = {m: min(t) for m, t in times.items() if t}
+    method = min(best, key=best.__getitem__) if best else "loop"  # the others failed
+    return AutoChoice(method, best, excluded), True
 
 
 def _measure(step: Callable[[str], None], method: str, device: torch.device) -> float:

@@ -317,3 +317,22 @@ def test_auto_choice_of_an_unknown_object_is_none() -> None:
     model = nn.Sequential(Flat(), nn.Linear(18, 4)).to(F64)
     F.cross_entropy(model(X), Y)  # a model used without GQ
     assert auto_choice(model) is None
+
+
+def test_when_every_other_method_fails_auto_is_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake(step: Callable[[str], None], method: str, device: torch.device) -> float:
+        if method != "loop":
+            raise RuntimeError(f"{method} refused")
+        step(method)
+        return 1.0
+
+    monkeypatch.setattr(_auto, "_measure", fake)
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    got = gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop" and choice.seconds == {}
+    assert choice.excluded == {
+        "batched": "failed: RuntimeError: batched refused",
+        "jacrev": "failed: RuntimeError: jacrev refused",
+    }
+    torch.testing.assert_close(got, brute_gq(model, X, Y).mean(), rtol=1e-9, atol=0)
