@@ -26,10 +26,10 @@ from ._validation import call_model, check_logits
 VMAP_MAX_CLASSES = 32
 #: Timed repeats of each candidate after its warm-up run (the best of them counts): at least
 #: `ROUNDS`, and more, up to `MAX_ROUNDS`, until the timed runs took `PROBE_SECONDS` (cheap
-#: steps are noisy).
+#: steps are noisy). Each round starts with another method, so no method always runs first.
 ROUNDS = 2
 MAX_ROUNDS = 10
-PROBE_SECONDS = 1.0
+PROBE_SECONDS = 2.0
 #: Distinct input shapes timed per model and set-up; later shapes reuse the first one's choice.
 MAX_SHAPES = 8
 
@@ -224,7 +224,8 @@ def _probe(run: Any, width: int | None) -> tuple[AutoChoice, bool]:
         for repeat in range(1 + MAX_ROUNDS):  # the first run of each is a warm-up
             if len(times) == 1 or (repeat > ROUNDS and spent >= PROBE_SECONDS):
                 break
-            for method in list(times):
+            order = list(times)
+            for method in order[repeat % len(order) :] + order[: repeat % len(order)]:
                 try:
                     seconds = _measure(step, method, device)
                 except Exception as err:

@@ -36,7 +36,9 @@ def test_gpu_check_dry_run(tmp_path: object) -> None:
     assert {r["model"] for r in rows} == {"vit_tiny", "tiny_cnn"}
     for model in ("vit_tiny", "tiny_cnn"):
         steps = {r["step"] for r in rows if r["model"] == model}
-        assert steps >= {"ce", "loop", "batched", "jacrev", "reference", "recompute_c10"}, model
+        assert steps >= {"ce", "auto", "loop", "batched", "jacrev", "reference", "recompute_c10"}, (
+            model
+        )
         assert "sampled_k10" in steps, model
     assert "| vit_tiny | 12 | fp32 | loop |" in report
     for r in rows:
@@ -44,6 +46,16 @@ def test_gpu_check_dry_run(tmp_path: object) -> None:
         refused = r["step"] == "jacrev" and r["amp"] and "method='jacrev'" in r["status"]
         assert r["status"] == "ok" or refused, r
     assert stages["kernels"]["fastest_exact"]
+    # auto's choice is reported in every setting, and never a method that failed there
+    for key, best in stages["kernels"]["fastest_exact"].items():
+        failed = {
+            r["step"]
+            for r in rows
+            if r["status"] != "ok"
+            and key == f"{r['model']} N={r['N']} {'bf16' if r['amp'] else 'fp32'}"
+        }
+        assert best["auto"] in ("loop", "batched", "jacrev") and best["auto"] not in failed, key
+    assert "`auto` chose" in report
     assert stages["odin"]["status"] == "ok" and stages["odin"]["ratio_to_floor"] > 0
     train = stages["train_amp"]
     assert train["status"] == "ok" and train["finite"] is True
