@@ -238,8 +238,9 @@ def measure(
     for k in steps:  # warm-up (also the memory peak)
         attempt(k)
         times[k].clear()
-    for _ in range(repeats):
-        for k in steps:
+    order = list(steps)
+    for r in range(repeats):  # each round starts with another row, so none is always first
+        for k in order[r % len(order) :] + order[: r % len(order)]:
             attempt(k)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     choice = auto_choice(model)
@@ -253,15 +254,17 @@ def measure(
                  ms=float("nan") if ms is None else 1e3 * ms,
                  x_ce=float("nan") if ms is None or "ce" not in med else ms / med["ce"],
                  x_naive=ms / med["naive_loop"] if ms and "naive_loop" in med else float("nan"),
-                 peak_mib=peak.get(k, float("nan")), chose=chose if k == "auto" else "")
+                 peak_mib=peak.get(k, float("nan")), chose=chose if k == "auto" else "",
+                 samples=times[k])
         )  # fmt: skip
     return rows
 
 
 def auto_against_fastest(rows: list[dict]) -> dict | None:
     """The ``auto`` row of one table against its fastest exact method (``loop``, ``batched``,
-    ``jacrev``, ``recompute_c*``): ``chose``, ``fastest``, ``x_fastest`` (auto's time over the
-    fastest's); ``None`` without those rows."""
+    ``jacrev``, ``recompute_c*``): ``chose``, ``fastest``, ``x_fastest`` (auto's median time
+    over the fastest's) and ``x_fastest_paired`` (the median over the rounds of auto's time over
+    the fastest's in the same round: load drifts cancel); ``None`` without those rows."""
     ok = {r["step"]: r for r in rows if r["status"] == "ok"}
     exact = [
         r for k, r in ok.items() if k in ("loop", "batched", "jacrev") or k.startswith("recompute")
@@ -270,7 +273,13 @@ def auto_against_fastest(rows: list[dict]) -> dict | None:
         return None
     best = min(exact, key=lambda r: r["ms"])
     auto = ok["auto"]
-    return {"chose": auto["chose"], "fastest": best["step"], "x_fastest": auto["ms"] / best["ms"]}
+    paired = [a / b for a, b in zip(auto["samples"], best["samples"], strict=False)]
+    return {
+        "chose": auto["chose"],
+        "fastest": best["step"],
+        "x_fastest": auto["ms"] / best["ms"],
+        "x_fastest_paired": statistics.median(paired) if paired else float("nan"),
+    }
 
 
 def time_table(args: argparse.Namespace, name: str, num_classes: int, batch: int) -> list[dict]:
@@ -423,7 +432,8 @@ def main() -> None:
                 if versus:
                     print(
                         f"\nauto chose {versus['chose']}; fastest exact: {versus['fastest']}; "
-                        f"auto / fastest = {versus['x_fastest']:.2f}x"
+                        f"auto / fastest = {versus['x_fastest']:.2f}x (medians), "
+                        f"{versus['x_fastest_paired']:.2f}x (median of per-round ratios)"
                     )
             if args.memory and args.device == "cpu":
                 print(
