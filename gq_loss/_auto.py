@@ -7,6 +7,7 @@ the candidate methods on that call's batch and caches the fastest; later calls l
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 import weakref
@@ -24,11 +25,11 @@ from ._validation import call_model, check_logits
 #: `batched` and `jacrev` differentiate every class of a sample at once; above this many classes
 #: per sample `auto` does not consider them (and does not pay for timing them).
 VMAP_MAX_CLASSES = 32
-#: Timed repeats of each candidate after its warm-up run (the best of them counts): at least
-#: `ROUNDS`, and more, up to `MAX_ROUNDS`, until the timed runs took `PROBE_SECONDS` (cheap
-#: steps are noisy). Each round starts with another method, so no method always runs first.
-ROUNDS = 2
-MAX_ROUNDS = 10
+#: Timed rounds of the candidates after a warm-up round: at least `ROUNDS`, and more, up to
+#: `MAX_ROUNDS`, until the timed runs took `PROBE_SECONDS` (cheap steps are noisy). Each round
+#: starts with another method, so no method always runs first.
+ROUNDS = 3
+MAX_ROUNDS = 15
 PROBE_SECONDS = 2.0
 #: Distinct input shapes timed per model and set-up; later shapes reuse the first one's choice.
 MAX_SHAPES = 8
@@ -40,7 +41,7 @@ class AutoChoice:
 
     Attributes:
         method: The method that ran: `"loop"`, `"batched"`, `"jacrev"` or `"recompute"`.
-        seconds: Best time of one step (forward, norms and, when training, the parameter
+        seconds: Median time of one step (forward, norms and, when training, the parameter
             gradient through them) per method the timing probe measured; empty when nothing
             needed timing.
         excluded: The methods `auto` did not consider or that failed in the probe, each with
@@ -237,9 +238,17 @@ def _probe(run: Any, width: int | None) -> tuple[AutoChoice, bool]:
                 if repeat:
                     times[method].append(seconds)
                     spent += seconds
-    best = {m: min(t) for m, t in times.items() if t}
-    method = min(best, key=best.__getitem__) if best else "loop"  # the others failed
-    return AutoChoice(method, best, excluded), True
+    if not next(iter(times.values())):  # the others failed in their warm-up: nothing timed
+        return AutoChoice("loop", excluded=excluded), True
+    # Each method's share of its round's time, median over the rounds: the methods of one round
+    # run back to back, so a change in the machine's load between rounds cancels.
+    totals = [sum(ts) for ts in zip(*times.values(), strict=True)]
+    share = {
+        m: statistics.median(t / s for t, s in zip(ts, totals, strict=True))
+        for m, ts in times.items()
+    }
+    medians = {m: statistics.median(ts) for m, ts in times.items()}
+    return AutoChoice(min(share, key=share.__getitem__), medians, excluded), True
 
 
 def _measure(step: Callable[[str], None], method: str, device: torch.device) -> float:
