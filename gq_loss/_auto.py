@@ -31,6 +31,9 @@ VMAP_MAX_CLASSES = 32
 ROUNDS = 3
 MAX_ROUNDS = 15
 PROBE_SECONDS = 2.0
+#: A method more than this many times slower than the fastest in the first timed round is not
+#: timed again.
+DROP_FACTOR = 2.0
 #: Distinct input shapes timed per model and set-up; later shapes reuse the first one's choice.
 MAX_SHAPES = 8
 
@@ -220,25 +223,10 @@ def _probe(run: Any, width: int | None) -> tuple[AutoChoice, bool]:
             if norms.requires_grad and params:
                 torch.autograd.grad(norms.sum(), params, allow_unused=True)
 
-        times: dict[str, list[float]] = {m: [] for m in candidates}
-        spent = 0.0
-        for repeat in range(1 + MAX_ROUNDS):  # the first run of each is a warm-up
-            if len(times) == 1 or (repeat > ROUNDS and spent >= PROBE_SECONDS):
-                break
-            order = list(times)
-            for method in order[repeat % len(order) :] + order[: repeat % len(order)]:
-                try:
-                    seconds = _measure(step, method, device)
-                except Exception as err:
-                    if method == "loop":  # loop runs what autograd runs: the model fails
-                        return AutoChoice("loop", excluded=excluded), False
-                    excluded[method] = f"failed: {type(err).__name__}: {err}"[:300]
-                    del times[method]
-                    continue
-                if repeat:
-                    times[method].append(seconds)
-                    spent += seconds
-    if not next(iter(times.values())):  # the others failed in their warm-up: nothing timed
+        times = _time(step, candidates, device, excluded)
+    if times is None:  # loop runs what autograd runs: the model itself fails
+        return AutoChoice("loop", excluded=excluded), False
+    if not next(iter(times.values())):  # every other method was left out: nothing to compare
         return AutoChoice("loop", excluded=excluded), True
     # Each method's share of its round's time, median over the rounds: the methods of one round
     # run back to back, so a change in the machine's load between rounds cancels.
@@ -251,6 +239,74 @@ def _probe(run: Any, width: int | None) -> tuple[AutoChoice, bool]:
     return AutoChoice(min(share, key=share.__getitem__), medians, excluded), True
 
 
+def _time(
+    step: Callable[[str], None], candidates: list[str], device: torch.device, excluded: dict
+) -> dict[str, list[float]] | None:
+    """Seconds of each candidate's timed rounds (loop first); `None` when loop fails.
+
+    A warm-up round first (a failure there, or on CUDA more memory than is left free, leaves the
+    method out, with the reason in `excluded`); then timed rounds, each started by another
+    method. A method more than `DROP_FACTOR` times slower than the fastest in the first timed
+    round is left out there, so a hopeless method is not timed again.
+    """
+    times: dict[str, list[float]] = {m: [] for m in candidates}
+    marks: dict[str, int | None] = {}
+    spent = 0.0
+    for repeat in range(1 + MAX_ROUNDS):
+        if len(times) == 1 or (repeat > ROUNDS and spent >= PROBE_SECONDS):
+            break
+        order = list(times)
+        for method in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            try:
+                seconds = _measure(step, method, device)
+            except Exception as err:
+                if method == "loop":
+                    return None
+                excluded[method] = f"failed: {type(err).__name__}: {err}"[:300]
+                del times[method]
+                continue
+            if repeat:
+                times[method].append(seconds)
+                spent += seconds
+            else:
+                marks[method] = _memory_mark(device)
+        if repeat == 0:
+            _leave_out_memory_hungry(times, marks, _memory_free(device), excluded)
+        if repeat == 1:
+            fastest = min(ts[0] for ts in times.values())
+            for method, ts in list(times.items()):
+                if method != "loop" and ts[0] > DROP_FACTOR * fastest:
+                    excluded[method] = (
+                        f"{1e3 * ts[0]:.1f} ms in the first timed round, more than "
+                        f"{DROP_FACTOR:g}x the fastest ({1e3 * fastest:.1f} ms)"
+                    )
+                    del times[method]
+    return times
+
+
+def _leave_out_memory_hungry(
+    times: dict[str, list[float]], marks: dict[str, int | None], free: int | None, excluded: dict
+) -> None:
+    """Leaves out the methods whose warm-up needed more memory beyond loop's than is still free.
+
+    `marks` are the allocator's reserved bytes after each warm-up run (loop's first; the mark
+    only grows during the probe, so its growth over loop's mark bounds a method's extra peak
+    from below). Such a method fitted this once, but would leave less memory for the rest of
+    the training (optimiser state, larger batches) than it takes beyond loop.
+    """
+    base = marks.get("loop")
+    if base is None or free is None:
+        return
+    for method in [m for m in times if m != "loop"]:
+        mark = marks.get(method)
+        if mark is not None and mark - base > free:
+            excluded[method] = (
+                f"needed {(mark - base) / 2**20:.0f} MiB more than loop, more than the "
+                f"{free / 2**20:.0f} MiB left free on the device"
+            )
+            del times[method]
+
+
 def _measure(step: Callable[[str], None], method: str, device: torch.device) -> float:
     """Seconds of `step(method)`, the device synchronised around it."""
     _synchronize(device)
@@ -258,6 +314,16 @@ def _measure(step: Callable[[str], None], method: str, device: torch.device) -> 
     step(method)
     _synchronize(device)
     return time.perf_counter() - start
+
+
+def _memory_mark(device: torch.device) -> int | None:
+    """Bytes the caching allocator holds on a CUDA `device` (`None` elsewhere: not checked)."""
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else None
+
+
+def _memory_free(device: torch.device) -> int | None:
+    """Free bytes on a CUDA `device` (`None` elsewhere)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 def _synchronize(device: torch.device) -> None:
