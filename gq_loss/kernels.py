@@ -20,18 +20,41 @@ buffers):
 |---|---|---|
 | `loop` | one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
 | `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
-| `batched` | `autograd.grad(is_grads_batched=True)` (vmap over the backward), `chunk_size` classes at a time | like `loop` |
-| `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | like `loop` |
+| `batched` | `autograd.grad(is_grads_batched=True)` (vmap over the backward), `chunk_size` classes at a time | grows with N; the vmapped backward holds its classes at once (1.2-2.1x `loop`'s peak, measured on CPU) |
+| `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | grows with N; 1.6-4.7x `loop`'s peak (measured on CPU) |
 
-`method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise, on CPU and on
-CUDA: `loop` was the fastest exact method on the 2-core CPU (`docs/benchmarks.md`; `jacrev` cost
-1.4 to 3 times as much there), and no GPU measurement has shown another method faster yet. One
-command measures every method on a GPU, and `auto` changes only on such evidence:
+`method="auto"` (the default) takes the fastest of `loop`, `batched` and `jacrev` for the model,
+as `torch.backends.cudnn.benchmark` does for convolutions: the first call for a model and
+set-up (the same model object, input shape, dtype, device, train/eval modes, autocast state,
+training or value only, operand, `p` and classes per sample) times them on that call's batch
+(a warm-up, then at least 3 rounds: forward pass, norms and, when training, their parameter
+gradient) and keeps the fastest; later calls look it up.
+[`auto_choice`][gq_loss.kernels.auto_choice] reads the choice back, with the times and why a
+method was left out. The one-time probe costs about 15-20 GQ steps (up to about 2 s on models
+whose step takes milliseconds). It leaves no trace: it works on
+the batch detached from the caller's graph, on scratch copies of the buffers (BatchNorm
+statistics move once, in the real call), with the RNG forked (the caller's next random numbers
+do not change) and with `torch.autograd.grad` (no `.grad`); the model's hooks do run in it.
+A method that fails or is refused in the probe is left out, and the user sees nothing of it.
+`auto` never times:
 
-    python benchmarks/gpu_check.py --out-dir gpu_report
+- with `chunk_size`: it is `recompute`, the method that bounds memory;
+- for a DistributedDataParallel model, in a multi-process run (every process must choose alike,
+  and timing would run the model's collectives) and for a plain callable: it is `loop`;
+- above 32 classes per sample (all N, or `1 + num_sampled`, or `classes`): it is `loop`
+  (`batched` and `jacrev` hold all classes at once; measured on CPU at N = 100, `jacrev` was
+  1.4x faster than `loop` on the zoo ViT and 4x on BERT: choose it yourself if memory allows).
+
+It leaves out `jacrev` when the forward pass draws random numbers (Dropout in train mode:
+`torch.func` may draw them in another order than eager mode, so the result would depend on the
+timing) and, on CUDA, a method whose warm-up needed more memory beyond `loop`'s than was left
+free on the device. Measured on CPU (`docs/models.md`), `auto` was within 1.1x of the fastest
+exact method on the eleven Hugging Face models of the test zoo (it took `jacrev` or `batched`:
+up to 2x faster than `loop`) and on the example CNNs (`loop`, or a tie).
 
 `jacrev` under CPU bf16 autocast fails on BatchNorm and LayerNorm (so on transformers too:
-torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there.
+torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there (and `auto` leaves
+`jacrev` out).
 
 `jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
@@ -135,8 +158,10 @@ def class_gradient_norms(
         classes: Optional int64 `(B, K)`: compute only column `classes[i, k]` for sample `i`.
         create_graph: Keep the graph so the norms can be differentiated w.r.t. the parameters
             (double backprop). Needed to train through the norms.
-        method: One of `gq_loss.kernels.GRADIENT_METHODS` (module
-            docstring); `"auto"` is `loop`, or `recompute` when `chunk_size` is given.
+        method: One of `gq_loss.kernels.GRADIENT_METHODS` (module docstring). `"auto"` times
+            `loop`, `batched` and `jacrev` on the first call for a model and set-up and uses the
+            fastest ([`auto_choice`][gq_loss.kernels.auto_choice] reads it back); with
+            `chunk_size` it is `recompute`.
         chunk_size: Classes differentiated at once by `recompute`/`batched`/`jacrev`; the
             memory knob.
         output: Names the logits in the model's output: a key (`str`, of a Mapping; otherwise

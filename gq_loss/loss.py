@@ -181,7 +181,10 @@ def gq_loss(
             $1/(m q_j)$ (unbiased for the denominator). For large N.
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
         method: How the per-class gradients are computed: one of
-            `gq_loss.kernels.GRADIENT_METHODS` (see `gq_loss.kernels`).
+            `gq_loss.kernels.GRADIENT_METHODS` (see `gq_loss.kernels`). `"auto"` times `loop`,
+            `batched` and `jacrev` on the first call for a model and set-up and uses the fastest
+            exact one that runs there ([`auto_choice`][gq_loss.kernels.auto_choice] reads it
+            back); with `chunk_size` it is `recompute`.
         chunk_size: Classes differentiated at once; bounds peak memory with `"recompute"`.
         eps: Added to the denominator so that a zero denominator gives a finite value.
         generator: Random generator of the sampled estimator.
@@ -282,7 +285,8 @@ class GQLoss(nn.Module):
         reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
         estimator: `"exact"` or `"sampled"` (with `num_sampled`).
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
-        method: One of `gq_loss.kernels.GRADIENT_METHODS`.
+        method: One of `gq_loss.kernels.GRADIENT_METHODS`; `"auto"` takes the fastest exact
+            method per model and set-up (see [`gq_loss`][gq_loss.gq_loss]).
         chunk_size: Classes differentiated at once (the memory knob).
         eps: Added to the denominator.
         output: Names the logits in the model's output (a key, an attribute, an index or a
