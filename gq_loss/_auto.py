@@ -30,7 +30,7 @@ VMAP_MAX_CLASSES = 32
 #: starts with another method, so no method always runs first.
 ROUNDS = 3
 MAX_ROUNDS = 15
-PROBE_SECONDS = 2.0
+PROBE_SECONDS = 0.5
 #: A method more than this many times slower than the fastest in the first timed round is not
 #: timed again.
 DROP_FACTOR = 2.0
@@ -143,7 +143,12 @@ def _fixed_choice(model: Any, chunk_size: int | None) -> AutoChoice | None:
         return AutoChoice(
             "recompute", excluded=dict.fromkeys(("loop", "batched", "jacrev"), reason)
         )
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    if torch.are_deterministic_algorithms_enabled():
+        reason = (
+            "torch.use_deterministic_algorithms(True): the method must not depend on timings "
+            "(the methods add the same terms in different orders)"
+        )
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
         reason = "a DistributedDataParallel model: loop is the method tested with it"
     elif torch.distributed.is_available() and torch.distributed.is_initialized():
         reason = (

@@ -30,8 +30,8 @@ training or value only, operand, `p` and classes per sample) times them on that 
 (a warm-up, then at least 3 rounds: forward pass, norms and, when training, their parameter
 gradient) and keeps the fastest; later calls look it up.
 [`auto_choice`][gq_loss.kernels.auto_choice] reads the choice back, with the times and why a
-method was left out. The one-time probe costs about 15-20 GQ steps (up to about 2 s on models
-whose step takes milliseconds). It leaves no trace: it works on
+method was left out. The one-time probe costs about 15-20 GQ steps, and about half a second on
+models whose step takes milliseconds. It leaves no trace: it works on
 the batch detached from the caller's graph, on scratch copies of the buffers (BatchNorm
 statistics move once, in the real call), with the RNG forked (the caller's next random numbers
 do not change) and with `torch.autograd.grad` (no `.grad`); the model's hooks do run in it.
@@ -39,6 +39,8 @@ A method that fails or is refused in the probe is left out, and the user sees no
 `auto` never times:
 
 - with `chunk_size`: it is `recompute`, the method that bounds memory;
+- under `torch.use_deterministic_algorithms(True)`: it is `loop` (the methods add the same terms
+  in different orders, so a choice by timing would make the run irreproducible);
 - for a DistributedDataParallel model, in a multi-process run (every process must choose alike,
   and timing would run the model's collectives) and for a plain callable: it is `loop`;
 - above 32 classes per sample (all N, or `1 + num_sampled`, or `classes`): it is `loop`

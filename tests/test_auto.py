@@ -102,6 +102,23 @@ def test_ddp_and_multi_process_runs_are_loop_without_timing(
     assert ran == []
 
 
+def test_deterministic_algorithms_make_auto_loop_without_timing(
+    ranking: Callable[..., list[str]],
+) -> None:
+    # A run that asks for reproducible results must not get a method picked by a clock.
+    ran = ranking("jacrev", "batched")
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        gq_loss(model, X, Y)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop" and ran == []
+    assert "use_deterministic_algorithms" in choice.excluded["jacrev"]
+
+
 def test_bf16_autocast_with_batchnorm_never_takes_the_failing_jacrev(
     ranking: Callable[..., list[str]],
 ) -> None:
