@@ -411,7 +411,12 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
                     batch_size=args.batch_size, desc=f"{name} seed {seed}",
                     show_progress=args.progress, checkpoint=checkpoint)  # fmt: skip
     seconds = sum(r["seconds"] for r in log)
-    return evaluate(model, data, args.id_eval_size) | {
+    extra = {}
+    if CONTROLS[name] == "pretrained" and not arm.from_scratch:
+        # the weights it started from, evaluated here: its exact control, also where this
+        # machine's pre-training differs from the stored one
+        extra["start"] = evaluate(base, data, args.id_eval_size)
+    return evaluate(model, data, args.id_eval_size) | extra | {
         "arm": name, "seed": seed, **asdict(arm), "steps": steps, "train_log": log,
         "seconds_per_step": seconds / steps, "train_seconds": seconds,
         "settings": settings(args), "pretrain": {"seconds": pre_info["seconds"],
