@@ -4,6 +4,7 @@ and the pieces its table rests on (LogitNorm, paired intervals)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -194,6 +195,8 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     assert alone["base"] == "none" and alone["steps"] == 10 and "start" in alone
     assert alone["train_log"][0]["loss"] == pytest.approx(alone["train_log"][0]["train_gq"])
     assert "## The paper's regimes" in report
+    if importlib.util.find_spec("matplotlib"):
+        assert (res / "study.png").is_file() and (res / "regimes.png").is_file()
     assert list((tmp_path / "cache" / "pretrain").glob("*.pt"))  # weights: cache only
     assert not list(res.rglob("*.pt"))
     costs = json.loads((res / "step_costs.json").read_text())

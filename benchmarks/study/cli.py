@@ -15,7 +15,7 @@ from train_utils import HelpFormatter
 import study
 
 from .arms import ARMS
-from .figure import figure
+from .figure import figure, regimes_figure
 from .grid import measure_step_costs, run_grid
 from .report import report
 from .results import load_runs
@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         measure_step_costs(args)
     cost_path = os.path.join(args.results_dir, "step_costs.json")
     costs = json.load(open(cost_path)) if os.path.isfile(cost_path) else None
-    text, head = report(load_runs(args.results_dir), costs)
+    runs = load_runs(args.results_dir)
+    text, head = report(runs, costs)
     with open(os.path.join(args.results_dir, "report.md"), "w") as f:
         f.write("# GQ decision study: generated report\n\n" + text)
     fig = figure(head, os.path.join(args.results_dir, "study.png"))
+    regimes = regimes_figure(runs, head, os.path.join(args.results_dir, "regimes.png"))
     print(text)
-    print("report:", os.path.join(args.results_dir, "report.md"), "figure:", fig)
+    print("report:", os.path.join(args.results_dir, "report.md"), "figures:", fig, regimes)
     return head
