@@ -20,7 +20,7 @@ buffers):
 |---|---|---|
 | `loop` | one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
 | `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
-| `batched` | `autograd.grad(is_grads_batched=True)` (vmap over the backward), `chunk_size` classes at a time | like `loop` |
+| `batched` | `torch.func.vmap` of one `autograd.grad` over the one-hot class cotangents (vmap over the backward), `chunk_size` classes at a time | like `loop` |
 | `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | like `loop` |
 
 `method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise, on CPU and on
@@ -379,26 +379,27 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
 
 
 def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
-    cols_all = _all_columns(run.op, columns)
-    width = cols_all.shape[1]
-    step = run.chunk_size or max(width, 1)
-    parts = []
-    for start in range(0, width, step):
-        basis = _one_hot_cotangents(run.op, cols_all[:, start : start + step])
-        # vmap runs the k backward passes as one batched pass.
-        (grad,) = torch.autograd.grad(
+    cols = _all_columns(run.op, columns)
+    if cols.shape[1] == 0:
+        return run.op.new_zeros(run.op.shape[0], 0)
+    basis = _one_hot_cotangents(run.op, cols)
+
+    def row_norms(cotangent: Tensor) -> Tensor:
+        grad = torch.autograd.grad(
             run.op,
             run.x,
-            basis,
+            cotangent,
             retain_graph=True,
             create_graph=run.create_graph,
-            is_grads_batched=True,
             allow_unused=True,
-        )
-        if grad is None:  # the operand does not depend on the input
-            grad = run.x.new_zeros(basis.shape[0], *run.x.shape)
-        parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=run.p, dim=2).T)
-    return torch.cat(parts, dim=1) if parts else run.op.new_zeros(run.op.shape[0], 0)
+            materialize_grads=True,
+        )[0]
+        return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
+
+    # torch.func.vmap runs the k backward passes as one batched pass. (Not
+    # `is_grads_batched=True`: its older vmap breaks GroupNorm's double backward in torch 2.13.)
+    norms: Tensor = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+    return norms
 
 
 def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:

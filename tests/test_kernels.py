@@ -107,9 +107,23 @@ def test_parity_grid(operand: str, p: float) -> None:
     assert not errors, "\n".join(errors)
 
 
+@pytest.mark.parametrize("kind", ["conv_gn", "conv_ln"])
+@pytest.mark.parametrize("rank", [3, 4])
+def test_parity_groupnorm_and_layernorm_over_channels(kind: str, rank: int) -> None:
+    # GroupNorm, and LayerNorm over (C, H, W) / (C, L): per-sample statistics over channels and
+    # space, whose double backward the vmapped methods must batch.
+    shape = input_shape(kind, rank)
+    model = make_model(kind, shape, 4, seed=5)
+    x = torch.randn(3, *shape, dtype=F64)
+    classes = torch.tensor([[0, 3], [2, 2], [1, 0]])
+    errors = check_parity(model, x, "softmax", 1, 1.3, None)
+    errors += check_parity(model, x, "log_softmax", 2, 0.8, classes)
+    assert not errors, "\n".join(errors)
+
+
 @HYPO
 @given(
-    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn", "conv_gn", "conv_ln"]),
     rank=st.integers(2, 4),
     batch=st.integers(0, 4),
     n=st.integers(2, 5),
