@@ -446,12 +446,17 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         )
         if not any_error and not any(m in text for m in markers):
             raise
-        hint = (
-            " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
-            "use use_reentrant=False)"
-            if "setup_context" in text
-            else ""
-        )
+        hint = ""
+        if "setup_context" in text:
+            hint = (
+                " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
+                "use use_reentrant=False)"
+            )
+        elif "saved tensor hooks" in text:
+            hint = (
+                " (torch.utils.checkpoint with use_reentrant=False, Hugging Face's "
+                "gradient_checkpointing_enable() included, runs on saved tensor hooks)"
+            )
         raise RuntimeError(
             f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "
             "use method='loop' (or 'recompute'), which run any model autograd can "

@@ -232,3 +232,29 @@ def test_zoo_model_trains_with_gq_and_scores_with_odin(name: str) -> None:
     assert torch.equal(predicted, torch.where(accepted, classes, torch.full_like(classes, -1)))
     assert model.training
     torch.testing.assert_close(detector.score(x), scores)  # eval mode inside: no batch noise
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("loop", None), ("batched", None), ("recompute", 2)])
+def test_hf_gradient_checkpointing_on_sdpa_equals_no_checkpointing(
+    method: str, chunk: int | None
+) -> None:
+    # HF's activation_checkpointing_enable() (formerly gradient_checkpointing_enable()) is
+    # torch.utils.checkpoint(use_reentrant=False) around each layer; ViT's default attention is
+    # SDPA, whose recomputation in backward() must run on the math backend of GQ's forward
+    # (float32: the fused CPU kernel is the default otherwise).
+    model, inputs = build("vit")
+    plain = copy.deepcopy(model).train()
+    model.activation_checkpointing_enable()
+    model.train()
+    assert model.is_activation_checkpointing and attention_backend(model) == "sdpa"
+    x, y = inputs(4), torch.tensor([0, 1, 2, 1])
+    results = []
+    for m in (model, plain):
+        gq, logits = gq_loss(m, x, y, method=method, chunk_size=chunk, return_logits=True)
+        (F.cross_entropy(logits, y) + gq).backward()
+        results.append((gq.detach(), [q.grad for q in m.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for got, want in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match=r"method='jacrev' could not run .*checkpoint"):
+        gq_loss(model, x, y, method="jacrev")
