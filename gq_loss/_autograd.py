@@ -126,6 +126,8 @@ def _recomputing_inside(generator: Any) -> Any:
 
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
 _REENTRANT = ("use_reentrant=True", "Checkpointing is not compatible with .grad()")
+# Setting `requires_grad` on a non-leaf tensor (Hugging Face's audio feature encoders).
+_NON_LEAF_FLAG = "you can only change requires_grad flags of leaf variables"
 _NO_SECOND_ORDER = (
     "derivative for",
     "once_differentiable",
@@ -151,6 +153,14 @@ def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
                 "gq_loss: the model uses torch.utils.checkpoint with use_reentrant=True, which "
                 "cannot give the input gradients GQ takes with torch.autograd.grad; use "
                 f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False) ({text})"
+            ) from err
+        if _NON_LEAF_FLAG in text:
+            raise RuntimeError(
+                "gq_loss: the model sets requires_grad on a tensor computed from its inputs, which "
+                "PyTorch refuses once the inputs require grad, as GQ's must. Hugging Face's audio "
+                "models (Wav2Vec2, HuBERT, WavLM and others) do so in their feature encoder in "
+                "train mode: call model.freeze_feature_encoder() before training with GQ (the "
+                f"usual fine-tuning set-up; it stops training the convolutional encoder) ({text})"
             ) from err
         if any(marker in text for marker in _NO_SECOND_ORDER):
             names = once_differentiable_functions(graph)

@@ -258,3 +258,36 @@ def test_hf_gradient_checkpointing_on_sdpa_equals_no_checkpointing(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     with pytest.raises(RuntimeError, match=r"method='jacrev' could not run .*checkpoint"):
         gq_loss(model, x, y, method="jacrev")
+
+
+def test_hf_wav2vec2_train_mode_needs_freeze_feature_encoder() -> None:
+    # Wav2Vec2's feature encoder sets requires_grad on a view of its input in train mode, which
+    # PyTorch refuses once the input requires grad (GQ's does): gq-loss says what to call.
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, num_labels=CLASSES, classifier_proj_size=8,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, feat_extract_norm="group",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForSequenceClassification(config).train()
+    x, y = torch.randn(4, 200), torch.tensor([0, 1, 2, 1])
+    for method in ("loop", "batched", "recompute", "jacrev"):
+        with pytest.raises(
+            RuntimeError, match=r"gq_loss: .*model\.freeze_feature_encoder\(\)"
+        ) as info:
+            gq_loss(model, x, y, method=method)
+        assert "only change requires_grad flags of leaf variables" in str(info.value.__cause__)
+    # With the encoder frozen every method trains, and equals eval mode (no dropout, no masking;
+    # eval mode skips the requires_grad line).
+    model.freeze_feature_encoder()
+    params = [q for q in model.parameters() if q.requires_grad]
+    want = gq_loss(model.eval(), x, y)
+    want_grads = torch.autograd.grad(want, params)
+    model.train()
+    for method in ("loop", "batched", "recompute", "jacrev"):
+        got = gq_loss(model, x, y, method=method)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0, msg=method)
+        for g, w in zip(torch.autograd.grad(got, params), want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=method)
