@@ -70,6 +70,7 @@ from ._autograd import (
     selected,
     unwrap_ddp,
 )
+from ._fsdp import fsdp_modules, full_parameters
 from ._recompute import RecomputeNorms, Replay, get_autocast_state, get_rng_state
 from ._validation import (
     OutputSpec,
@@ -155,7 +156,13 @@ def class_gradient_norms(
         >>> torch.allclose(norms[0], model[1].weight.abs().sum(dim=1))  # linear: weight rows
         True
     """
-    with autograd_enabled() as tracking:
+    with autograd_enabled() as tracking, full_parameters(model) as fsdp:
+        if fsdp is not None and create_graph and tracking:
+            raise ValueError(
+                "create_graph=True cannot be used under FSDP2 (fully_shard): FSDP reduces "
+                "gradients only in the backward pass of a forward it saw, so GQ hands it a "
+                "gradient taken within gq_loss; train with gq_loss (reduction 'mean' or 'sum')"
+            )
         run = GradientPass(
             model,
             inputs,
@@ -272,6 +279,12 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
         raise TypeError(
             "method='jacrev' cannot run a DistributedDataParallel-wrapped model (its forward "
             "would bypass DDP's gradient synchronisation); use method='loop' or 'recompute'"
+        )
+    if method == "jacrev" and fsdp_modules(model):
+        raise TypeError(
+            "method='jacrev' cannot run a model with FSDP2 (fully_shard) modules (its forward "
+            "under torch.func is not covered by FSDP's gradient hooks); use method='loop', "
+            "'recompute' or 'batched'"
         )
     return str(method)
 

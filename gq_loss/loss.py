@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import second_order_errors
+from ._fsdp import full_parameters
 from ._validation import (
     OutputSpec,
     check_choice,
@@ -230,7 +231,13 @@ def gq_loss(
         eps,
         output,
     )
-    with autograd_enabled() as tracking:
+    with autograd_enabled() as tracking, full_parameters(model) as fsdp:
+        if fsdp is not None and tracking and reduction == "none":
+            raise ValueError(
+                "reduction='none' cannot be trained under FSDP2 (fully_shard): GQ hands FSDP its "
+                "parameter gradient taken within the call, which needs a scalar loss; use "
+                "reduction='mean' or 'sum' (or call it under torch.no_grad() for the values)"
+            )
         run = GradientPass(
             model,
             inputs,
@@ -258,6 +265,8 @@ def gq_loss(
             )
             value = _quotient(run.norms(columns), targets, weights, eps)
         value = _reduce(value, reduction, logits)
+        if fsdp is not None and tracking:
+            value = fsdp.hand_over(value, logits, run.x if run.input_grad else None)
     if not tracking:
         value, logits = value.detach(), logits.detach()
     return (value, logits) if return_logits else value
