@@ -141,9 +141,11 @@ def class_gradient_norms(
         `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider.
 
     Raises:
-        ValueError: A bad option, or a model output that is not logits `(B, N)`, `N >= 2`.
+        ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`, or
+            `create_graph=True` under FSDP2 (train with `gq_loss` there).
         TypeError: A model output with no logits found (the message shows `output=`), inputs
-            that are not a floating tensor, or a plain function with `method="recompute"`.
+            that are not a floating tensor, a plain function with `method="recompute"`, or
+            `method="jacrev"` with DistributedDataParallel or FSDP2.
         RuntimeError: `method="jacrev"` on a model `torch.func` cannot transform; a model with
             an operation that has no second derivative (with `create_graph=True`), or with
             reentrant checkpointing (the messages say what to use instead).

@@ -163,7 +163,8 @@ def gq_loss(
     Args:
         model: Maps `inputs` `(B, *)` to logits `(B, N)` (or to an output holding them, see
             `output`); used in its current mode. Under DistributedDataParallel pass the wrapped
-            model.
+            model; under FSDP2 (`fully_shard`) the sharded one, with `reduction` `"mean"` or
+            `"sum"` (`docs/models.md`).
         inputs: Batch `(B, *)`, floating point; moved to the device and cast to the dtype of the
             model's first floating parameter when those differ (plain callables: unchanged).
             Not modified.
@@ -200,11 +201,14 @@ def gq_loss(
 
     Raises:
         ValueError: A bad option (the message names it), a model output that is not logits
-            `(B, N)` with `N >= 2`, or `N = 2` with the paper formulation on softmax.
+            `(B, N)` with `N >= 2`, `N = 2` with the paper formulation on softmax, or
+            `reduction="none"` in training under FSDP2.
         TypeError: Bad `inputs`/`targets`/`output` types, or a model output with no logits
             found (the message shows `output=`).
-        RuntimeError: A model with an operation that has no second derivative, or with
-            reentrant checkpointing (the message says what to use instead).
+        RuntimeError: A model with an operation that has no second derivative, with
+            reentrant checkpointing, or one that sets `requires_grad` on a tensor computed from
+            its inputs (Hugging Face audio models in train mode); the message says what to use
+            instead.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
