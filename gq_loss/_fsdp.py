@@ -64,6 +64,8 @@ class FullParameters:
         The parameter gradient (and, for inputs that require grad, the input gradient `x`'s) is
         taken now; `backward()` scales it by the incoming gradient. See the module docstring.
         """
+        if not value.requires_grad:  # nothing to train
+            return value
         params = [q for q in self.model.parameters() if q.requires_grad]
         targets = ([x] if x is not None else []) + params
         grads = torch.autograd.grad(value, targets, retain_graph=True, allow_unused=True)

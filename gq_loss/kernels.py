@@ -469,8 +469,8 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
             )
         elif "saved tensor hooks" in text:
             hint = (
-                " (torch.utils.checkpoint with use_reentrant=False, Hugging Face's "
-                "gradient_checkpointing_enable() included, runs on saved tensor hooks)"
+                " (torch.utils.checkpoint with use_reentrant=False runs on saved tensor hooks; "
+                "Hugging Face's activation_checkpointing_enable() is such checkpointing)"
             )
         raise RuntimeError(
             f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "

@@ -634,6 +634,7 @@ def test_jacrev_chunk_size_reaches_vmap(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_jacrev_refuses_ddp_wrapper() -> None:
     ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)  # a module without a process group
     with pytest.raises(TypeError, match=r"method='jacrev' cannot run a DistributedDataParallel"):
         class_gradient_norms(ddp, X, method="jacrev")
 
