@@ -20,7 +20,7 @@ buffers):
 |---|---|---|
 | `loop` | one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
 | `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
-| `batched` | `torch.func.vmap` of one `autograd.grad` over the one-hot class cotangents (vmap over the backward), `chunk_size` classes at a time | like `loop` |
+| `batched` | `torch.func.vmap` of one `autograd.grad` over the one-hot class cotangents, or `autograd.grad(is_grads_batched=True)` (vmap over the backward; see `_norms_batched`), `chunk_size` classes at a time | like `loop` |
 | `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | like `loop` |
 
 `method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise, on CPU and on
@@ -394,13 +394,57 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
 
 
 def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
+    """The k backward passes as one batched pass, by either of PyTorch's two vmaps.
+
+    In torch 2.13 each breaks some double backward: the older one of `is_grads_batched`
+    GroupNorm's (a size mismatch, any dtype); `torch.func.vmap` BatchNorm's and LayerNorm's under
+    CPU bf16 autocast (mixed dtypes). The one that works on the common case runs first (the older
+    under autocast, `torch.func`'s otherwise) and the other one when it fails; both compute the
+    same gradients. When both fail differently, the error names `loop`; the same error from both
+    is the model's own and is raised as it is.
+    """
     cols = _all_columns(run.op, columns)
     if cols.shape[1] == 0:
         return run.op.new_zeros(run.op.shape[0], 0)
     basis = _one_hot_cotangents(run.op, cols)
+    ways = [_batched_by_func, _batched_by_autograd]
+    if torch.is_autocast_enabled(run.x.device.type):
+        ways.reverse()
+    try:
+        return ways[0](run, basis)
+    except RuntimeError as err:
+        try:
+            return ways[1](run, basis)
+        except RuntimeError as other:
+            if str(other) == str(err):  # the model's own error, not a vmap's
+                raise err from None
+        raise RuntimeError(
+            f"gq_loss: method='batched' could not batch the backward passes of this model ({err}); "
+            "use method='loop' (or 'recompute')"
+        ) from err
 
+
+def _batched_by_autograd(run: GradientPass, basis: Tensor) -> Tensor:
+    parts = []
+    step = run.chunk_size or basis.shape[0]
+    for start in range(0, basis.shape[0], step):
+        (grad,) = torch.autograd.grad(
+            run.op,
+            run.x,
+            basis[start : start + step],
+            retain_graph=True,
+            create_graph=run.create_graph,
+            is_grads_batched=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=run.p, dim=2).T)
+    return torch.cat(parts, dim=1)
+
+
+def _batched_by_func(run: GradientPass, basis: Tensor) -> Tensor:
     def row_norms(cotangent: Tensor) -> Tensor:
-        grad = torch.autograd.grad(
+        (grad,) = torch.autograd.grad(
             run.op,
             run.x,
             cotangent,
@@ -408,11 +452,9 @@ def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
             create_graph=run.create_graph,
             allow_unused=True,
             materialize_grads=True,
-        )[0]
+        )
         return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
 
-    # torch.func.vmap runs the k backward passes as one batched pass. (Not
-    # `is_grads_batched=True`: its older vmap breaks GroupNorm's double backward in torch 2.13.)
     norms: Tensor = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
     return norms
 

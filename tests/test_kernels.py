@@ -639,6 +639,40 @@ def test_jacrev_refuses_ddp_wrapper() -> None:
         class_gradient_norms(ddp, X, method="jacrev")
 
 
+@pytest.mark.parametrize("kind", ["conv_bn", "conv_gn", "conv_ln"])
+def test_batched_under_cpu_bf16_autocast_equals_loop(kind: str) -> None:
+    # Each of PyTorch's vmaps breaks one of these double backwards in torch 2.13 (the older one
+    # GroupNorm's, torch.func's BatchNorm's and LayerNorm's under bf16): batched takes the other.
+    model = make_model(kind, (2, 3, 3), 4, seed=3).float()
+    x = torch.randn(3, 2, 3, 3)
+    weights = torch.rand(3, 4) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_gradient_norms(model, x, method="loop", create_graph=True)
+        got = class_gradient_norms(model, x, method="batched", create_graph=True)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+    for g, w in zip(
+        param_grads(model, got, weights), param_grads(model, want, weights), strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=2e-2)  # bf16: steps of 2^-7 near 1
+
+
+def test_batched_says_loop_when_neither_vmap_can() -> None:
+    # LayerNorm on bf16 activations and GroupNorm under bf16 autocast: each vmap fails on one.
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.LayerNorm([4, 3, 3]), nn.GroupNorm(2, 4), Flat(),
+        nn.Linear(36, 3),
+    )  # fmt: skip
+    x = torch.randn(3, 2, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_gradient_norms(model, x, method="loop", create_graph=True)
+        with pytest.raises(RuntimeError, match=r"gq_loss: method='batched' could not .*'loop'"):
+            class_gradient_norms(model, x, method="batched", create_graph=True)
+        # without a graph (the values) both vmaps run
+        torch.testing.assert_close(
+            class_gradient_norms(model, x, method="batched"), want.detach(), rtol=2e-2, atol=1e-4
+        )
+
+
 def test_jacrev_under_cpu_bf16_autocast_is_right_or_refused() -> None:
     # torch 2.13's vmapped BatchNorm backward rejects the mixed bf16/float32 operands of CPU
     # autocast; jacrev must then say so, never return another number than loop.
