@@ -20,7 +20,7 @@ buffers):
 |---|---|---|
 | `loop` | one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
 | `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
-| `batched` | `autograd.grad(is_grads_batched=True)` (vmap over the backward), `chunk_size` classes at a time | like `loop` |
+| `batched` | `torch.func.vmap` of one `autograd.grad` over the one-hot class cotangents, or `autograd.grad(is_grads_batched=True)` (vmap over the backward; see `_norms_batched`), `chunk_size` classes at a time | like `loop` |
 | `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | like `loop` |
 
 `method="auto"` picks `recompute` when `chunk_size` is given and `loop` otherwise, on CPU and on
@@ -70,6 +70,7 @@ from ._autograd import (
     selected,
     unwrap_ddp,
 )
+from ._fsdp import fsdp_modules, full_parameters
 from ._recompute import RecomputeNorms, Replay, get_autocast_state, get_rng_state
 from ._validation import (
     OutputSpec,
@@ -140,9 +141,11 @@ def class_gradient_norms(
         `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider.
 
     Raises:
-        ValueError: A bad option, or a model output that is not logits `(B, N)`, `N >= 2`.
+        ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`, or
+            `create_graph=True` under FSDP2 (train with `gq_loss` there).
         TypeError: A model output with no logits found (the message shows `output=`), inputs
-            that are not a floating tensor, or a plain function with `method="recompute"`.
+            that are not a floating tensor, a plain function with `method="recompute"`, or
+            `method="jacrev"` with DistributedDataParallel or FSDP2.
         RuntimeError: `method="jacrev"` on a model `torch.func` cannot transform; a model with
             an operation that has no second derivative (with `create_graph=True`), or with
             reentrant checkpointing (the messages say what to use instead).
@@ -155,7 +158,13 @@ def class_gradient_norms(
         >>> torch.allclose(norms[0], model[1].weight.abs().sum(dim=1))  # linear: weight rows
         True
     """
-    with autograd_enabled() as tracking:
+    with autograd_enabled() as tracking, full_parameters(model) as fsdp:
+        if fsdp is not None and create_graph and tracking:
+            raise ValueError(
+                "create_graph=True cannot be used under FSDP2 (fully_shard): FSDP reduces "
+                "gradients only in the backward pass of a forward it saw, so GQ hands it a "
+                "gradient taken within gq_loss; train with gq_loss (reduction 'mean' or 'sum')"
+            )
         run = GradientPass(
             model,
             inputs,
@@ -273,6 +282,12 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
             "method='jacrev' cannot run a DistributedDataParallel-wrapped model (its forward "
             "would bypass DDP's gradient synchronisation); use method='loop' or 'recompute'"
         )
+    if method == "jacrev" and fsdp_modules(model):
+        raise TypeError(
+            "method='jacrev' cannot run a model with FSDP2 (fully_shard) modules (its forward "
+            "under torch.func is not covered by FSDP's gradient hooks); use method='loop', "
+            "'recompute' or 'batched'"
+        )
     return str(method)
 
 
@@ -379,26 +394,69 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
 
 
 def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
-    cols_all = _all_columns(run.op, columns)
-    width = cols_all.shape[1]
-    step = run.chunk_size or max(width, 1)
+    """The k backward passes as one batched pass, by either of PyTorch's two vmaps.
+
+    In torch 2.13 each breaks some double backward: the older one of `is_grads_batched`
+    GroupNorm's (a size mismatch, any dtype); `torch.func.vmap` BatchNorm's and LayerNorm's under
+    CPU bf16 autocast (mixed dtypes). The one that works on the common case runs first (the older
+    under autocast, `torch.func`'s otherwise) and the other one when it fails; both compute the
+    same gradients. When both fail differently, the error names `loop`; the same error from both
+    is the model's own and is raised as it is.
+    """
+    cols = _all_columns(run.op, columns)
+    if cols.shape[1] == 0:
+        return run.op.new_zeros(run.op.shape[0], 0)
+    basis = _one_hot_cotangents(run.op, cols)
+    ways = [_batched_by_func, _batched_by_autograd]
+    if torch.is_autocast_enabled(run.x.device.type):
+        ways.reverse()
+    try:
+        return ways[0](run, basis)
+    except RuntimeError as err:
+        try:
+            return ways[1](run, basis)
+        except RuntimeError as other:
+            if str(other) == str(err):  # the model's own error, not a vmap's
+                raise err from None
+        raise RuntimeError(
+            f"gq_loss: method='batched' could not batch the backward passes of this model ({err}); "
+            "use method='loop' (or 'recompute')"
+        ) from err
+
+
+def _batched_by_autograd(run: GradientPass, basis: Tensor) -> Tensor:
     parts = []
-    for start in range(0, width, step):
-        basis = _one_hot_cotangents(run.op, cols_all[:, start : start + step])
-        # vmap runs the k backward passes as one batched pass.
+    step = run.chunk_size or basis.shape[0]
+    for start in range(0, basis.shape[0], step):
         (grad,) = torch.autograd.grad(
             run.op,
             run.x,
-            basis,
+            basis[start : start + step],
             retain_graph=True,
             create_graph=run.create_graph,
             is_grads_batched=True,
             allow_unused=True,
+            materialize_grads=True,
         )
-        if grad is None:  # the operand does not depend on the input
-            grad = run.x.new_zeros(basis.shape[0], *run.x.shape)
         parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=run.p, dim=2).T)
-    return torch.cat(parts, dim=1) if parts else run.op.new_zeros(run.op.shape[0], 0)
+    return torch.cat(parts, dim=1)
+
+
+def _batched_by_func(run: GradientPass, basis: Tensor) -> Tensor:
+    def row_norms(cotangent: Tensor) -> Tensor:
+        (grad,) = torch.autograd.grad(
+            run.op,
+            run.x,
+            cotangent,
+            retain_graph=True,
+            create_graph=run.create_graph,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
+
+    norms: Tensor = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+    return norms
 
 
 def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
@@ -445,12 +503,17 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         )
         if not any_error and not any(m in text for m in markers):
             raise
-        hint = (
-            " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
-            "use use_reentrant=False)"
-            if "setup_context" in text
-            else ""
-        )
+        hint = ""
+        if "setup_context" in text:
+            hint = (
+                " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
+                "use use_reentrant=False)"
+            )
+        elif "saved tensor hooks" in text:
+            hint = (
+                " (torch.utils.checkpoint with use_reentrant=False runs on saved tensor hooks; "
+                "Hugging Face's activation_checkpointing_enable() is such checkpointing)"
+            )
         raise RuntimeError(
             f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "
             "use method='loop' (or 'recompute'), which run any model autograd can "

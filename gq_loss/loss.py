@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import second_order_errors
+from ._fsdp import full_parameters
 from ._validation import (
     OutputSpec,
     check_choice,
@@ -162,7 +163,8 @@ def gq_loss(
     Args:
         model: Maps `inputs` `(B, *)` to logits `(B, N)` (or to an output holding them, see
             `output`); used in its current mode. Under DistributedDataParallel pass the wrapped
-            model.
+            model; under FSDP2 (`fully_shard`) the sharded one, with `reduction` `"mean"` or
+            `"sum"` (`docs/models.md`).
         inputs: Batch `(B, *)`, floating point; moved to the device and cast to the dtype of the
             model's first floating parameter when those differ (plain callables: unchanged).
             Not modified.
@@ -199,11 +201,14 @@ def gq_loss(
 
     Raises:
         ValueError: A bad option (the message names it), a model output that is not logits
-            `(B, N)` with `N >= 2`, or `N = 2` with the paper formulation on softmax.
+            `(B, N)` with `N >= 2`, `N = 2` with the paper formulation on softmax, or
+            `reduction="none"` in training under FSDP2.
         TypeError: Bad `inputs`/`targets`/`output` types, or a model output with no logits
             found (the message shows `output=`).
-        RuntimeError: A model with an operation that has no second derivative, or with
-            reentrant checkpointing (the message says what to use instead).
+        RuntimeError: A model with an operation that has no second derivative, with
+            reentrant checkpointing, or one that sets `requires_grad` on a tensor computed from
+            its inputs (Hugging Face audio models in train mode); the message says what to use
+            instead.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -230,7 +235,13 @@ def gq_loss(
         eps,
         output,
     )
-    with autograd_enabled() as tracking:
+    with autograd_enabled() as tracking, full_parameters(model) as fsdp:
+        if fsdp is not None and tracking and reduction == "none":
+            raise ValueError(
+                "reduction='none' cannot be trained under FSDP2 (fully_shard): GQ hands FSDP its "
+                "parameter gradient taken within the call, which needs a scalar loss; use "
+                "reduction='mean' or 'sum' (or call it under torch.no_grad() for the values)"
+            )
         run = GradientPass(
             model,
             inputs,
@@ -258,6 +269,8 @@ def gq_loss(
             )
             value = _quotient(run.norms(columns), targets, weights, eps)
         value = _reduce(value, reduction, logits)
+        if fsdp is not None and tracking:
+            value = fsdp.hand_over(value, logits, run.x if run.input_grad else None)
     if not tracking:
         value, logits = value.detach(), logits.detach()
     return (value, logits) if return_logits else value

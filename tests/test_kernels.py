@@ -107,9 +107,23 @@ def test_parity_grid(operand: str, p: float) -> None:
     assert not errors, "\n".join(errors)
 
 
+@pytest.mark.parametrize("kind", ["conv_gn", "conv_ln"])
+@pytest.mark.parametrize("rank", [3, 4])
+def test_parity_groupnorm_and_layernorm_over_channels(kind: str, rank: int) -> None:
+    # GroupNorm, and LayerNorm over (C, H, W) / (C, L): per-sample statistics over channels and
+    # space, whose double backward the vmapped methods must batch.
+    shape = input_shape(kind, rank)
+    model = make_model(kind, shape, 4, seed=5)
+    x = torch.randn(3, *shape, dtype=F64)
+    classes = torch.tensor([[0, 3], [2, 2], [1, 0]])
+    errors = check_parity(model, x, "softmax", 1, 1.3, None)
+    errors += check_parity(model, x, "log_softmax", 2, 0.8, classes)
+    assert not errors, "\n".join(errors)
+
+
 @HYPO
 @given(
-    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn", "conv_gn", "conv_ln"]),
     rank=st.integers(2, 4),
     batch=st.integers(0, 4),
     n=st.integers(2, 5),
@@ -620,8 +634,43 @@ def test_jacrev_chunk_size_reaches_vmap(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_jacrev_refuses_ddp_wrapper() -> None:
     ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)  # a module without a process group
     with pytest.raises(TypeError, match=r"method='jacrev' cannot run a DistributedDataParallel"):
         class_gradient_norms(ddp, X, method="jacrev")
+
+
+@pytest.mark.parametrize("kind", ["conv_bn", "conv_gn", "conv_ln"])
+def test_batched_under_cpu_bf16_autocast_equals_loop(kind: str) -> None:
+    # Each of PyTorch's vmaps breaks one of these double backwards in torch 2.13 (the older one
+    # GroupNorm's, torch.func's BatchNorm's and LayerNorm's under bf16): batched takes the other.
+    model = make_model(kind, (2, 3, 3), 4, seed=3).float()
+    x = torch.randn(3, 2, 3, 3)
+    weights = torch.rand(3, 4) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_gradient_norms(model, x, method="loop", create_graph=True)
+        got = class_gradient_norms(model, x, method="batched", create_graph=True)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+    for g, w in zip(
+        param_grads(model, got, weights), param_grads(model, want, weights), strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=2e-2)  # bf16: steps of 2^-7 near 1
+
+
+def test_batched_says_loop_when_neither_vmap_can() -> None:
+    # LayerNorm on bf16 activations and GroupNorm under bf16 autocast: each vmap fails on one.
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.LayerNorm([4, 3, 3]), nn.GroupNorm(2, 4), Flat(),
+        nn.Linear(36, 3),
+    )  # fmt: skip
+    x = torch.randn(3, 2, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_gradient_norms(model, x, method="loop", create_graph=True)
+        with pytest.raises(RuntimeError, match=r"gq_loss: method='batched' could not .*'loop'"):
+            class_gradient_norms(model, x, method="batched", create_graph=True)
+        # without a graph (the values) both vmaps run
+        torch.testing.assert_close(
+            class_gradient_norms(model, x, method="batched"), want.detach(), rtol=2e-2, atol=1e-4
+        )
 
 
 def test_jacrev_under_cpu_bf16_autocast_is_right_or_refused() -> None:

@@ -104,9 +104,21 @@ def test_paper_matches_brute_force(reduction: str, p: float) -> None:
     assert not errors, "\n".join(errors)
 
 
+@pytest.mark.parametrize("kind", ["conv_gn", "conv_ln"])
+@pytest.mark.parametrize("rank", [3, 4])
+def test_paper_groupnorm_and_layernorm_over_channels(kind: str, rank: int) -> None:
+    shape = input_shape(kind, rank)
+    model = make_model(kind, shape, 4, seed=6)
+    x = torch.randn(3, *shape, dtype=F64)
+    y = torch.tensor([3, 0, 1])
+    errors = check_paper(model, x, y, "softmax", 1, 1.0, "mean")
+    errors += check_paper(model, x, y, "log_softmax", 2, 2.5, "none")
+    assert not errors, "\n".join(errors)
+
+
 @HYPO
 @given(
-    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn", "conv_gn", "conv_ln"]),
     rank=st.integers(2, 4),
     batch=st.integers(0, 4),
     n=st.integers(2, 5),
@@ -176,7 +188,7 @@ def test_module_settings_are_attributes() -> None:
 
 @HYPO
 @given(
-    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn", "conv_gn", "conv_ln"]),
     n=st.integers(3, 6),
     p=st.sampled_from(NORMS),
     temperature=st.sampled_from([0.3, 1.0, 4.0]),
