@@ -73,7 +73,7 @@ from train_utils import (
 )
 
 from gq_loss import GQLoss
-from gq_loss.kernels import METHODS
+from gq_loss.kernels import GRADIENT_METHODS
 from gq_loss.loss import ESTIMATORS, FORMULATIONS
 
 CSV_FIELDS = [
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of a CE step; see 'Choosing lambda' in the README"
     ))  # fmt: skip
     p.add_argument("--formulation", choices=FORMULATIONS, default="paper")
-    p.add_argument("--gq-method", choices=METHODS, default="auto", help="GQLoss `method`")
+    p.add_argument("--gq-method", choices=GRADIENT_METHODS, default="auto", help="GQLoss `method`")
     p.add_argument("--chunk-size", type=int, default=None, help="GQLoss `chunk_size`")
     p.add_argument("--estimator", choices=ESTIMATORS, default="exact")
     p.add_argument("--num-sampled", type=int, default=None, help="classes K for 'sampled'")

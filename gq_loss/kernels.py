@@ -85,7 +85,7 @@ from ._validation import (
     place_inputs,
 )
 
-__all__ = ["GRADIENT_METHODS", "METHODS", "OPERANDS", "class_gradient_norms"]
+__all__ = ["GRADIENT_METHODS", "OPERANDS", "class_gradient_norms"]
 
 Operand = Literal["softmax", "log_softmax", "logits"]
 Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
@@ -474,5 +474,3 @@ _BACKENDS: dict[str, _Backend] = {
 }
 #: The values of `method`: `"auto"` and every backend.
 GRADIENT_METHODS: tuple[str, ...] = ("auto", *_BACKENDS)
-#: Former name of `GRADIENT_METHODS`, kept importable.
-METHODS = GRADIENT_METHODS
