@@ -173,7 +173,7 @@ def gq_loss(
             (default for `reference`). With `N = 2` the paper formulation refuses `"softmax"`
             (identically 1); use `"logits"` there.
         formulation: `"paper"` (Eq. 7 per sample) or `"reference"` (authors' code: one
-            batch-level ratio; `reduction` `"mean"`/`"sum"` both give that ratio).
+            batch-level ratio, so it takes only `reduction="mean"`).
         reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
         estimator: `"exact"` (all N classes) or `"sampled"`: the target, the
             `num_sampled // 2` most probable other classes exactly, and the rest of
@@ -184,7 +184,8 @@ def gq_loss(
             `gq_loss.kernels.GRADIENT_METHODS` (see `gq_loss.kernels`).
         chunk_size: Classes differentiated at once; bounds peak memory with `"recompute"`.
         eps: Added to the denominator so that a zero denominator gives a finite value.
-        generator: Random generator of the sampled estimator.
+        generator: Random generator of the sampled estimator (refused with
+            `estimator="exact"`, which draws nothing).
         return_logits: Also return the logits `(B, N)` of the one forward pass, with their
             graph, so the training step can add cross-entropy without a second forward.
         output: Names the logits in the model's output: a key (`str`, of a Mapping; otherwise
@@ -230,6 +231,7 @@ def gq_loss(
         eps,
         output,
     )
+    _check_generator(generator, estimator)
     with autograd_enabled() as tracking:
         run = GradientPass(
             model,
@@ -276,7 +278,8 @@ class GQLoss(nn.Module):
         p: Norm order of the input gradients: `1` (paper), `2` or `math.inf`.
         operand: `"softmax"`, `"log_softmax"`, `"logits"`, or `None` for the formulation's
             default (`"softmax"` for `paper`, `"logits"` for `reference`).
-        formulation: `"paper"` (Eq. 7) or `"reference"` (the authors' code).
+        formulation: `"paper"` (Eq. 7) or `"reference"` (the authors' code: one ratio per
+            batch, `reduction="mean"` only).
         reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
         estimator: `"exact"` or `"sampled"` (with `num_sampled`).
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
@@ -392,7 +395,8 @@ class GQLoss(nn.Module):
             model: Maps `inputs` `(B, *)` to logits `(B, N)`; used in its current mode.
             inputs: Batch `(B, *)`, floating point.
             targets: True labels `(B,)`, int64 in `[0, N)`.
-            generator: Random generator of the sampled estimator.
+            generator: Random generator of the sampled estimator (refused with
+                `estimator="exact"`).
             return_logits: Also return the logits `(B, N)` of the one forward pass (with their
                 graph), for the cross-entropy term of the same step.
 
@@ -483,18 +487,35 @@ def _check_options(
                 "authors' published models) or formulation='paper'"
             )
         if (
-            reduction == "none"
+            reduction != "mean"
             or estimator != "exact"
             or method != "auto"
             or chunk_size is not None
         ):
             raise ValueError(
-                "formulation='reference' is one ratio per batch from two backward passes: it "
-                "takes reduction 'mean'/'sum', estimator='exact', method='auto' and no chunk_size, "
-                f"got reduction={reduction!r}, estimator={estimator!r}, method={method!r}, "
+                "formulation='reference' is one ratio per batch from two backward passes (no "
+                "per-sample values to sum or to return): it takes reduction='mean', "
+                "estimator='exact', method='auto' and no chunk_size, got "
+                f"reduction={reduction!r}, estimator={estimator!r}, method={method!r}, "
                 f"chunk_size={chunk_size!r}"
             )
     return str(operand)
+
+
+def _check_generator(generator: Any, estimator: str) -> None:
+    """`generator` draws the sampled estimator's classes; the exact estimator draws nothing."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if estimator != "sampled":
+        raise ValueError(
+            "`generator` draws the classes of estimator='sampled' and would be ignored with "
+            f"estimator={estimator!r} (which draws nothing); pass generator=None, or "
+            "estimator='sampled' with num_sampled"
+        )
 
 
 def _check_class_count(num_classes: int, operand: str) -> None:

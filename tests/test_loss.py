@@ -433,20 +433,12 @@ def test_reference_matches_independent_implementation(operand: str, p: float) ->
     for temperature in (1.0, 2.0):
         want = reference_formulation(model, x, y, p, 1e-12, operand, temperature)
         want_grads = grads(model, want)
-        for reduction in ("mean", "sum"):  # one batch-level ratio either way
-            got = gq_loss(
-                model,
-                x,
-                y,
-                formulation="reference",
-                operand=operand,
-                p=p,
-                temperature=temperature,
-                reduction=reduction,
-            )
-            assert got.shape == ()
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(grads(model, got), want_grads, rtol=1e-8, atol=1e-12)
+        got = gq_loss(
+            model, x, y, formulation="reference", operand=operand, p=p, temperature=temperature
+        )
+        assert got.shape == ()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grads(model, got), want_grads, rtol=1e-8, atol=1e-12)
     # Default operand of the reference formulation is the logits (the authors' published models).
     torch.testing.assert_close(
         gq_loss(model, x, y, formulation="reference"), reference_formulation(model, x, y)
@@ -640,6 +632,8 @@ OPTION_ERRORS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"chunk_size": 0}, ValueError, r"`chunk_size` must be >= 1, got 0"),
     ({"chunk_size": 2, "method": "loop"}, ValueError, r"`chunk_size` has no effect"),
     ({"formulation": "reference", "reduction": "none"}, ValueError, r"reduction='none'"),
+    # one ratio per batch: a "sum" would silently equal the mean
+    ({"formulation": "reference", "reduction": "sum"}, ValueError, r"reduction='mean'.*'sum'"),
     ({"formulation": "reference", "method": "loop"}, ValueError, r"method='loop'"),
     ({"formulation": "reference", "chunk_size": 2}, ValueError, r"chunk_size=2"),
     (
@@ -658,6 +652,21 @@ def test_bad_options(kwargs: dict[str, Any], error: type[Exception], match: str)
         gq_loss(model, x, y, **kwargs)
     with pytest.raises(error, match=match):
         GQLoss(**kwargs)
+
+
+def test_generator_only_with_the_sampled_estimator() -> None:
+    model = make_model("mlp_gelu", (4,), 5)
+    x, y = torch.randn(3, 4, dtype=F64), torch.tensor([0, 4, 1])
+    gen = torch.Generator().manual_seed(0)
+    # The exact estimator draws nothing: a generator there would be silently ignored.
+    message = r"`generator` draws the classes of estimator='sampled' .*estimator='exact'"
+    with pytest.raises(ValueError, match=message):
+        gq_loss(model, x, y, generator=gen)
+    with pytest.raises(ValueError, match=message):
+        GQLoss()(model, x, y, generator=gen)
+    with pytest.raises(TypeError, match=r"`generator` must be a torch.Generator or None, got int"):
+        gq_loss(model, x, y, estimator="sampled", num_sampled=2, generator=0)  # type: ignore[arg-type]
+    gq_loss(model, x, y, estimator="sampled", num_sampled=2, generator=gen)
 
 
 def test_choices_are_the_dispatched_constants() -> None:
