@@ -309,6 +309,7 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
                 lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
                 x,
                 run.output,
+                module=model,
             )
         else:
             logits = call_model(model, x, run.output)

@@ -508,13 +508,51 @@ def test_inputs_cast_to_the_model_dtype() -> None:
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
 
 
+def model_error(model: Callable[[Tensor], object], x: Tensor) -> Exception:
+    """What the model itself raises on ``x``."""
+    with pytest.raises(Exception) as info:
+        model(x)
+    return info.value
+
+
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_single_image_says_unsqueeze(batchnorm: bool) -> None:
     norm = nn.BatchNorm2d(2) if batchnorm else nn.Identity()
     model = nn.Sequential(nn.Conv2d(3, 2, 3), norm, Flat(), nn.Linear(2 * 4, 3))
+    image = torch.randn(3, 6, 6)
+    own = model_error(model, image)  # BatchNorm: ValueError; the Linear: RuntimeError
     for method in ("loop", "batched", "recompute", "jacrev"):
-        with pytest.raises(ValueError, match=r"single \(C, H, W\) image pass `x.unsqueeze\(0\)`"):
-            class_gradient_norms(model, torch.randn(3, 6, 6), method=method)
+        with pytest.raises(type(own)) as info:
+            class_gradient_norms(model, image, method=method)
+        # The model's own error, with a note: the type and message are kept.
+        assert str(own) in str(info.value)
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "for a single (C, H, W) image pass `x.unsqueeze(0)`" in notes
+
+
+class Text(nn.Module):
+    """A (B, L, D) text model that fails on its own (a width mismatch, a bad mask)."""
+
+    def __init__(self, error: type[Exception] | None) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.error = error
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.error is not None:
+            raise self.error("attention mask has 4 positions, inputs have 6")
+        return self.lin(x).mean(1)
+
+
+@pytest.mark.parametrize("error", [None, KeyError, IndexError, ValueError, RuntimeError])
+def test_batch_of_sequences_keeps_the_models_error(error: type[Exception] | None) -> None:
+    # A (B, L, D) batch is not a single image: no unsqueeze hint, the model's own type and message.
+    model, x = Text(error), torch.randn(2, 6, 4)  # D = 4, the model takes 5 when error is None
+    own = model_error(model, x)
+    for method in ("loop", "batched", "recompute", "jacrev"):
+        with pytest.raises(type(own)) as info:
+            class_gradient_norms(model, x, method=method)
+        assert str(info.value) == str(own) and not getattr(info.value, "__notes__", [])
 
 
 def test_bad_model() -> None:
