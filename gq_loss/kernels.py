@@ -59,6 +59,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointFunction
 
 from ._autograd import (
     check_second_order,
@@ -426,7 +427,7 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
 
 @contextmanager
 def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
-    """Re-raises `torch.func`'s refusals with what to do instead.
+    """Re-raises `torch.func`'s refusals with their cause and what to do instead.
 
     In the forward pass only errors that name a transform are translated (a model's own error
     stays as it is); in the vmapped backward every error is, since autograd ran that forward.
@@ -446,17 +447,38 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         )
         if not any_error and not any(m in text for m in markers):
             raise
-        hint = (
-            " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
-            "use use_reentrant=False)"
-            if "setup_context" in text
-            else ""
-        )
+        prefix = f"gq_loss: method='jacrev' could not run {stage} of this model under torch.func"
+        function = _function_of(err) if "setup_context" in text else None
+        if function is CheckpointFunction:
+            raise RuntimeError(
+                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True ({text}); "
+                "use use_reentrant=False with method='loop', 'recompute' or 'batched' "
+                "(torch.func takes no checkpointing)"
+            ) from err
+        if "setup_context" in text:
+            which = "in this model" if function is None else function.__name__
+            raise RuntimeError(
+                f"{prefix}: the custom autograd.Function {which} has no setup_context "
+                f"staticmethod, which torch.func needs ({text}); use method='loop', 'recompute' "
+                "or 'batched', which run it as it is, or give it a setup_context (PyTorch's "
+                "'Extending torch.func with autograd.Function')"
+            ) from err
         raise RuntimeError(
-            f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "
-            "use method='loop' (or 'recompute'), which run any model autograd can "
-            f"differentiate{hint}"
+            f"{prefix} ({text}); use method='loop' (or 'recompute'), which run any model "
+            "autograd can differentiate"
         ) from err
+
+
+def _function_of(err: BaseException) -> type | None:
+    """The `autograd.Function` whose `apply` raised `err` (from the traceback), if any."""
+    tb = err.__traceback__
+    found = None
+    while tb is not None:
+        cls = tb.tb_frame.f_locals.get("cls") if tb.tb_frame.f_code.co_name == "apply" else None
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            found = cls
+        tb = tb.tb_next
+    return found
 
 
 @dataclass(frozen=True)

@@ -628,6 +628,27 @@ def test_jacrev_refuses_what_torch_func_cannot_run(make: Callable[[], nn.Module]
         class_gradient_norms(model, X, method="jacrev", create_graph=True)
 
 
+def test_jacrev_names_the_function_without_setup_context() -> None:
+    # The cause is the Function (not reentrant checkpointing, which the model does not use)...
+    model, x = UsesOldFunction(), torch.randn(3, 4, dtype=F64)
+    message = (
+        r"^gq_loss: method='jacrev' .*the custom autograd.Function OldStyleSquare has no "
+        r"setup_context .*use method='loop', 'recompute' or 'batched'.*or give it a setup_context"
+    )
+    with pytest.raises(RuntimeError, match=message) as info:
+        class_gradient_norms(model, x, method="jacrev", create_graph=True)
+    assert "use_reentrant" not in str(info.value)
+    # ...and the methods named there give the loop's values and parameter gradients.
+    want = class_gradient_norms(model, x, method="loop", create_graph=True)
+    weights = torch.rand(want.shape, dtype=F64)
+    want_grads = param_grads(model, want, weights)
+    for method in ("recompute", "batched"):
+        got = class_gradient_norms(model, x, method=method, create_graph=True)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        assert got.min() > 0
+        torch.testing.assert_close(param_grads(model, got, weights), want_grads)
+
+
 def test_jacrev_keeps_other_graphs_on_the_model_valid() -> None:
     # An eval-mode BatchNorm saves its running statistics in every graph through it; jacrev
     # writes back only the buffers its forward changed, so an earlier graph still backwards.
