@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import second_order_errors
+from ._detection import float64
 from ._validation import (
     OutputSpec,
     check_choice,
@@ -185,7 +186,9 @@ def gq_loss(
         chunk_size: Classes differentiated at once; bounds peak memory with `"recompute"`.
         eps: Added to the denominator so that a zero denominator gives a finite value.
         generator: Random generator of the sampled estimator (refused with
-            `estimator="exact"`, which draws nothing).
+            `estimator="exact"`, which draws nothing). The draws run in float64 on the logits'
+            device, or on the CPU for a device without float64 (MPS), as the detectors' scores
+            do; the generator must be on that device.
         return_logits: Also return the logits `(B, N)` of the one forward pass, with their
             graph, so the training step can add cross-entropy without a second forward.
         output: Names the logits in the model's output: a key (`str`, of a Mapping; otherwise
@@ -537,9 +540,12 @@ def _columns(
     num_sampled: int | None,
     generator: torch.Generator | None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Class columns `(B, 1 + K)` (target first) and denominator weights `(B, K)`.
+    """Class columns `(B, 1 + K)` (target first, on the logits' device) and denominator weights
+    `(B, K)` (float64).
 
-    `(None, None)` means every class, exactly.
+    `(None, None)` means every class, exactly. The draws run in float64 where the detectors'
+    scores do (`_detection.float64`: the logits' device, or the CPU for a device without
+    float64), and so does `generator`.
     """
     num_classes = logits.shape[1]
     if estimator == "exact" or num_sampled is None or num_sampled >= num_classes - 1:
@@ -547,14 +553,20 @@ def _columns(
     top_k = num_sampled // 2
     drawn = num_sampled - top_k
     with torch.no_grad():
-        z = logits.detach().double() / temperature
+        z = float64(logits.detach()) / temperature
+        if generator is not None and generator.device.type != z.device.type:
+            raise ValueError(
+                f"`generator` must be on the device where the sampled estimator draws, {z.device} "
+                f"(float64, for logits on {logits.device}), got a generator on {generator.device}"
+            )
+        targets = targets.to(z.device)
         masked = z.scatter(1, targets[:, None], float("-inf"))
         top = masked.topk(top_k, dim=1).indices
         # Proposal over the tail (neither the target nor the top classes), q_j proportional to S_j.
         q = masked.scatter(1, top, float("-inf")).softmax(dim=1)
         draws = torch.multinomial(q, drawn, replacement=True, generator=generator)
         tail_weights = 1.0 / (drawn * q.gather(1, draws))
-        columns = torch.cat([targets[:, None], top, draws], dim=1)
+        columns = torch.cat([targets[:, None], top, draws], dim=1).to(logits.device)
         weights = torch.cat([tail_weights.new_ones(top.shape), tail_weights], dim=1)
     return columns, weights
 
@@ -566,7 +578,7 @@ def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float
         denominator = norms.sum(dim=1) - numerator
     else:
         numerator = norms[:, 0]
-        denominator = (norms[:, 1:] * weights.to(norms.dtype)).sum(dim=1)
+        denominator = (norms[:, 1:] * weights.to(norms.dtype).to(norms.device)).sum(dim=1)
     return numerator / (denominator + eps)
 
 

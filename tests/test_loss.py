@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import gq_loss._detection as gq_loss_detection
 from gq_loss import GQLoss, class_gradient_norms, gq_loss
 from gq_loss._validation import place_inputs
 from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS
@@ -557,6 +558,52 @@ def test_sampled_generator_reproducible() -> None:
     torch.testing.assert_close(
         criterion(model, x, y, generator=torch.Generator().manual_seed(1)), run(1), rtol=0, atol=0
     )
+
+
+def lacking_float64(monkeypatch: pytest.MonkeyPatch, kind: str) -> list[torch.device]:
+    """Devices of type ``kind`` taken as lacking float64 (as MPS does); returns the list of the
+    devices that the float64 rule is asked about."""
+    asked: list[torch.device] = []
+
+    def lacks(device: torch.device) -> bool:
+        asked.append(device)
+        return device.type == kind
+
+    monkeypatch.setattr(gq_loss_detection, "lacks_float64", lacks)
+    return asked
+
+
+def test_sampled_draws_follow_the_float64_device_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The draws are float64 work: they run where the detectors' float64 rule says (on MPS: the
+    # CPU), not in float64 on the logits' device, which MPS cannot do.
+    model = make_model("mlp_gelu", (4,), 12).float()
+    x, y = torch.randn(5, 4), torch.randint(0, 12, (5,))
+
+    def run() -> Tensor:
+        gen = torch.Generator().manual_seed(4)
+        return gq_loss(model, x, y, estimator="sampled", num_sampled=3, generator=gen)
+
+    want = run()
+    asked = lacking_float64(monkeypatch, "cpu")
+    torch.testing.assert_close(run(), want, rtol=0, atol=0)
+    assert asked == [torch.device("cpu")]  # the rule was asked about the logits' device
+
+
+@pytest.mark.cuda
+def test_sampled_on_a_device_without_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA taken as lacking float64: the draws run on the CPU (with a CPU generator), the columns
+    # and the result come back to the logits' device, equal to the CPU run's.
+    model = make_model("mlp_gelu", (4,), 12)
+    x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 12, (5,))
+    options: dict[str, Any] = {"estimator": "sampled", "num_sampled": 3, "reduction": "none"}
+    want = gq_loss(model, x, y, generator=torch.Generator().manual_seed(4), **options)
+    lacking_float64(monkeypatch, "cuda")
+    cuda = copy.deepcopy(model).cuda()
+    got = gq_loss(cuda, x, y, generator=torch.Generator().manual_seed(4), **options)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match=r"`generator` must be on the device where .* cpu"):
+        gq_loss(cuda, x, y, generator=torch.Generator(device="cuda"), **options)
 
 
 # --------------------------------------------------------------------------- edge cases
