@@ -176,10 +176,13 @@ def gq_loss(
         formulation: `"paper"` (Eq. 7 per sample) or `"reference"` (authors' code: one
             batch-level ratio, so it takes only `reduction="mean"`).
         reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
-        estimator: `"exact"` (all N classes) or `"sampled"`: the target, the
-            `num_sampled // 2` most probable other classes exactly, and the rest of
-            `num_sampled` drawn from the remaining tail with $q_j \propto S_j$, weighted
-            $1/(m q_j)$ (unbiased for the denominator). For large N.
+        estimator: `"exact"` (all N classes) or `"sampled"`, for large N: the target and
+            `num_sampled` other classes, weighted so that the denominator is unbiased. On
+            softmax the `num_sampled // 2` most probable other classes are exact and the rest
+            are drawn from the remaining tail with $q_j \propto S_j$, weighted $1/(m q_j)$; on
+            `"log_softmax"` and `"logits"` (whose gradient norms do not shrink with $S_j$)
+            `num_sampled` classes are drawn uniformly without replacement, weighted
+            $(N-1)/K$. `docs/math.md` has the measured spread.
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
         method: How the per-class gradients are computed: one of
             `gq_loss.kernels.GRADIENT_METHODS` (see `gq_loss.kernels`).
@@ -259,7 +262,7 @@ def gq_loss(
         else:
             _check_class_count(num_classes, operand_name)
             columns, weights = _columns(
-                logits, targets, temperature, estimator, num_sampled, generator
+                logits, targets, temperature, operand_name, estimator, num_sampled, generator
             )
             value = _quotient(run.norms(columns), targets, weights, eps)
         value = _reduce(value, reduction, logits)
@@ -536,6 +539,7 @@ def _columns(
     logits: Tensor,
     targets: Tensor,
     temperature: float,
+    operand: str,
     estimator: str,
     num_sampled: int | None,
     generator: torch.Generator | None,
@@ -545,13 +549,11 @@ def _columns(
 
     `(None, None)` means every class, exactly. The draws run in float64 where the detectors'
     scores do (`_detection.float64`: the logits' device, or the CPU for a device without
-    float64), and so does `generator`.
+    float64), and so does `generator`. The proposal fits the operand (`docs/math.md`).
     """
     num_classes = logits.shape[1]
     if estimator == "exact" or num_sampled is None or num_sampled >= num_classes - 1:
         return None, None
-    top_k = num_sampled // 2
-    drawn = num_sampled - top_k
     with torch.no_grad():
         z = float64(logits.detach()) / temperature
         if generator is not None and generator.device.type != z.device.type:
@@ -559,16 +561,39 @@ def _columns(
                 f"`generator` must be on the device where the sampled estimator draws, {z.device} "
                 f"(float64, for logits on {logits.device}), got a generator on {generator.device}"
             )
-        targets = targets.to(z.device)
-        masked = z.scatter(1, targets[:, None], float("-inf"))
-        top = masked.topk(top_k, dim=1).indices
-        # Proposal over the tail (neither the target nor the top classes), q_j proportional to S_j.
-        q = masked.scatter(1, top, float("-inf")).softmax(dim=1)
-        draws = torch.multinomial(q, drawn, replacement=True, generator=generator)
-        tail_weights = 1.0 / (drawn * q.gather(1, draws))
-        columns = torch.cat([targets[:, None], top, draws], dim=1).to(logits.device)
-        weights = torch.cat([tail_weights.new_ones(top.shape), tail_weights], dim=1)
+        targets = targets.to(z.device)[:, None]
+        if operand == "softmax":
+            others, weights = _softmax_draws(z, targets, num_sampled, generator)
+        else:
+            others, weights = _uniform_draws(z, targets, num_sampled, generator)
+        columns = torch.cat([targets, others], dim=1).to(logits.device)
     return columns, weights
+
+
+def _softmax_draws(
+    z: Tensor, targets: Tensor, num_sampled: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Softmax operand, whose norms scale with S_j: the K // 2 most probable other classes
+    exactly, the rest drawn with replacement from the tail with q_j proportional to S_j."""
+    top_k = num_sampled // 2
+    drawn = num_sampled - top_k
+    masked = z.scatter(1, targets, float("-inf"))
+    top = masked.topk(top_k, dim=1).indices
+    q = masked.scatter(1, top, float("-inf")).softmax(dim=1)
+    draws = torch.multinomial(q, drawn, replacement=True, generator=generator)
+    tail_weights = 1.0 / (drawn * q.gather(1, draws))
+    weights = torch.cat([tail_weights.new_ones(top.shape), tail_weights], dim=1)
+    return torch.cat([top, draws], dim=1), weights
+
+
+def _uniform_draws(
+    z: Tensor, targets: Tensor, num_sampled: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Logits and log-softmax operands, whose norms do not scale with S_j: K of the N - 1 other
+    classes drawn uniformly without replacement, each weighted (N - 1) / K."""
+    keys = torch.rand(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+    others = keys.scatter(1, targets, -1.0).topk(num_sampled, dim=1).indices
+    return others, z.new_full(others.shape, (z.shape[1] - 1) / num_sampled)
 
 
 def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float) -> Tensor:

@@ -32,7 +32,7 @@ from torch.func import functional_call
 import gq_loss._detection as gq_loss_detection
 from gq_loss import GQLoss, class_gradient_norms, gq_loss
 from gq_loss._validation import place_inputs
-from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS
+from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS, _columns
 
 
 def grads(model: nn.Module, value: Tensor, weights: Tensor | None = None) -> list[Tensor]:
@@ -482,26 +482,40 @@ def test_sampled_with_enough_classes_is_exact() -> None:
         torch.testing.assert_close(grads(model, got, weights), want_grads, rtol=1e-12, atol=0)
 
 
-def denominators(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> tuple[Tensor, Tensor]:
-    """Exact denominators ``(B,)`` and the mean of ``draws`` sampled-estimator denominators."""
-    norms = brute_norms(model, x).detach()
+def denominators(
+    model: nn.Module, x: Tensor, y: Tensor, draws: int, operand: str = "softmax"
+) -> tuple[Tensor, Tensor]:
+    """Exact denominators ``(B,)`` (float64 brute force) and ``draws`` sampled-estimator
+    denominators ``(draws, B)``."""
+    norms = brute_norms(model, x, operand).detach()
     num = norms.gather(1, y[:, None]).squeeze(1)
     exact = norms.sum(1) - num
-    total = torch.zeros_like(exact)
     gen = torch.Generator().manual_seed(1234)
+    estimates = []
     for _ in range(draws):
         gq = gq_loss(
             model,
             x,
             y,
+            operand=operand,
             estimator="sampled",
             num_sampled=6,
             eps=0.0,
             reduction="none",
             generator=gen,
         ).detach()
-        total += num / gq
-    return exact, total / draws
+        estimates.append(num / gq)
+    return exact, torch.stack(estimates)
+
+
+def twenty_classes(peaked: bool) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 20)).to(F64)
+    if peaked:
+        with torch.no_grad():
+            model[2].weight.mul_(10.0)
+            model[2].bias.mul_(10.0)
+    return model, torch.randn(6, 6, dtype=F64), torch.tensor([0, 5, 19, 7, 7, 12])
 
 
 def test_sampled_columns_same_for_every_method() -> None:
@@ -524,22 +538,36 @@ def test_sampled_columns_same_for_every_method() -> None:
         torch.testing.assert_close(got_grads, want_grads, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("operand", ["softmax", "log_softmax", "logits"])
 @pytest.mark.parametrize("peaked", [False, True])
-def test_sampled_denominator_is_unbiased(peaked: bool) -> None:
-    torch.manual_seed(10)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 20)).to(F64)
-    if peaked:
-        with torch.no_grad():
-            model[2].weight.mul_(10.0)
-            model[2].bias.mul_(10.0)
-    x, y = torch.randn(6, 6, dtype=F64), torch.tensor([0, 5, 19, 7, 7, 12])
-    exact, mean_est = denominators(model, x, y, draws=300)
-    rel = ((mean_est - exact) / exact).abs()
+def test_sampled_denominator_is_unbiased(peaked: bool, operand: str) -> None:
+    model, x, y = twenty_classes(peaked)
+    exact, estimates = denominators(model, x, y, 300, operand)
+    rel = ((estimates.mean(0) - exact) / exact).abs()
     assert rel.max() < 0.03, rel
     # Not exact per draw: the estimator really samples (so the mean is a real test).
-    single = gq_loss(model, x, y, estimator="sampled", num_sampled=6, eps=0.0, reduction="none")
-    exact_gq = gq_loss(model, x, y, eps=0.0, reduction="none")
+    single = gq_loss(
+        model, x, y, operand=operand, estimator="sampled", num_sampled=6, reduction="none"
+    )
+    exact_gq = gq_loss(model, x, y, operand=operand, reduction="none")
     assert not torch.allclose(single, exact_gq, rtol=1e-6)
+
+
+@pytest.mark.parametrize("operand", ["log_softmax", "logits"])
+def test_sampled_proposal_fits_the_operand(operand: str) -> None:
+    # Logit and log-softmax gradient norms do not shrink with S_j: a proposal proportional to
+    # the softmax draws the tail classes that carry most of their denominator almost never, and
+    # one draw missed the denominator by 80-450 % (relative std) on this peaked model.
+    model, x, y = twenty_classes(peaked=True)
+    exact, estimates = denominators(model, x, y, 300, operand)
+    spread = estimates.std(0) / exact
+    assert spread.max() < 0.25, spread
+    # The classes besides the target: K distinct non-targets, each weighted (N - 1) / K.
+    columns, weights = _columns(model(x), y, 1.0, operand, "sampled", 6, None)
+    assert columns is not None and weights is not None and columns.shape == (6, 7)
+    assert (columns[:, 0] == y).all() and (columns[:, 1:] != y[:, None]).all()
+    assert all(len(set(row.tolist())) == 6 for row in columns[:, 1:])
+    torch.testing.assert_close(weights, torch.full((6, 6), 19 / 6, dtype=F64), rtol=0, atol=0)
 
 
 def test_sampled_generator_reproducible() -> None:
@@ -825,22 +853,22 @@ def test_value_without_grad_mode(context: Any, options: dict[str, Any]) -> None:
     # Lightning logs GQ in validation under inference mode: the value, detached, no .grad.
     model = make_model("conv_bn", (2, 3, 3), 4)
     x, y = torch.randn(3, 2, 3, 3, dtype=F64), torch.tensor([1, 0, 3])
-    want, want_logits = gq_loss(
-        model, x, y, generator=torch.Generator().manual_seed(0), return_logits=True, **options
-    )
+
+    def seeded() -> torch.Generator | None:  # the exact estimator takes no generator
+        return torch.Generator().manual_seed(0) if "num_sampled" in options else None
+
+    want, want_logits = gq_loss(model, x, y, generator=seeded(), return_logits=True, **options)
     with context():
         inputs = x.clone()  # an inference tensor under inference_mode
         got, logits = gq_loss(
             model,
             inputs,
             y,
-            generator=torch.Generator().manual_seed(0),
+            generator=seeded(),
             return_logits=True,
             **options,
         )
-        module_value = GQLoss(**options)(
-            model, inputs, y, generator=torch.Generator().manual_seed(0)
-        )
+        module_value = GQLoss(**options)(model, inputs, y, generator=seeded())
     for t in (got, logits, module_value):
         assert not t.requires_grad and t.grad_fn is None
     torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0)
