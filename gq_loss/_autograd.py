@@ -25,8 +25,15 @@ def operand_of(logits: Tensor, operand: str, temperature: float) -> Tensor:
     return z
 
 
-def norm_rows(grad: Tensor, p: float) -> Tensor:
-    return torch.linalg.vector_norm(grad.flatten(1), ord=p, dim=1)
+def norm_rows(grad: Tensor, p: float, start_dim: int = 1) -> Tensor:
+    """p-norms over the dims from `start_dim` on, accumulated in at least float32 (a bf16 or fp16
+    model's input gradient gives float32 norms)."""
+    flat = grad.flatten(start_dim)
+    dtype = torch.float32 if flat.dtype in _LOW_PRECISION else None
+    return torch.linalg.vector_norm(flat, ord=p, dim=start_dim, dtype=dtype)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def selected(op: Tensor, columns: Tensor | None) -> Tensor:

@@ -138,7 +138,8 @@ def class_gradient_norms(
             `"logits"` key of a Mapping or the tensor attribute `logits` (`ModelOutput`).
 
     Returns:
-        `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider.
+        `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider (the norms of a
+            bf16 or fp16 model's input gradients are accumulated in float32).
 
     Raises:
         ValueError: A bad option, or a model output that is not logits `(B, N)`, `N >= 2`.
@@ -399,7 +400,7 @@ def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
         )
         if grad is None:  # the operand does not depend on the input
             grad = run.x.new_zeros(basis.shape[0], *run.x.shape)
-        parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=run.p, dim=2).T)
+        parts.append(norm_rows(grad, run.p, start_dim=2).T)
     return torch.cat(parts, dim=1) if parts else run.op.new_zeros(run.op.shape[0], 0)
 
 
@@ -412,7 +413,7 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
 
     def row_norms(cotangent: Tensor) -> Tensor:
         (grad,) = pullback(cotangent)
-        return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
+        return norm_rows(grad, run.p)
 
     # Autocast covers forward passes only: the pullback replays recorded dtypes (under autocast
     # its vmapped backward would mix bfloat16 and float32 operands).

@@ -20,7 +20,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from ._autograd import second_order_errors
+from ._autograd import norm_rows, second_order_errors
 from ._detection import float64
 from ._validation import (
     OutputSpec,
@@ -202,7 +202,8 @@ def gq_loss(
             placement and `method="recompute"` keep working.
 
     Returns:
-        `(B,)` or `()`; `(loss, logits)` with logits `(B, N)` when `return_logits`.
+        `(B,)` or `()`, float32 or wider (float32 for a bf16 or fp16 model); `(loss, logits)`
+            with logits `(B, N)` in the model's dtype when `return_logits`.
 
     Raises:
         ValueError: A bad option (the message names it), a model output that is not logits
@@ -614,11 +615,12 @@ def _reference_ratio(
     target_sum = op.gather(1, targets[:, None]).sum()
     other_sum = op.sum() - target_sum
     numerator, denominator = (
-        torch.linalg.vector_norm(
+        norm_rows(
             torch.autograd.grad(
                 s, x, retain_graph=True, create_graph=create_graph, materialize_grads=True
-            )[0].flatten(),
-            ord=p,
+            )[0],
+            p,
+            start_dim=0,
         )
         for s in (target_sum, other_sum)
     )

@@ -374,6 +374,31 @@ def test_float32_model_gives_float32_norms() -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
 
 
+def low_precision_norms(model: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The model's own ``dtype`` input gradient of each softmax column, its L1 norm in float64."""
+    xl = x.to(dtype).requires_grad_(True)
+    op = model(xl).float().softmax(dim=1)
+    cols = [
+        torch.autograd.grad(op[:, j].sum(), xl, retain_graph=True)[0].double().abs().flatten(1)
+        for j in range(op.shape[1])
+    ]
+    return torch.stack([c.sum(1) for c in cols], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_gives_float32_norms(dtype: torch.dtype) -> None:
+    # Documented: float32 or wider. The norms of a bf16/fp16 gradient are accumulated in float32.
+    model = make_model("conv_bn", (2, 3, 3), 4).to(dtype)
+    x = torch.randn(3, 2, 3, 3)
+    want = low_precision_norms(model, x, dtype)
+    for method, chunk in VARIANTS:
+        got = class_gradient_norms(model, x, method=method, chunk_size=chunk, create_graph=True)
+        assert got.dtype == torch.float32, (method, chunk)
+        # loop and recompute take the very gradient of the oracle; vmap may round it otherwise
+        rtol = 1e-6 if method in ("auto", "loop", "recompute") else 2e-2
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+
+
 # --------------------------------------------------------------------------- validation
 
 

@@ -1019,6 +1019,33 @@ def test_float64_model_with_float32_inputs() -> None:
         torch.testing.assert_close(got, brute_gq(model, x.double(), y).mean(), rtol=1e-9, atol=0)
 
 
+def test_bf16_model_gives_float32_gq() -> None:
+    # Norms and GQ are accumulated in float32 for a bf16 model (they were bf16, every method).
+    model = make_model("conv_bn", (2, 3, 3), 4).to(torch.bfloat16)
+    x, y = torch.randn(3, 2, 3, 3), torch.tensor([3, 0, 1])
+    xl = x.to(torch.bfloat16).requires_grad_(True)
+    op = model(xl).float().softmax(dim=1)
+    norms = torch.stack(
+        [
+            torch.autograd.grad(op[:, j].sum(), xl, retain_graph=True)[0]
+            .double()
+            .abs()
+            .sum((1, 2, 3))
+            for j in range(4)
+        ],
+        dim=1,
+    )
+    num = norms.gather(1, y[:, None]).squeeze(1)
+    want = (num / (norms.sum(1) - num)).mean()
+    for method, chunk in VARIANTS:
+        got = gq_loss(model, x, y, method=method, chunk_size=chunk)
+        assert got.dtype == torch.float32, (method, chunk)
+        if method in ("auto", "loop", "recompute"):  # the oracle's very gradient
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+        got.backward()
+    assert gq_loss(model, x, y, formulation="reference").dtype == torch.float32
+
+
 def test_single_image_error_says_unsqueeze() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
