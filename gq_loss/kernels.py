@@ -14,7 +14,8 @@ definition is what this package computes (and what the authors' code differentia
 Methods (all exact, same result; every one runs the model forward once per call, so Dropout
 masks and BatchNorm running statistics are those of one ordinary forward pass; `recompute`
 replays that forward during `backward()` with the same RNG state, on scratch copies of the
-buffers):
+buffers as they were before it, so a forward that updates buffers (spectral_norm's power
+iteration in train mode) is replayed as the same function):
 
 | method | how | peak memory when training through the norms |
 |---|---|---|
@@ -71,7 +72,13 @@ from ._autograd import (
     selected,
     unwrap_ddp,
 )
-from ._recompute import RecomputeNorms, Replay, get_autocast_state, get_rng_state
+from ._recompute import (
+    PreForwardBuffers,
+    RecomputeNorms,
+    Replay,
+    get_autocast_state,
+    get_rng_state,
+)
 from ._validation import (
     OutputSpec,
     call_model,
@@ -282,9 +289,14 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
 
 
 def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
+    before = None
     if run.method == "recompute":  # lets the replay draw the same Dropout masks, under autocast
-        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device)
+        if run.create_graph:  # and start from the same buffers (only a training call replays)
+            before = PreForwardBuffers(unwrap_ddp(run.model))
+        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device), before
     logits = call_model(run.model, run.x, run.output)
+    if before is not None:
+        before.keep_changed()
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
 
@@ -369,10 +381,10 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
     norms = _loop(run, columns, create_graph=False)
     if not run.create_graph:
         return norms
-    rng_state, autocast = run.state
+    rng_state, autocast, before = run.state
     job = Replay(
         run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, rng_state,
-        run.input_grad, autocast, run.output,
+        run.input_grad, autocast, run.output, before,
     )  # fmt: skip
     named = [(n, q) for n, q in unwrap_ddp(run.model).named_parameters() if q.requires_grad]
     out: Tensor = RecomputeNorms.apply(

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils.parametrizations import spectral_norm
 
 import gq_loss._detection as gq_loss_detection
 from gq_loss import GQLoss, class_gradient_norms, gq_loss
@@ -421,6 +422,68 @@ def test_train_batchnorm_stats_updated_once_per_step(method: str, chunk: int | N
         assert torch.equal(got, want), name
     assert all(q.grad is not None for q in model.parameters())
     assert not torch.equal(buffers(base)["1.running_mean"], buffers(model)["1.running_mean"])
+
+
+def named_grads(model: nn.Module, value: Tensor) -> dict[str, Tensor]:
+    names, params = zip(*model.named_parameters(), strict=True)
+    return dict(zip(names, torch.autograd.grad(value, params), strict=True))
+
+
+@pytest.mark.parametrize(("method", "chunk"), VARIANTS)
+def test_spectral_norm_in_train_mode(method: str, chunk: int | None) -> None:
+    # spectral_norm in train mode runs a power iteration on its buffers in every forward; the
+    # recompute replay used to start from the buffers as that forward left them, so it
+    # differentiated another function (relative gradient error 1e-3 here).
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        spectral_norm(nn.Linear(5, 8)), nn.Tanh(), spectral_norm(nn.Linear(8, 4))
+    ).to(F64)
+    x, y = torch.randn(6, 5, dtype=F64), torch.tensor([0, 1, 2, 3, 0, 1])
+    # Float64 oracle: the function of the one forward, i.e. W / sigma with the vectors after one
+    # power iteration from the state before the call, which eval mode computes without iterating.
+    oracle = copy.deepcopy(base).train()
+    with torch.no_grad():
+        oracle(x)
+    oracle.eval()
+    want = brute_gq(oracle, x, y).mean()
+    want_grads = named_grads(oracle, want)
+    model = copy.deepcopy(base).train()
+    got = gq_loss(model, x, y, method=method, chunk_size=chunk)
+    got_grads = named_grads(model, got)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got_grads, want_grads, rtol=1e-9, atol=1e-12)
+    # ...the same as loop's, and the buffers moved once, as one forward moves them.
+    loop = copy.deepcopy(base).train()
+    torch.testing.assert_close(got_grads, named_grads(loop, gq_loss(loop, x, y, method="loop")))
+    for (name, buf), once in zip(model.named_buffers(), oracle.buffers(), strict=True):
+        assert torch.equal(buf, once), name
+
+
+class Decaying(nn.Module):
+    """A forward that updates a buffer its output depends on (any buffer a forward mutates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).to(F64)
+        self.register_buffer("scale", torch.ones((), dtype=F64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.scale.mul_(0.5)
+        return torch.tanh(self.lin(x)) * self.scale
+
+
+@pytest.mark.parametrize(("method", "chunk"), VARIANTS)
+def test_forward_that_mutates_a_buffer(method: str, chunk: int | None) -> None:
+    torch.manual_seed(1)
+    base = Decaying()
+    x, y = torch.randn(5, 4, dtype=F64), torch.tensor([0, 1, 2, 1, 0])
+    want = brute_gq(lambda t: torch.tanh(base.lin(t)) * 0.5, x, y).mean()  # scale 1 -> 0.5
+    want_grads = named_grads(base, want)
+    model = copy.deepcopy(base)
+    got = gq_loss(model, x, y, method=method, chunk_size=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(named_grads(model, got), want_grads, rtol=1e-9, atol=1e-12)
+    assert model.scale.item() == 0.5  # one forward's update, not two
 
 
 # --------------------------------------------------------------------------- reference formulation
