@@ -140,30 +140,35 @@ def once_differentiable_functions(graph: Tensor | None) -> list[str]:
     return found
 
 
-# Models (by identity) that `check_second_order` has passed.
-_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()
+# Models (by identity) whose second derivative `check_second_order` has taken, with weak
+# references to their modules at that time: a model whose modules changed is probed again.
+_PROBED: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], ...]] = weakref.WeakKeyDictionary()
 _ONCE_TEXT = "trying to differentiate twice a function that was marked with @once_differentiable"
 
 
 def check_second_order(model: Any, logits: Tensor, value: Tensor, x: Tensor | None) -> None:
-    """Raises now, once per model, what GQ's parameter gradient through `value` would raise later.
+    """Raises now what GQ's parameter gradient through `value` would raise later, or drop.
 
-    Two kinds of operation have no second derivative. Those whose double backward is missing
-    (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second derivative of
-    `value` w.r.t. `x` is taken (every double backward between the inputs and the logits; for
-    one class, about 1/N of a GQ backward). Custom Functions marked `@once_differentiable` fail
-    only in a full `backward()`, or not at all under `vmap` (their terms would be dropped), so
-    the forward graph of `logits` is searched for them. Call inside `second_order_errors`.
+    Two kinds of operation have no second derivative. Custom Functions marked
+    `@once_differentiable` fail only in a full `backward()`, or not at all under `vmap` (their
+    terms would be dropped), so the forward graph of `logits` is searched for them on every
+    call: it is this call's graph, whatever changed in the model. Those whose double backward
+    is missing (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second
+    derivative of `value` w.r.t. `x` is taken (every double backward between the inputs and the
+    logits; for one class, about 1/N of a GQ backward), once per model and again after its
+    modules change (a swapped submodule). Call inside `second_order_errors`.
     """
-    key = unwrap_ddp(model)
-    try:
-        if key in _CHECKED:
-            return
-    except TypeError:  # not weak-referenceable: check every time
-        key = None
     if once_differentiable_functions(logits):
         raise RuntimeError(_ONCE_TEXT)
-    if x is not None and value.requires_grad:
-        torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
+    if x is None or not value.requires_grad:
+        return
+    key = unwrap_ddp(model)
+    modules = tuple(weakref.ref(m) for m in key.modules()) if isinstance(key, nn.Module) else ()
+    try:
+        if _PROBED.get(key) == modules:
+            return
+    except TypeError:  # not weak-referenceable: probe every time
+        key = None
+    torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
     if key is not None:
-        _CHECKED.add(key)
+        _PROBED[key] = modules

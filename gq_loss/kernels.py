@@ -44,7 +44,7 @@ backend and compiled code eagerly, since fused attention kernels and compiled gr
 double backward; on CUDA that replaces flash/memory-efficient attention inside these passes
 (more memory and time for long sequences), and nothing changes outside them. An operation that
 cannot be switched (a custom kernel, an `autograd.Function` marked `@once_differentiable`) is
-found on the first training call for a model and named in a `RuntimeError`. `recompute`
+found at the training call, before `backward()`, and named in a `RuntimeError`. `recompute`
 replays under the RNG and autocast state of the original forward, like
 `torch.utils.checkpoint`, so the model's forward hooks run twice per step. `docs/math.md`
 ("Which models GQ can differentiate") has the details.
@@ -257,8 +257,8 @@ class GradientPass:
 
 
 def probe_second_order(run: GradientPass, norms: Tensor) -> None:
-    """Checks, once per model, that GQ's parameter gradient can be taken (`check_second_order`),
-    so that an operation without a second derivative fails here rather than in `backward()`."""
+    """Checks that GQ's parameter gradient can be taken (`check_second_order`), so that an
+    operation without a second derivative fails here rather than in `backward()`, or is dropped."""
     if norms.numel():
         one = norms[:, 0] if norms.ndim == 2 else norms
         check_second_order(run.model, run.logits, one, run.x)

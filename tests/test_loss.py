@@ -27,6 +27,7 @@ from _oracles import (
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -484,6 +485,78 @@ def test_forward_that_mutates_a_buffer(method: str, chunk: int | None) -> None:
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     torch.testing.assert_close(named_grads(model, got), want_grads, rtol=1e-9, atol=1e-12)
     assert model.scale.item() == 0.5  # one forward's update, not two
+
+
+class FirstOrderTanh(torch.autograd.Function):
+    """tanh whose backward has no derivative of its own (like a custom kernel)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out**2)
+
+
+class FirstOrder(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return FirstOrderTanh.apply(x)  # type: ignore[no-any-return]
+
+
+class Distances(nn.Module):
+    """Distances to prototypes: aten's cdist has no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proto = nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return -torch.cdist(x, self.proto)
+
+
+class Switchable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.act, self.head = nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)
+        self.first_order = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.lin(x)
+        hidden = FirstOrderTanh.apply(hidden) if self.first_order else self.act(hidden)
+        return self.head(hidden)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("change", ["swap", "flag", "swap_cdist"])
+@pytest.mark.parametrize("method", ["loop", "recompute", "batched", "jacrev"])
+def test_second_derivative_check_follows_the_model(method: str, change: str) -> None:
+    # The check passed on the first call; a later change inside the model must not be dropped
+    # silently (batched and jacrev dropped a @once_differentiable Function's second-order
+    # terms, loop failed in backward() with PyTorch's bare message).
+    torch.manual_seed(0)
+    model = Switchable()
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    gq_loss(model, x, y, method=method).backward()
+    if change == "swap":
+        model.act = FirstOrder()
+    elif change == "flag":
+        model.first_order = True
+    else:
+        model.act = Distances()
+    names = (
+        r"_cdist_backward"
+        if change == "swap_cdist"
+        else r"custom autograd.Functions marked @once_differentiable: \['FirstOrderTanh'\]"
+    )
+    message = rf"^gq_loss: GQ differentiates the model's input gradients .*{names}"
+    with pytest.raises(RuntimeError, match=message):
+        gq_loss(model, x, y, method=method).backward()
 
 
 # --------------------------------------------------------------------------- reference formulation
