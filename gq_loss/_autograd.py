@@ -103,6 +103,12 @@ def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
                 "cannot give the input gradients GQ takes with torch.autograd.grad; use "
                 f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False) ({text})"
             ) from err
+        if "Batching rule not implemented" in text:  # only `batched` vmaps outside torch.func
+            raise RuntimeError(
+                "gq_loss: method='batched' runs the per-class backward passes under vmap, which "
+                f"has no batching rule for an operation of this model ({text}); use method='loop' "
+                "(or 'recompute'), which run them one class at a time"
+            ) from err
         if any(marker in text for marker in _NO_SECOND_ORDER):
             names = once_differentiable_functions(graph)
             which = (

@@ -39,6 +39,10 @@ the model's registered buffers, and `autograd.Function`s with `setup_context`. W
 run the model it raises a `RuntimeError` that names `method='loop'`; it never falls back silently.
 It does not take a DistributedDataParallel-wrapped model.
 
+TorchScript modules (`torch.jit.script`, `torch.jit.trace`) run with `loop` only; a model with
+TorchScript submodules also runs with `recompute`. The other methods raise a `TypeError` that
+names `loop` (`jacrev` would return GQ without a gradient, silently).
+
 Every method's forward pass (and `recompute`'s replay) runs PyTorch's attention on its math
 backend and compiled code eagerly, since fused attention kernels and compiled graphs have no
 double backward; on CUDA that replaces flash/memory-efficient attention inside these passes
@@ -227,6 +231,7 @@ class GradientPass:
         self.temperature = check_positive("temperature", temperature)
         self.p = check_norm_order(p)
         self.method = resolve_method(method, chunk_size, model)
+        _check_torchscript(self.method, model)
         self.chunk_size = chunk_size
         self.create_graph = create_graph
         self.model = model
@@ -283,6 +288,34 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
             "would bypass DDP's gradient synchronisation); use method='loop' or 'recompute'"
         )
     return str(method)
+
+
+def _check_torchscript(method: str, model: Any) -> None:
+    """Refuses the methods that cannot differentiate TorchScript (`torch.jit.script`/`trace`)
+    modules; `loop` runs them (checked against a float64 per-class loop)."""
+    if method == "loop" or not isinstance(model, nn.Module):
+        return
+    model = unwrap_ddp(model)
+    whole = isinstance(model, torch.jit.ScriptModule)
+    if method == "recompute" and whole:
+        reason = "its replay swaps the module's parameters (torch.func.functional_call), which TorchScript forbids"
+    elif method != "recompute" and (
+        whole or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+    ):
+        reason = (
+            "torch.func's graph does not reach through TorchScript, so GQ would come back without "
+            "a gradient"
+            if method == "jacrev"
+            else "vmap has no batching rules inside the TorchScript interpreter"
+        )
+    else:
+        return
+    what = "is a TorchScript module" if whole else "has TorchScript submodules"
+    raise TypeError(
+        f"method={method!r} cannot run this model, which {what} (torch.jit.script or "
+        f"torch.jit.trace): {reason}; use method='loop' (no chunk_size), which runs it, or pass "
+        "the eager module"
+    )
 
 
 # --------------------------------------------------------------------------- forward passes

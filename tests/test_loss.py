@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from typing import Any
@@ -32,6 +33,7 @@ from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
 import gq_loss._detection as gq_loss_detection
+import gq_loss.kernels as kernels
 from gq_loss import GQLoss, class_gradient_norms, gq_loss
 from gq_loss._validation import place_inputs
 from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS, _columns
@@ -557,6 +559,66 @@ def test_second_derivative_check_follows_the_model(method: str, change: str) -> 
     message = rf"^gq_loss: GQ differentiates the model's input gradients .*{names}"
     with pytest.raises(RuntimeError, match=message):
         gq_loss(model, x, y, method=method).backward()
+
+
+class Body(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["script", "trace", "scripted_submodule"])
+def test_torchscript_modules(kind: str) -> None:
+    # jacrev returned GQ without a graph on a scripted model (CE + lam * GQ then trained on CE
+    # alone), recompute failed in backward() with PyTorch's stateless-API message: every method
+    # either gives the float64 oracle's value and gradient or refuses, naming loop.
+    torch.manual_seed(0)
+    eager = Body(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))).to(F64)
+    x, y = torch.randn(5, 4, dtype=F64), torch.tensor([0, 1, 2, 1, 0])
+    want = brute_gq(eager, x, y).mean()
+    want_grads = grads(eager, want)
+    model = copy.deepcopy(eager)
+    if kind == "script":
+        model = torch.jit.script(model)
+    elif kind == "trace":
+        model = torch.jit.trace(model, x)
+    else:
+        model.body = torch.jit.script(model.body)  # type: ignore[assignment]
+    for method, chunk in VARIANTS:
+        resolved = method if method != "auto" else "loop" if chunk is None else "recompute"
+        if resolved == "loop" or (resolved == "recompute" and kind == "scripted_submodule"):
+            for _ in range(3):  # TorchScript's profiling executor optimises after two runs
+                got = gq_loss(model, x, y, method=method, chunk_size=chunk)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+                torch.testing.assert_close(grads(model, got), want_grads, rtol=1e-9, atol=1e-12)
+            continue
+        message = (
+            rf"method='{resolved}' cannot run this model, which .*TorchScript.*use method='loop'"
+        )
+        with pytest.raises(TypeError, match=message):
+            gq_loss(model, x, y, method=method, chunk_size=chunk)
+
+
+def test_batched_names_loop_for_an_operation_vmap_cannot_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A scripted function inside an eager model fails under vmap once TorchScript's profiling
+    # executor has optimised it (when depends on the executor's state): PyTorch's message
+    # comes back with what to use instead.
+    backend = kernels._BACKENDS["batched"]
+
+    def no_rule(run: Any, columns: Any) -> Tensor:
+        raise RuntimeError("Batching rule not implemented for prim::RequiresGradCheck")
+
+    monkeypatch.setitem(kernels._BACKENDS, "batched", dataclasses.replace(backend, norms=no_rule))
+    model, x, y = nn.Linear(4, 3), torch.randn(3, 4), torch.tensor([0, 1, 2])
+    message = r"^gq_loss: method='batched' .*no batching rule .*prim::RequiresGradCheck.*'loop'"
+    with pytest.raises(RuntimeError, match=message):
+        gq_loss(model, x, y, method="batched")
 
 
 # --------------------------------------------------------------------------- reference formulation
