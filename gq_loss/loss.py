@@ -145,7 +145,8 @@ def gq_loss(
     point after 20 steps at unchanged accuracy and not measurably after 80 or 320 steps,
     λ = 10 cost about 13 points of accuracy, and λ < 0 made detection worse. Use λ = 1, and
     expect little: there, CE trained for the same compute was the better buy. An exact step
-    costs about 15-20 cross-entropy steps at N = 10 classes, whatever λ is;
+    costs 9-25 cross-entropy steps at N = 10 classes on the CPU models measured, whatever λ is
+    (`docs/benchmarks.md`, "Cost in CE steps");
     `estimator="sampled", num_sampled=1` costs a fraction of that, with an effect the study
     could not tell apart from exact GQ's.
 
