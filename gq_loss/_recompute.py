@@ -78,10 +78,10 @@ def autocast_as(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
 class PreForwardBuffers:
     """The buffers that the original forward pass changed, as they were before it.
 
-    Built just before that forward (a copy of every buffer, with its version counter); `keep_changed`
-    right after it drops the copies of the buffers the forward left alone, so only those it
-    changed in place or replaced (spectral_norm's power iteration in train mode, BatchNorm
-    statistics, any buffer a forward updates) are kept for the replay.
+    Built just before that forward (a copy of every buffer, with its version counter);
+    `keep_changed` right after it drops the copies of the buffers the forward left alone, so
+    only those it changed in place or replaced (spectral_norm's power iteration in train mode,
+    BatchNorm statistics, any buffer a forward updates) are kept for the replay.
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -298,7 +298,10 @@ def _check_torchscript(method: str, model: Any) -> None:
     model = unwrap_ddp(model)
     whole = isinstance(model, torch.jit.ScriptModule)
     if method == "recompute" and whole:
-        reason = "its replay swaps the module's parameters (torch.func.functional_call), which TorchScript forbids"
+        reason = (
+            "its replay swaps the module's parameters (torch.func.functional_call), which "
+            "TorchScript forbids"
+        )
     elif method != "recompute" and (
         whole or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
     ):
@@ -497,8 +500,8 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         function = _function_of(err) if "setup_context" in text else None
         if function is CheckpointFunction:
             raise RuntimeError(
-                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True ({text}); "
-                "use use_reentrant=False with method='loop', 'recompute' or 'batched' "
+                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True "
+                f"({text}); use use_reentrant=False with method='loop', 'recompute' or 'batched' "
                 "(torch.func takes no checkpointing)"
             ) from err
         if "setup_context" in text:
