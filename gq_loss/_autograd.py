@@ -27,8 +27,15 @@ def operand_of(logits: Tensor, operand: str, temperature: float) -> Tensor:
     return z
 
 
-def norm_rows(grad: Tensor, p: float) -> Tensor:
-    return torch.linalg.vector_norm(grad.flatten(1), ord=p, dim=1)
+def norm_rows(grad: Tensor, p: float, start_dim: int = 1) -> Tensor:
+    """p-norms over the dims from `start_dim` on, accumulated in at least float32 (a bf16 or fp16
+    model's input gradient gives float32 norms)."""
+    flat = grad.flatten(start_dim)
+    dtype = torch.float32 if flat.dtype in _LOW_PRECISION else None
+    return torch.linalg.vector_norm(flat, ord=p, dim=start_dim, dtype=dtype)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def selected(op: Tensor, columns: Tensor | None) -> Tensor:
@@ -162,6 +169,12 @@ def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
                 "train mode: call model.freeze_feature_encoder() before training with GQ (the "
                 f"usual fine-tuning set-up; it stops training the convolutional encoder) ({text})"
             ) from err
+        if "Batching rule not implemented" in text:  # only `batched` vmaps outside torch.func
+            raise RuntimeError(
+                "gq_loss: method='batched' runs the per-class backward passes under vmap, which "
+                f"has no batching rule for an operation of this model ({text}); use method='loop' "
+                "(or 'recompute'), which run them one class at a time"
+            ) from err
         if any(marker in text for marker in _NO_SECOND_ORDER):
             names = once_differentiable_functions(graph)
             which = (
@@ -199,30 +212,35 @@ def once_differentiable_functions(graph: Tensor | None) -> list[str]:
     return found
 
 
-# Models (by identity) that `check_second_order` has passed.
-_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()
+# Models (by identity) whose second derivative `check_second_order` has taken, with weak
+# references to their modules at that time: a model whose modules changed is probed again.
+_PROBED: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], ...]] = weakref.WeakKeyDictionary()
 _ONCE_TEXT = "trying to differentiate twice a function that was marked with @once_differentiable"
 
 
 def check_second_order(model: Any, logits: Tensor, value: Tensor, x: Tensor | None) -> None:
-    """Raises now, once per model, what GQ's parameter gradient through `value` would raise later.
+    """Raises now what GQ's parameter gradient through `value` would raise later, or drop.
 
-    Two kinds of operation have no second derivative. Those whose double backward is missing
-    (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second derivative of
-    `value` w.r.t. `x` is taken (every double backward between the inputs and the logits; for
-    one class, about 1/N of a GQ backward). Custom Functions marked `@once_differentiable` fail
-    only in a full `backward()`, or not at all under `vmap` (their terms would be dropped), so
-    the forward graph of `logits` is searched for them. Call inside `second_order_errors`.
+    Two kinds of operation have no second derivative. Custom Functions marked
+    `@once_differentiable` fail only in a full `backward()`, or not at all under `vmap` (their
+    terms would be dropped), so the forward graph of `logits` is searched for them on every
+    call: it is this call's graph, whatever changed in the model. Those whose double backward
+    is missing (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second
+    derivative of `value` w.r.t. `x` is taken (every double backward between the inputs and the
+    logits; for one class, about 1/N of a GQ backward), once per model and again after its
+    modules change (a swapped submodule). Call inside `second_order_errors`.
     """
-    key = unwrap_ddp(model)
-    try:
-        if key in _CHECKED:
-            return
-    except TypeError:  # not weak-referenceable: check every time
-        key = None
     if once_differentiable_functions(logits):
         raise RuntimeError(_ONCE_TEXT)
-    if x is not None and value.requires_grad:
-        torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
+    if x is None or not value.requires_grad:
+        return
+    key = unwrap_ddp(model)
+    modules = tuple(weakref.ref(m) for m in key.modules()) if isinstance(key, nn.Module) else ()
+    try:
+        if _PROBED.get(key) == modules:
+            return
+    except TypeError:  # not weak-referenceable: probe every time
+        key = None
+    torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
     if key is not None:
-        _CHECKED.add(key)
+        _PROBED[key] = modules

@@ -14,7 +14,8 @@ definition is what this package computes (and what the authors' code differentia
 Methods (all exact, same result; every one runs the model forward once per call, so Dropout
 masks and BatchNorm running statistics are those of one ordinary forward pass; `recompute`
 replays that forward during `backward()` with the same RNG state, on scratch copies of the
-buffers):
+buffers as they were before it, so a forward that updates buffers (spectral_norm's power
+iteration in train mode) is replayed as the same function):
 
 | method | how | peak memory when training through the norms |
 |---|---|---|
@@ -38,12 +39,16 @@ the model's registered buffers, and `autograd.Function`s with `setup_context`. W
 run the model it raises a `RuntimeError` that names `method='loop'`; it never falls back silently.
 It does not take a DistributedDataParallel-wrapped model.
 
+TorchScript modules (`torch.jit.script`, `torch.jit.trace`) run with `loop` only; a model with
+TorchScript submodules also runs with `recompute`. The other methods raise a `TypeError` that
+names `loop` (`jacrev` would return GQ without a gradient, silently).
+
 Every method's forward pass (and `recompute`'s replay) runs PyTorch's attention on its math
 backend and compiled code eagerly, since fused attention kernels and compiled graphs have no
 double backward; on CUDA that replaces flash/memory-efficient attention inside these passes
 (more memory and time for long sequences), and nothing changes outside them. An operation that
 cannot be switched (a custom kernel, an `autograd.Function` marked `@once_differentiable`) is
-found on the first training call for a model and named in a `RuntimeError`. `recompute`
+found at the training call, before `backward()`, and named in a `RuntimeError`. `recompute`
 replays under the RNG and autocast state of the original forward, like
 `torch.utils.checkpoint`, so the model's forward hooks run twice per step. `docs/math.md`
 ("Which models GQ can differentiate") has the details.
@@ -59,6 +64,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointFunction
 
 from ._autograd import (
     check_second_order,
@@ -71,7 +77,13 @@ from ._autograd import (
     unwrap_ddp,
 )
 from ._fsdp import fsdp_modules, full_parameters
-from ._recompute import RecomputeNorms, Replay, get_autocast_state, get_rng_state
+from ._recompute import (
+    PreForwardBuffers,
+    RecomputeNorms,
+    Replay,
+    get_autocast_state,
+    get_rng_state,
+)
 from ._validation import (
     OutputSpec,
     call_model,
@@ -86,7 +98,7 @@ from ._validation import (
     place_inputs,
 )
 
-__all__ = ["GRADIENT_METHODS", "METHODS", "OPERANDS", "class_gradient_norms"]
+__all__ = ["GRADIENT_METHODS", "OPERANDS", "class_gradient_norms"]
 
 Operand = Literal["softmax", "log_softmax", "logits"]
 Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
@@ -138,7 +150,8 @@ def class_gradient_norms(
             `"logits"` key of a Mapping or the tensor attribute `logits` (`ModelOutput`).
 
     Returns:
-        `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider.
+        `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider (the norms of a
+            bf16 or fp16 model's input gradients are accumulated in float32).
 
     Raises:
         ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`, or
@@ -227,6 +240,7 @@ class GradientPass:
         self.temperature = check_positive("temperature", temperature)
         self.p = check_norm_order(p)
         self.method = resolve_method(method, chunk_size, model)
+        _check_torchscript(self.method, model)
         self.chunk_size = chunk_size
         self.create_graph = create_graph
         self.model = model
@@ -257,8 +271,8 @@ class GradientPass:
 
 
 def probe_second_order(run: GradientPass, norms: Tensor) -> None:
-    """Checks, once per model, that GQ's parameter gradient can be taken (`check_second_order`),
-    so that an operation without a second derivative fails here rather than in `backward()`."""
+    """Checks that GQ's parameter gradient can be taken (`check_second_order`), so that an
+    operation without a second derivative fails here rather than in `backward()`, or is dropped."""
     if norms.numel():
         one = norms[:, 0] if norms.ndim == 2 else norms
         check_second_order(run.model, run.logits, one, run.x)
@@ -291,13 +305,49 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
     return str(method)
 
 
+def _check_torchscript(method: str, model: Any) -> None:
+    """Refuses the methods that cannot differentiate TorchScript (`torch.jit.script`/`trace`)
+    modules; `loop` runs them (checked against a float64 per-class loop)."""
+    if method == "loop" or not isinstance(model, nn.Module):
+        return
+    model = unwrap_ddp(model)
+    whole = isinstance(model, torch.jit.ScriptModule)
+    if method == "recompute" and whole:
+        reason = (
+            "its replay swaps the module's parameters (torch.func.functional_call), which "
+            "TorchScript forbids"
+        )
+    elif method != "recompute" and (
+        whole or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+    ):
+        reason = (
+            "torch.func's graph does not reach through TorchScript, so GQ would come back without "
+            "a gradient"
+            if method == "jacrev"
+            else "vmap has no batching rules inside the TorchScript interpreter"
+        )
+    else:
+        return
+    what = "is a TorchScript module" if whole else "has TorchScript submodules"
+    raise TypeError(
+        f"method={method!r} cannot run this model, which {what} (torch.jit.script or "
+        f"torch.jit.trace): {reason}; use method='loop' (no chunk_size), which runs it, or pass "
+        "the eager module"
+    )
+
+
 # --------------------------------------------------------------------------- forward passes
 
 
 def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
+    before = None
     if run.method == "recompute":  # lets the replay draw the same Dropout masks, under autocast
-        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device)
+        if run.create_graph:  # and start from the same buffers (only a training call replays)
+            before = PreForwardBuffers(unwrap_ddp(run.model))
+        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device), before
     logits = call_model(run.model, run.x, run.output)
+    if before is not None:
+        before.keep_changed()
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
 
@@ -324,6 +374,7 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
                 lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
                 x,
                 run.output,
+                module=model,
             )
         else:
             logits = call_model(model, x, run.output)
@@ -381,10 +432,10 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
     norms = _loop(run, columns, create_graph=False)
     if not run.create_graph:
         return norms
-    rng_state, autocast = run.state
+    rng_state, autocast, before = run.state
     job = Replay(
         run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, rng_state,
-        run.input_grad, autocast, run.output,
+        run.input_grad, autocast, run.output, before,
     )  # fmt: skip
     named = [(n, q) for n, q in unwrap_ddp(run.model).named_parameters() if q.requires_grad]
     out: Tensor = RecomputeNorms.apply(
@@ -438,7 +489,7 @@ def _batched_by_autograd(run: GradientPass, basis: Tensor) -> Tensor:
             allow_unused=True,
             materialize_grads=True,
         )
-        parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=run.p, dim=2).T)
+        parts.append(norm_rows(grad, run.p, start_dim=2).T)
     return torch.cat(parts, dim=1)
 
 
@@ -453,7 +504,7 @@ def _batched_by_func(run: GradientPass, basis: Tensor) -> Tensor:
             allow_unused=True,
             materialize_grads=True,
         )
-        return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
+        return norm_rows(grad, run.p)
 
     norms: Tensor = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
     return norms
@@ -468,7 +519,7 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
 
     def row_norms(cotangent: Tensor) -> Tensor:
         (grad,) = pullback(cotangent)
-        return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
+        return norm_rows(grad, run.p)
 
     # Autocast covers forward passes only: the pullback replays recorded dtypes (under autocast
     # its vmapped backward would mix bfloat16 and float32 operands).
@@ -483,7 +534,7 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
 
 @contextmanager
 def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
-    """Re-raises `torch.func`'s refusals with what to do instead.
+    """Re-raises `torch.func`'s refusals with their cause and what to do instead.
 
     In the forward pass only errors that name a transform are translated (a model's own error
     stays as it is); in the vmapped backward every error is, since autograd ran that forward.
@@ -503,22 +554,45 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         )
         if not any_error and not any(m in text for m in markers):
             raise
-        hint = ""
+        prefix = f"gq_loss: method='jacrev' could not run {stage} of this model under torch.func"
+        function = _function_of(err) if "setup_context" in text else None
+        if function is CheckpointFunction:
+            raise RuntimeError(
+                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True "
+                f"({text}); use use_reentrant=False with method='loop', 'recompute' or 'batched' "
+                "(torch.func takes no checkpointing)"
+            ) from err
         if "setup_context" in text:
-            hint = (
-                " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
-                "use use_reentrant=False)"
-            )
-        elif "saved tensor hooks" in text:
-            hint = (
-                " (torch.utils.checkpoint with use_reentrant=False runs on saved tensor hooks; "
-                "Hugging Face's activation_checkpointing_enable() is such checkpointing)"
-            )
+            which = "in this model" if function is None else function.__name__
+            raise RuntimeError(
+                f"{prefix}: the custom autograd.Function {which} has no setup_context "
+                f"staticmethod, which torch.func needs ({text}); use method='loop', 'recompute' "
+                "or 'batched', which run it as it is, or give it a setup_context (PyTorch's "
+                "'Extending torch.func with autograd.Function')"
+            ) from err
+        if "saved tensor hooks" in text:
+            raise RuntimeError(
+                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=False, which "
+                "runs on saved tensor hooks that torch.func does not take (Hugging Face's "
+                f"activation_checkpointing_enable() is such checkpointing) ({text}); use "
+                "method='loop', 'recompute' or 'batched', which run checkpointed models"
+            ) from err
         raise RuntimeError(
-            f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "
-            "use method='loop' (or 'recompute'), which run any model autograd can "
-            f"differentiate{hint}"
+            f"{prefix} ({text}); use method='loop' (or 'recompute'), which run any model "
+            "autograd can differentiate"
         ) from err
+
+
+def _function_of(err: BaseException) -> type | None:
+    """The `autograd.Function` whose `apply` raised `err` (from the traceback), if any."""
+    tb = err.__traceback__
+    found = None
+    while tb is not None:
+        cls = tb.tb_frame.f_locals.get("cls") if tb.tb_frame.f_code.co_name == "apply" else None
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            found = cls
+        tb = tb.tb_next
+    return found
 
 
 @dataclass(frozen=True)
@@ -537,5 +611,3 @@ _BACKENDS: dict[str, _Backend] = {
 }
 #: The values of `method`: `"auto"` and every backend.
 GRADIENT_METHODS: tuple[str, ...] = ("auto", *_BACKENDS)
-#: Former name of `GRADIENT_METHODS`, kept importable.
-METHODS = GRADIENT_METHODS
