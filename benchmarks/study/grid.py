@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import time
@@ -127,7 +128,8 @@ def measure_step_costs(args: argparse.Namespace, rounds: int = 3, steps: int = 3
     """Seconds per training step of every loss among ``--arms``, same model and batches, losses
     interleaved over ``rounds`` (the first is warm-up) so that a busy machine slows them alike;
     and their ratio to the CE step. Arms of one loss (``Arm.loss``) share its measurement.
-    Written to ``step_costs.json``; the report's cost column comes from it."""
+    Written to ``step_costs.json`` (arms measured before and not now keep their entries, each
+    a ratio to the CE step of its own measurement); the report's cost column comes from it."""
     side = 16 if args.smoke else 32
     if args.smoke:
         rounds, steps = 2, 1
@@ -144,7 +146,13 @@ def measure_step_costs(args: argparse.Namespace, rounds: int = 3, steps: int = 3
             if r:
                 times[name].append(log[0]["seconds"] / steps)
     sec = {name: float(np.median(times[losses[ARMS[name].loss]])) for name in dict.fromkeys(names)}
-    out = {"seconds_per_step": sec, "cost": {k: v / sec["ce"] for k, v in sec.items()},
-           "batch_size": args.batch_size, "arch": args.arch, "threads": args.threads}  # fmt: skip
-    write_json(os.path.join(args.results_dir, "step_costs.json"), out)
+    path = os.path.join(args.results_dir, "step_costs.json")
+    out = {"seconds_per_step": {}, "cost": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            out = json.load(f)
+    out["seconds_per_step"] |= sec
+    out["cost"] |= {k: v / sec["ce"] for k, v in sec.items()}
+    out |= {"batch_size": args.batch_size, "arch": args.arch, "threads": args.threads}
+    write_json(path, out)
     return out
