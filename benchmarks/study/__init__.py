@@ -23,7 +23,8 @@ Arms (20 steps unless the name says ``_s<steps>``):
 - the paper's regimes: ``scratch_gq_1_k1``, ``scratch_gq_0.1_k1`` and ``scratch_gq_1`` (CE +
   lambda * GQ from random weights, with the pre-training's recipe, seed and batches; control:
   the CE pre-training), and ``gq_only_k1_s390`` (the GQ term alone, no CE, for one epoch from
-  the CE weights; control: those weights, evaluated in the same run).
+  the CE weights; control: those weights, evaluated in the same run), and
+  ``reference_only_s390`` (the same with the authors' formulation, what their code computes).
 
 Every run writes a checkpoint after each epoch (under ``--cache-dir``) and resumes from it when
 the grid is started again, with the numbers of an uninterrupted run; its JSON lists the epochs

@@ -54,6 +54,8 @@ ARMS = {
     "scratch_gq_1": Arm(lam=1.0, steps=1950, from_scratch=True),
     # the paper's Table 3: the GQ term alone (no CE) for one epoch, from the CE weights
     "gq_only_k1_s390": Arm(base="none", lam=1.0, estimator="sampled", num_sampled=1, steps=390),
+    # ... and the authors' formulation alone (what their public code computes)
+    "reference_only_s390": Arm(base="none", lam=1.0, formulation="reference", steps=390),
 }
 FEW_SEED_ARMS = (
     "gq_1_k1",
@@ -63,6 +65,7 @@ FEW_SEED_ARMS = (
     "scratch_gq_0.1_k1",
     "scratch_gq_1",
     "gq_only_k1_s390",
+    "reference_only_s390",
 )
 DOSE_STEPS = (20, 80, 320)
 # Each arm's control: CE of the same length; a longer CE arm is compared with the 20-step one.
