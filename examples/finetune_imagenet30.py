@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from train_utils import CSVLog, HelpFormatter, atomic_save, default_device, progress
 
 from gq_loss import GQLoss
-from gq_loss.kernels import METHODS
+from gq_loss.kernels import GRADIENT_METHODS
 from gq_loss.loss import ESTIMATORS, FORMULATIONS
 
 DEFAULT_CLASS_MAP = os.path.join(
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formulation", choices=FORMULATIONS, default="paper")
     p.add_argument("--estimator", choices=ESTIMATORS, default="sampled")
     p.add_argument("--num-sampled", type=int, default=10, help="classes K per sample (sampled)")
-    p.add_argument("--gq-method", choices=METHODS, default="auto")
+    p.add_argument("--gq-method", choices=GRADIENT_METHODS, default="auto")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)

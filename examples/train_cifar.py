@@ -3,8 +3,8 @@
 Defaults are the paper's: SGD (lr 0.1, momentum 0.9, weight decay 5e-4), cosine schedule with
 T_max = epochs, 200 epochs, batch 64, random crop (pad 4) + horizontal flip, no input
 normalisation. ``--lam`` has no default: the paper's 1e-6 was measured as a no-op that costs
-~15x a CE step (README, "Choosing lambda"); ``--lam 0`` trains with plain cross-entropy (the
-paper's baseline).
+9-25x a CE step (docs/benchmarks.md, "Cost in CE steps"; README, "Choosing lambda"); ``--lam 0``
+trains with plain cross-entropy (the paper's baseline).
 
 Data (never downloaded): ``<data-dir>/<dataset>_{train,test}.npz`` with ``x`` uint8 (N, 32, 32, 3)
 and ``y`` int64 (N,), or torchvision's extracted CIFAR files in ``--data-dir``.
@@ -73,7 +73,7 @@ from train_utils import (
 )
 
 from gq_loss import GQLoss
-from gq_loss.kernels import METHODS
+from gq_loss.kernels import GRADIENT_METHODS
 from gq_loss.loss import ESTIMATORS, FORMULATIONS
 
 CSV_FIELDS = [
@@ -101,11 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--lam", type=float, default=None, help=(
         "weight of GQ in CE + lam * GQ; 0 trains plain CE. Required (no default): the paper's "
-        "1e-6 was measured as a no-op (GQ's parameter gradient ~2e-7 of CE's) at ~15x the cost "
-        "of a CE step; see 'Choosing lambda' in the README"
+        "1e-6 was measured as a no-op (GQ's parameter gradient ~2e-7 of CE's) at 9-25x the cost "
+        "of a CE step (docs/benchmarks.md); see 'Choosing lambda' in the README"
     ))  # fmt: skip
     p.add_argument("--formulation", choices=FORMULATIONS, default="paper")
-    p.add_argument("--gq-method", choices=METHODS, default="auto", help="GQLoss `method`")
+    p.add_argument("--gq-method", choices=GRADIENT_METHODS, default="auto", help="GQLoss `method`")
     p.add_argument("--chunk-size", type=int, default=None, help="GQLoss `chunk_size`")
     p.add_argument("--estimator", choices=ESTIMATORS, default="exact")
     p.add_argument("--num-sampled", type=int, default=None, help="classes K for 'sampled'")

@@ -11,7 +11,8 @@ import statistics
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import differentiable_forward
-from ._recompute import get_autocast_state, get_rng_state, replay
+from ._recompute import get_autocast_state, get_rng_state
 from ._validation import call_model, check_logits
 
 #: `batched` and `jacrev` differentiate every class of a sample at once; above this many classes
@@ -175,7 +176,7 @@ def _probe(run: Any, width: int | None) -> tuple[AutoChoice, bool]:
     x = run.x.detach()
     device = x.device
     excluded: dict[str, str] = {}
-    with warnings.catch_warnings(), replay(model, get_rng_state(device), device):
+    with warnings.catch_warnings(), _isolated(model, device):
         warnings.simplefilter("ignore")
         before = get_rng_state(device)
         try:
@@ -310,6 +311,25 @@ def _leave_out_memory_hungry(
                 f"{free / 2**20:.0f} MiB left free on the device"
             )
             del times[method]
+
+
+@contextmanager
+def _isolated(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """The probe's scratch state: every buffer swapped for a copy, the global RNG forked."""
+    originals = [
+        (module, name, buf)
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            for module, name, buf in originals:
+                module._buffers[name] = buf.clone()
+            yield
+        finally:
+            for module, name, buf in originals:
+                module._buffers[name] = buf
 
 
 def _measure(step: Callable[[str], None], method: str, device: torch.device) -> float:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -25,8 +27,15 @@ def operand_of(logits: Tensor, operand: str, temperature: float) -> Tensor:
     return z
 
 
-def norm_rows(grad: Tensor, p: float) -> Tensor:
-    return torch.linalg.vector_norm(grad.flatten(1), ord=p, dim=1)
+def norm_rows(grad: Tensor, p: float, start_dim: int = 1) -> Tensor:
+    """p-norms over the dims from `start_dim` on, accumulated in at least float32 (a bf16 or fp16
+    model's input gradient gives float32 norms)."""
+    flat = grad.flatten(start_dim)
+    dtype = torch.float32 if flat.dtype in _LOW_PRECISION else None
+    return torch.linalg.vector_norm(flat, ord=p, dim=start_dim, dtype=dtype)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def selected(op: Tensor, columns: Tensor | None) -> Tensor:
@@ -59,17 +68,73 @@ def differentiable_forward() -> Iterator[None]:
     computes the same attention. `torch.compile`'s graphs have no double backward either: with
     `torch._dynamo` loaded (nothing can be compiled without it, and importing it costs seconds),
     compiled code runs eagerly here, on the same parameters. Only code inside this context is
-    affected; the caller's other forward passes keep their kernels.
+    affected; the caller's other forward passes keep their kernels. Non-reentrant checkpointed
+    regions entered here are recomputed in this context too, even in the caller's `backward()`.
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if "torch._dynamo" in sys.modules:
             stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(_checkpoints_recompute_inside())
         yield
+
+
+# torch.utils.checkpoint's non-reentrant implementation; `checkpoint()` looks it up at each call.
+_CHECKPOINT_GENERATOR = "_checkpoint_without_reentrant_generator"
+_checkpoint_lock = threading.Lock()
+_checkpoint_users = 0
+_checkpoint_original: Any = None
+
+
+@contextmanager
+def _checkpoints_recompute_inside() -> Iterator[None]:
+    """Non-reentrant `torch.utils.checkpoint` regions entered here also recompute in this scope.
+
+    `checkpoint()` runs a region again when a backward pass reaches it, restoring the RNG and
+    autocast state of its forward but not the attention backend: in the caller's `backward()`,
+    outside GQ's scope, SDPA would recompute on its fused kernel, save other tensors than the
+    forward's math backend did, and fail. So, while a GQ pass runs, `checkpoint()` is handed a
+    recomputation function wrapped into `differentiable_forward` (its forward runs the region
+    itself, already inside it); regions entered in the caller's own forward passes are left as
+    they are. Nested and concurrent scopes share one patch, removed when the last one exits.
+    """
+    global _checkpoint_users, _checkpoint_original
+    module = torch.utils.checkpoint
+    with _checkpoint_lock:
+        if _checkpoint_users == 0:
+            original = getattr(module, _CHECKPOINT_GENERATOR, None)
+            if original is not None:
+                _checkpoint_original = original
+                setattr(module, _CHECKPOINT_GENERATOR, _recomputing_inside(original))
+        _checkpoint_users += 1
+    try:
+        yield
+    finally:
+        with _checkpoint_lock:
+            _checkpoint_users -= 1
+            if _checkpoint_users == 0 and _checkpoint_original is not None:
+                setattr(module, _CHECKPOINT_GENERATOR, _checkpoint_original)
+                _checkpoint_original = None
+
+
+def _recomputing_inside(generator: Any) -> Any:
+    """`generator` whose first argument, the function it recomputes in backward, runs in our
+    scope (`checkpoint()` runs the forward itself, already inside it)."""
+
+    def wrapped(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        def recompute(*fn_args: Any, **fn_kwargs: Any) -> Any:
+            with differentiable_forward():
+                return fn(*fn_args, **fn_kwargs)
+
+        return generator(recompute, *args, **kwargs)
+
+    return wrapped
 
 
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
 _REENTRANT = ("use_reentrant=True", "Checkpointing is not compatible with .grad()")
+# Setting `requires_grad` on a non-leaf tensor (Hugging Face's audio feature encoders).
+_NON_LEAF_FLAG = "you can only change requires_grad flags of leaf variables"
 _NO_SECOND_ORDER = (
     "derivative for",
     "once_differentiable",
@@ -95,6 +160,20 @@ def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
                 "gq_loss: the model uses torch.utils.checkpoint with use_reentrant=True, which "
                 "cannot give the input gradients GQ takes with torch.autograd.grad; use "
                 f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False) ({text})"
+            ) from err
+        if _NON_LEAF_FLAG in text:
+            raise RuntimeError(
+                "gq_loss: the model sets requires_grad on a tensor computed from its inputs, which "
+                "PyTorch refuses once the inputs require grad, as GQ's must. Hugging Face's audio "
+                "models (Wav2Vec2, HuBERT, WavLM and others) do so in their feature encoder in "
+                "train mode: call model.freeze_feature_encoder() before training with GQ (the "
+                f"usual fine-tuning set-up; it stops training the convolutional encoder) ({text})"
+            ) from err
+        if "Batching rule not implemented" in text:  # only `batched` vmaps outside torch.func
+            raise RuntimeError(
+                "gq_loss: method='batched' runs the per-class backward passes under vmap, which "
+                f"has no batching rule for an operation of this model ({text}); use method='loop' "
+                "(or 'recompute'), which run them one class at a time"
             ) from err
         if any(marker in text for marker in _NO_SECOND_ORDER):
             names = once_differentiable_functions(graph)
@@ -133,30 +212,35 @@ def once_differentiable_functions(graph: Tensor | None) -> list[str]:
     return found
 
 
-# Models (by identity) that `check_second_order` has passed.
-_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()
+# Models (by identity) whose second derivative `check_second_order` has taken, with weak
+# references to their modules at that time: a model whose modules changed is probed again.
+_PROBED: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], ...]] = weakref.WeakKeyDictionary()
 _ONCE_TEXT = "trying to differentiate twice a function that was marked with @once_differentiable"
 
 
 def check_second_order(model: Any, logits: Tensor, value: Tensor, x: Tensor | None) -> None:
-    """Raises now, once per model, what GQ's parameter gradient through `value` would raise later.
+    """Raises now what GQ's parameter gradient through `value` would raise later, or drop.
 
-    Two kinds of operation have no second derivative. Those whose double backward is missing
-    (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second derivative of
-    `value` w.r.t. `x` is taken (every double backward between the inputs and the logits; for
-    one class, about 1/N of a GQ backward). Custom Functions marked `@once_differentiable` fail
-    only in a full `backward()`, or not at all under `vmap` (their terms would be dropped), so
-    the forward graph of `logits` is searched for them. Call inside `second_order_errors`.
+    Two kinds of operation have no second derivative. Custom Functions marked
+    `@once_differentiable` fail only in a full `backward()`, or not at all under `vmap` (their
+    terms would be dropped), so the forward graph of `logits` is searched for them on every
+    call: it is this call's graph, whatever changed in the model. Those whose double backward
+    is missing (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second
+    derivative of `value` w.r.t. `x` is taken (every double backward between the inputs and the
+    logits; for one class, about 1/N of a GQ backward), once per model and again after its
+    modules change (a swapped submodule). Call inside `second_order_errors`.
     """
-    key = unwrap_ddp(model)
-    try:
-        if key in _CHECKED:
-            return
-    except TypeError:  # not weak-referenceable: check every time
-        key = None
     if once_differentiable_functions(logits):
         raise RuntimeError(_ONCE_TEXT)
-    if x is not None and value.requires_grad:
-        torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
+    if x is None or not value.requires_grad:
+        return
+    key = unwrap_ddp(model)
+    modules = tuple(weakref.ref(m) for m in key.modules()) if isinstance(key, nn.Module) else ()
+    try:
+        if _PROBED.get(key) == modules:
+            return
+    except TypeError:  # not weak-referenceable: probe every time
+        key = None
+    torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
     if key is not None:
-        _CHECKED.add(key)
+        _PROBED[key] = modules

@@ -1,18 +1,20 @@
-"""What every detector shares: the detector protocol (score / fit / calibrate / predict), its
-validated settings, and the mechanics under it, written once: eval mode, batch iteration,
-progress and the float64 score precision."""
+"""What every detector shares: the detector protocol (score / fit / calibrate / predict /
+state_dict), its validated settings, and the mechanics under it, written once: eval mode (safe
+across threads), batch iteration, progress and the float64 score precision."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
 
+from ._autograd import unwrap_ddp
 from ._validation import (
     OutputSpec,
     call_model,
@@ -50,8 +52,9 @@ class NotFittedError(ValueError, AttributeError):
 
 class Setting(Generic[T]):
     """A public detector setting: validated by ``check(name, value)`` on every assignment, at
-    construction as afterwards; when ``invalidates`` (the setting changes scores), assigning it
-    drops the detector's fitted state (`Detector._invalidate`), so no stale threshold survives.
+    construction as afterwards; when ``invalidates`` (the setting changes scores), assigning it a
+    new value drops the detector's fitted state (`Detector._invalidate`), so no stale threshold
+    survives; assigning the value it already has keeps it (`same_setting`).
 
     The one mechanism behind every detector's settings; the value lives in ``_<name>``.
     """
@@ -79,9 +82,19 @@ class Setting(Generic[T]):
     def __set__(self, obj: Detector, value: Any) -> None:
         checked = self.check(self.name, value)
         obj._check_setting(self.name, checked)
-        obj.__dict__["_" + self.name] = checked
-        if self.invalidates:
-            obj._invalidate()
+        key = "_" + self.name
+        changed = key not in obj.__dict__ or not same_setting(obj.__dict__[key], checked)
+        obj.__dict__[key] = checked
+        if self.invalidates and changed:
+            obj._invalidate(self.name)
+
+
+def same_setting(old: Any, new: Any) -> bool:
+    """Whether two checked setting values are the same: the same object, or equal numbers,
+    strings or tuples of one type (a model or a callable is the same only as the same object)."""
+    if old is new:
+        return True
+    return type(old) is type(new) and isinstance(old, (int, float, str, tuple)) and old == new
 
 
 def settings_of(cls: type) -> list[str]:
@@ -121,22 +134,52 @@ def check_output(name: str, value: Any) -> OutputSpec | None:
     return check_output_spec(value)
 
 
+def check_ood_label(label: int, num_classes: int | None) -> None:
+    """Refuse an ``ood_label`` that is a class index of a model with ``num_classes`` classes."""
+    if num_classes is not None and 0 <= label < num_classes:
+        raise ValueError(
+            f"`ood_label`={label} is a class of this model (classes 0 to {num_classes - 1}): a "
+            "rejected input could not be told from a prediction of that class; use a label "
+            f"outside [0, {num_classes}), e.g. -1 (the default) or {num_classes}"
+        )
+
+
 # --------------------------------------------------------------------------- mechanics
+
+
+#: Modules in eval mode for a detector: ``id -> (module, holders, its mode before the first)``.
+_EVAL_HOLDS: dict[int, tuple[nn.Module, int, bool]] = {}
+_EVAL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
-    """Eval mode for the duration (an ``nn.Module`` only); each submodule's flag is restored."""
+    """Eval mode for the duration (an ``nn.Module`` only); each submodule's flag is restored.
+
+    Safe across threads: the modes are counted per submodule, so the first caller saves a
+    module's mode and the last one to leave restores it, and no thread's scoring runs in a mode
+    that another thread restored meanwhile. Nested uses (ODIN inside a detector) count the same.
+    """
     if not isinstance(model, nn.Module):
         yield
         return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    modules = list(model.modules())
+    with _EVAL_LOCK:
+        for m in modules:
+            _, holders, training = _EVAL_HOLDS.get(id(m), (m, 0, m.training))
+            _EVAL_HOLDS[id(m)] = (m, holders + 1, training)
+        model.eval()
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        with _EVAL_LOCK:
+            for m in modules:
+                _, holders, training = _EVAL_HOLDS[id(m)]
+                if holders == 1:
+                    del _EVAL_HOLDS[id(m)]
+                    m.training = training
+                else:
+                    _EVAL_HOLDS[id(m)] = (m, holders - 1, training)
 
 
 def check_batch(x: Any, name: str) -> Tensor:
@@ -227,8 +270,11 @@ def progress(items: Iterable[Any], total: int | None, enabled: bool, desc: str) 
 
 def logits_of(model: Model, inputs: Tensor, output: OutputSpec | None) -> Tensor:
     """The logits ``(B, N)`` of one batch by the package's rules: inputs placed by
-    `place_inputs`, the output named by ``output`` (`call_model`), checked by `check_logits`."""
-    logits = call_model(model, place_inputs(model, inputs), output)
+    `place_inputs`, the output named by ``output`` (`call_model`), checked by `check_logits`.
+
+    A `DistributedDataParallel` wrapper is scored through its ``.module``: its own forward runs
+    collectives, which hang when one rank scores alone."""
+    logits = call_model(unwrap_ddp(model), place_inputs(model, inputs), output)
     check_logits(logits, inputs.shape[0])
     return logits
 
@@ -249,28 +295,38 @@ class Detector:
     * `predict(inputs)`: the predicted class ``(B,)`` where ``score >= threshold_``, else
       ``ood_label``. An input whose score is not finite (NaN or inf: a NaN image, a model that
       overflowed) is never given a class: it gets ``ood_label``.
+    * `state_dict()` / `load_state_dict(state)`: the calibration without the model, to save
+      with ``torch.save`` and load with ``torch.load(..., weights_only=True)``.
 
     **Settings and fitted state.** Every constructor argument is a public attribute, validated
     when it is assigned as at construction and shown in ``repr``. Assigning a setting that
-    changes scores (the model, ``output``, ``temperature``, ...) drops the fitted state: the
-    threshold, and for a detector with a `fit` its statistics, so `predict` raises
+    changes scores (the model, ``output``, ``temperature``, ...) a new value drops the fitted
+    state: the threshold, and for a detector with a `fit` its statistics, so `predict` raises
     [`NotFittedError`][gq_loss.NotFittedError] until the next `calibrate` (and `fit`); a second
-    `fit` also drops the threshold. ``ood_label``, ``batch_size`` and ``progress`` do not change
-    scores and keep it. Fitted state follows scikit-learn's convention: its names end in ``_``
-    and are ``None`` before the step that sets them. Changes made *inside* the model (training
-    it further) cannot be seen: calibrate again after them.
+    `fit` also drops the threshold. Assigning a setting the value it already has keeps
+    everything. ``ood_label``, ``batch_size`` and ``progress`` do not change scores and keep
+    it. Fitted state follows scikit-learn's convention: its names end in ``_`` and are ``None``
+    before the step that sets them. Changes made *inside* the model (training it further)
+    cannot be seen: calibrate again after them.
+
+    **Threads.** One detector (and one model) may score from several threads at once: each
+    call gives the result it gives alone, and the model's modes come back as they were when the
+    last call ends. Settings must not be assigned while another thread scores.
 
     Subclasses implement `_score_batch(inputs)` for one batch and declare their settings as
     `Setting` class attributes.
 
     Args:
         model: The classifier (an ``nn.Module``, run in eval mode while scoring, or a callable).
+            A ``DistributedDataParallel`` wrapper is scored through its ``.module`` (its own
+            forward runs collectives, which would hang with one rank scoring alone).
         output: Names the logits in the model's output when it is not a tensor: a key (str; of
             a Mapping, else an attribute), an index (int; of a tuple or list) or a callable
             applied to the output. Default ``None``: a tensor is used as it is, and a Mapping
             with the key ``"logits"`` or an object with a tensor ``logits`` attribute (a Hugging
             Face ``ModelOutput``) gives that.
-        ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
+        ood_label: Label `predict` returns for rejected inputs; it must not be a class of the
+            model (``[0, N)`` is refused once ``N`` is known). Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
         progress: Show a tqdm progress bar over batches (needs tqdm; no total for an iterable
             without a length). Default: ``False``.
@@ -295,6 +351,8 @@ class Detector:
     """
 
     _desc = "scoring"
+    #: Names of the fitted state, saved by `state_dict`.
+    _fitted: tuple[str, ...] = ("threshold_",)
 
     model: Setting[Model] = Setting(check_model)
     output: Setting[OutputSpec | None] = Setting(check_output)
@@ -327,16 +385,11 @@ class Detector:
 
     @threshold_.setter
     def threshold_(self, value: float | None) -> None:
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"`threshold_` must be a real number or None, got {value!r}")
-            if math.isnan(value):
-                raise ValueError("`threshold_` must not be NaN")
-            value = float(value)
-        self.__dict__["_threshold_"] = value
+        self.__dict__["_threshold_"] = check_threshold(value)
 
-    def _invalidate(self) -> None:
-        """Drop the fitted state: a setting that changes scores was assigned."""
+    def _invalidate(self, setting: str | None = None) -> None:
+        """Drop the fitted state: ``setting``, which changes scores, was assigned a new value
+        (``None``: at construction, or a new fit)."""
         self.threshold_ = None
 
     def _check_fitted(self) -> None:
@@ -357,32 +410,149 @@ class Detector:
         parts.append(f"threshold_={self.threshold_!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
+    # ------------------------------------------------------------------ save and load
+
+    def state_dict(self) -> dict[str, Any]:
+        """The detector's calibration without its model, as PyTorch's ``state_dict``: a dict of
+        tensors, numbers, strings, lists and dicts that ``torch.load(..., weights_only=True)``
+        reads back.
+
+        It holds the fitted state (`threshold_`, and `tuning_results_`, ``means_``,
+        ``covariance_``, ``precision_``, ``class_counts_`` where the detector has them) and the
+        settings that change scores (``temperature``, ``epsilon``, ``output``, ``layer``, ...;
+        a callable ``output`` or ``feature_fn`` only as ``{"callable": its name}``). The model,
+        ``ood_label``, ``batch_size`` and ``progress`` are not part of it. Tensors are returned
+        as they are (detached, not copied).
+
+        Returns:
+            ``{"detector": class name, "version": 1, "settings": {...}, <fitted state>}``.
+
+        Examples:
+            >>> import io
+            >>> from gq_loss import MSPDetector
+            >>> model = torch.nn.Linear(4, 3)
+            >>> detector = MSPDetector(model, temperature=2.0).calibrate(torch.randn(50, 4))
+            >>> buffer = io.BytesIO()
+            >>> torch.save(detector.state_dict(), buffer)
+            >>> _ = buffer.seek(0)
+            >>> state = torch.load(buffer, weights_only=True)
+            >>> fresh = MSPDetector(model, temperature=2.0).load_state_dict(state)
+            >>> fresh.threshold_ == detector.threshold_
+            True
+        """
+        state: dict[str, Any] = {
+            "detector": type(self).__name__,
+            "version": STATE_VERSION,
+            "settings": {name: _saved(getattr(self, name)) for name in scored_settings(type(self))},
+        }
+        for name in self._fitted:
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                value = value.detach()
+            elif isinstance(value, list):
+                value = [dict(item) for item in value]
+            state[name] = value
+        return state
+
+    def load_state_dict(self: D, state_dict: Mapping[str, Any]) -> D:
+        """Load the fitted state saved by `state_dict` (tensors are copied).
+
+        The settings are **checked, not restored**: the state holds only for the settings it
+        was calibrated with, so a detector whose settings that change scores differ from the
+        saved ones refuses it (build it with the saved settings). The model is not checked:
+        load into a detector around the same model. Nothing is changed when the state is
+        refused.
+
+        Args:
+            state_dict: A dict from `state_dict` of the same detector class.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError: ``state_dict`` is not a Mapping, or a value has the wrong type.
+            ValueError: It comes from another detector class or version, its keys differ, a
+                setting differs from this detector's (the message names both values), or a
+                fitted value is invalid.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"`state_dict` must be a dict from `state_dict()`, got {type(state_dict).__name__}"
+            )
+        cls = type(self).__name__
+        saved_cls, version = state_dict.get("detector"), state_dict.get("version")
+        if saved_cls != cls or version != STATE_VERSION:
+            raise ValueError(
+                f"`state_dict` holds the state of a {saved_cls!r} (version {version!r}); this "
+                f"is a {cls!r} (version {STATE_VERSION})"
+            )
+        _check_keys("state_dict", state_dict, {"detector", "version", "settings", *self._fitted})
+        settings = state_dict["settings"]
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"`state_dict['settings']` must be a dict, got {settings!r}")
+        names = scored_settings(type(self))
+        _check_keys("state_dict['settings']", settings, set(names))
+        for name in names:
+            self._check_saved_setting(name, settings[name])
+        fitted = self._checked_fitted(state_dict)
+        for name, value in fitted.items():
+            setattr(self, name, value)
+        return self
+
+    def _check_saved_setting(self, name: str, saved: Any) -> None:
+        """Refuse a saved setting that differs from this detector's."""
+        current = getattr(self, name)
+        if isinstance(saved, Mapping) and set(saved) == {"callable"}:
+            same = callable(current)
+        else:
+            descriptor: Setting[Any] = getattr(type(self), name)
+            try:
+                checked = descriptor.check(name, saved)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"`state_dict` holds an invalid `{name}`: {err}") from err
+            same = not callable(current) and same_setting(current, checked)
+        if not same:
+            shown = _shown(saved) if not isinstance(saved, Mapping) else "a callable"
+            raise ValueError(
+                f"`state_dict` was saved with {name}={shown}, but this {type(self).__name__} "
+                f"has {name}={_shown(current)}: the saved calibration holds only for its own "
+                f"settings (they are checked, not restored); build the detector with "
+                f"{name}={shown}"
+            )
+
+    def _checked_fitted(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The fitted state in ``state``, validated: name -> value to assign."""
+        return {"threshold_": check_threshold(state["threshold_"])}
+
     # ------------------------------------------------------------------ scoring
 
-    def _score_batch(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def _score_batch(self, inputs: Tensor) -> BatchResult:
         raise NotImplementedError
 
     def _collect(
-        self, inputs: Data, name: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self, inputs: Data, name: str, fn: Callable[[Tensor], BatchResult] | None = None
+    ) -> tuple[Tensor, Tensor, int | None]:
         """Scores ``(..., n)`` and classes ``(n,)`` of every batch by ``fn`` (default:
-        `_score_batch`), concatenated along the last dim."""
+        `_score_batch`), concatenated along the last dim, and the number of classes (``None``
+        for empty inputs)."""
         self._check_fitted()
         fn = fn or self._score_batch
         items, total, out_device = batches(inputs, name, self.batch_size)
         scores, classes = [], []
+        num_classes = None
         with eval_mode(self.model):
             for batch in progress(items, total, self.progress, self._desc):
                 if check_batch(batch, name).shape[0] == 0:
                     continue
-                s, c = fn(batch)
+                s, c, num_classes = fn(batch)
                 scores.append(s)  # kept where computed: one transfer at the end
                 classes.append(c)
         if scores:
-            return torch.cat(scores, dim=-1).to(out_device), torch.cat(classes).to(out_device)
+            scores_t = torch.cat(scores, dim=-1).to(out_device)
+            return scores_t, torch.cat(classes).to(out_device), num_classes
         if isinstance(inputs, Tensor):  # an empty batch gives empty results
             empty = torch.empty(0, dtype=torch.float64, device=out_device)
-            return empty, torch.empty(0, dtype=torch.long, device=out_device)
+            return empty, torch.empty(0, dtype=torch.long, device=out_device), None
         raise ValueError(f"`{name}` yielded no samples")
 
     def score(self, inputs: Data) -> Tensor:
@@ -396,7 +566,9 @@ class Detector:
         Returns:
             Shape ``(B,)`` (total number of samples), detached. On the input's device for a
                 tensor; concatenated on the CPU for an iterable. A non-finite score is returned as
-                it is (`gq_loss.metrics.ood_metrics` refuses it).
+                it is (`gq_loss.metrics.ood_metrics` refuses it). A sample's score can change in
+                its last bits with the batch it is scored in (the model's kernels round
+                differently for other batch shapes); `calibrate` leaves a margin for that.
         """
         return self._collect(inputs, "inputs")[0]
 
@@ -408,11 +580,18 @@ class Detector:
         return self
 
     def calibrate(self: D, id_data: Data, *, tpr: float = 0.95) -> D:
-        """Set `threshold_` so that a share ``tpr`` of ``id_data`` scores at least it.
+        """Set `threshold_` so that a share ``tpr`` of ``id_data`` scores at least it, in any
+        batches.
 
-        With ``n`` scores sorted in decreasing order, the threshold is the ``k``-th,
-        ``k = ceil(tpr · n)``: on ``id_data`` itself at least ``k`` samples are accepted, exactly
-        ``k`` when scores are distinct (``tpr·n <= k < tpr·n + 1``).
+        With ``n`` scores sorted in decreasing order and ``k = ceil(tpr · n)``, the threshold is
+        the ``k``-th score lowered by `CALIBRATION_MARGIN` (``1e-5``) times the range of the
+        scores (largest minus smallest). A sample's score changes in its last bits with the
+        batch it is scored in (measured: up to ``1.1e-6`` of the range for float32 models on
+        the CPU), and the margin keeps those changes from dropping it below the threshold:
+        on ``id_data`` itself at least ``k`` samples are accepted whatever ``batch_size`` or
+        batching `predict` uses, and more than ``k`` only where other scores lie within the
+        margin below the ``k``-th. Batch effects larger than the margin (half precision, TF32
+        convolutions, a model whose scores hardly vary) are not covered.
 
         Args:
             id_data: In-distribution validation data, as for `score`.
@@ -422,11 +601,13 @@ class Detector:
             ``self``.
 
         Raises:
-            ValueError: ``id_data`` is empty, or some of its scores are NaN or infinite (an
-                input the detector cannot score cannot set what counts as in-distribution).
+            ValueError: ``id_data`` is empty, some of its scores are NaN or infinite (an input
+                the detector cannot score cannot set what counts as in-distribution), or
+                ``ood_label`` is a class of the model.
         """
         tpr = check_fraction("tpr", tpr)
-        scores = self._collect(id_data, "id_data")[0]
+        scores, _, num_classes = self._collect(id_data, "id_data")
+        check_ood_label(self.ood_label, num_classes)
         self.threshold_ = threshold_at(scores, tpr, "id_data")
         return self
 
@@ -440,6 +621,7 @@ class Detector:
         Raises:
             NotFittedError: `calibrate` (or a needed `fit`) has not been called since the
                 detector was built or a setting that changes scores was assigned.
+            ValueError: ``ood_label`` is a class of the model (in ``[0, N)``).
         """
         self._check_fitted()
         threshold = self.threshold_
@@ -448,9 +630,57 @@ class Detector:
                 f"{type(self).__name__} has no threshold: call calibrate(id_data) before "
                 "predict() (assigning a setting that changes scores drops the threshold)"
             )
-        scores, classes = self._collect(inputs, "inputs")
+        scores, classes, num_classes = self._collect(inputs, "inputs")
+        check_ood_label(self.ood_label, num_classes)
         accepted = torch.isfinite(scores) & (scores >= threshold)
         return classes.masked_fill(~accepted, self.ood_label)
+
+
+#: Scores ``(..., B)``, classes ``(B,)`` and the number of classes of one batch.
+BatchResult = tuple[Tensor, Tensor, int]
+
+#: Version of the `Detector.state_dict` format.
+STATE_VERSION = 1
+
+#: `Detector.calibrate` lowers the threshold by this share of the range of the calibration
+#: scores, so that the last-bit changes of a score with its batch cannot drop a calibration
+#: sample below it.
+CALIBRATION_MARGIN = 1e-5
+
+
+def scored_settings(cls: type) -> list[str]:
+    """The settings of ``cls`` that change scores, but the model: what `state_dict` checks."""
+    return [name for name in settings_of(cls) if name != "model" and getattr(cls, name).invalidates]
+
+
+def check_threshold(value: Any) -> float | None:
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`threshold_` must be a real number or None, got {value!r}")
+        if math.isnan(value):
+            raise ValueError("`threshold_` must not be NaN")
+        value = float(value)
+    return value
+
+
+def _saved(value: Any) -> Any:
+    """A setting as `state_dict` stores it: as it is, or ``{"callable": name}``."""
+    if callable(value):
+        return {"callable": getattr(value, "__qualname__", type(value).__name__)}
+    return value
+
+
+def _shown(value: Any) -> str:
+    return "a callable" if callable(value) else repr(value)
+
+
+def _check_keys(name: str, mapping: Mapping[str, Any], expected: set[str]) -> None:
+    missing, unexpected = expected - set(mapping), set(mapping) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"`{name}` must have the keys {sorted(expected)}; missing {sorted(missing)}, "
+            f"unexpected {sorted(map(str, unexpected))}"
+        )
 
 
 def check_scores(scores: Tensor, name: str, purpose: str) -> Tensor:
@@ -467,7 +697,10 @@ def check_scores(scores: Tensor, name: str, purpose: str) -> Tensor:
 
 
 def threshold_at(scores: Tensor, tpr: float, name: str) -> float:
-    """The ``ceil(tpr · n)``-th largest of ``scores`` ``(n,)``, which must be finite."""
+    """The ``ceil(tpr · n)``-th largest of ``scores`` ``(n,)``, which must be finite, lowered by
+    `CALIBRATION_MARGIN` times their range."""
     check_scores(scores, name, "calibrate on")
     k = max(1, math.ceil(tpr * scores.numel() - 1e-9))  # tolerance for tpr*n rounding up
-    return float(torch.sort(scores.cpu(), descending=True).values[k - 1])
+    ordered = torch.sort(scores.cpu(), descending=True).values
+    margin = CALIBRATION_MARGIN * float(ordered[0] - ordered[-1])
+    return float(ordered[k - 1]) - margin

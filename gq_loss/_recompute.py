@@ -47,6 +47,7 @@ class Replay:
     input_grad: bool
     autocast: tuple[AutocastState, bool]
     output: OutputSpec | None
+    before: PreForwardBuffers
 
 
 def get_autocast_state(device: torch.device) -> tuple[AutocastState, bool]:
@@ -74,6 +75,31 @@ def autocast_as(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
         yield
 
 
+class PreForwardBuffers:
+    """The buffers that the original forward pass changed, as they were before it.
+
+    Built just before that forward (a copy of every buffer, with its version counter);
+    `keep_changed` right after it drops the copies of the buffers the forward left alone, so
+    only those it changed in place or replaced (spectral_norm's power iteration in train mode,
+    BatchNorm statistics, any buffer a forward updates) are kept for the replay.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.copies: dict[tuple[nn.Module, str], Tensor] = {}
+        self._seen = [
+            (module, name, buf, buf._version, buf.clone())
+            for module in model.modules()
+            for name, buf in module._buffers.items()
+            if buf is not None
+        ]
+
+    def keep_changed(self) -> None:
+        for module, name, buf, version, copy in self._seen:
+            if module._buffers.get(name) is not buf or buf._version != version:
+                self.copies[module, name] = copy
+        self._seen = []
+
+
 def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -81,12 +107,17 @@ def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
 
 @contextmanager
 def replay(
-    model: nn.Module, rng_state: tuple[Tensor, Tensor | None], device: torch.device
+    model: nn.Module,
+    rng_state: tuple[Tensor, Tensor | None],
+    device: torch.device,
+    before: PreForwardBuffers,
 ) -> Iterator[None]:
-    """Same RNG draws as the original forward, against scratch copies of the buffers.
+    """Same RNG draws as the original forward, from the same buffers, on scratch copies.
 
-    The replayed forward must not update BatchNorm running statistics a second time, nor bump
-    the version of buffers the original graph saved, so it runs on clones of every buffer.
+    The replay must compute the function the original forward computed, so the buffers that
+    forward changed start from their state before it (`before`). It must not update the
+    model's buffers a second time (BatchNorm statistics, spectral_norm's vectors), nor bump the
+    version of buffers the original graph saved, so it runs on clones of every buffer.
     """
     originals = [
         (module, name, buf)
@@ -101,7 +132,7 @@ def replay(
             torch.cuda.set_rng_state(rng_state[1], device)
         try:
             for module, name, buf in originals:
-                module._buffers[name] = buf.clone()
+                module._buffers[name] = before.copies.get((module, name), buf).clone()
             yield
         finally:
             for module, name, buf in originals:
@@ -147,7 +178,7 @@ class RecomputeNorms(torch.autograd.Function):
             )
         model = unwrap_ddp(job.model)
         total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
-        with torch.enable_grad(), replay(model, job.rng_state, x.device):
+        with torch.enable_grad(), replay(model, job.rng_state, x.device, job.before):
             xr = x.detach().requires_grad_(True)
             with autocast_as(job.autocast), differentiable_forward(), second_order_errors():
                 # Replay with the very tensors this Function received (also under functional_call).

@@ -109,19 +109,37 @@ def check_logits(
         )
 
 
-def call_model(model: Callable[..., Any], inputs: Tensor, output: OutputSpec | None = None) -> Any:
-    """``select_output(model(inputs), output)``; a failure on an unbatched-looking input says how
-    to add the batch dim. The one model-call rule of GQ and every detector."""
+def call_model(
+    model: Callable[..., Any],
+    inputs: Tensor,
+    output: OutputSpec | None = None,
+    *,
+    module: Any = None,
+) -> Any:
+    """``select_output(model(inputs), output)``. The one model-call rule of GQ and every detector.
+
+    When an image model (one with a `Conv2d` or `BatchNorm2d`) fails on 3-D inputs, which look
+    like a single ``(C, H, W)`` image, the error gets a note saying how to add the batch dim; its
+    type and message stay the model's own. A ``(B, L, D)`` batch of a text model gets no note.
+    `module` is the module that `model` runs when `model` is a wrapper around it.
+    """
     try:
         out = model(inputs)
-    except (RuntimeError, ValueError) as err:  # BatchNorm: ValueError "expected 4D input"
-        if inputs.ndim == 3:
-            raise ValueError(
-                f"the model failed on inputs of shape {tuple(inputs.shape)}: inputs are batches "
-                f"(B, ...); for a single (C, H, W) image pass `x.unsqueeze(0)` ({err})"
-            ) from err
+    except Exception as err:
+        if inputs.ndim == 3 and _takes_images(model if module is None else module):
+            err.add_note(
+                f"gq-loss: inputs are batches (B, ...), got shape {tuple(inputs.shape)}; for a "
+                "single (C, H, W) image pass `x.unsqueeze(0)`"
+            )
         raise
     return select_output(out, output)
+
+
+def _takes_images(model: Any) -> bool:
+    """Whether `model` is a module with a layer made for ``(B, C, H, W)`` batches."""
+    return isinstance(model, nn.Module) and any(
+        isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules()
+    )
 
 
 #: How `output=` names the logits in a model's output: a key (str; of a Mapping, otherwise an

@@ -33,12 +33,17 @@ Choices made explicit here:
   gradient is almost never exactly zero the two agree; use ``1`` to reproduce the original code.
 * **Precision.** Both ODIN passes run with autocast disabled: at ``T = 1000`` a float16 input
   gradient underflows to zero, and the spacing of float16 (bfloat16) numbers near 1.0 is
-  ``2**-10`` (``2**-7``), about ε or larger, so under autocast the step would round away and ODIN
-  would silently turn into plain max-softmax. The gradient is taken of ``T · log S_ŷ`` (same sign,
-  no ``1/T`` factor) in the model's precision, half-precision logits promoted to float32. The
-  final softmax is computed in **float64** from the logits, so scores are float64: a float32
-  max-softmax at ``T = 1000`` lies on a grid of ~7.5e-9 while scores spread over ~3e-5, and
-  would tie.
+  ``2**-10`` (``2**-7``), about ε or larger, so in half precision the step would round away and
+  ODIN would silently turn into plain max-softmax. For the same reason a step (``ε > 0``) on
+  inputs that reach the model in float16 or bfloat16 (a module whose first floating parameter
+  is half precision, ``model.to(torch.bfloat16)``; or half-precision inputs to a plain
+  callable) is refused with a ``ValueError`` that names the dtype's resolution: keep the
+  weights in float32 and use ``torch.autocast`` for speed elsewhere (ODIN then runs in
+  float32), or pass float32 inputs to a callable. The gradient is taken of ``T · log S_ŷ`` (same
+  sign, no ``1/T`` factor) in the model's precision, half-precision logits promoted to float32.
+  The final softmax is computed in **float64** from the logits, so scores are float64: a
+  float32 max-softmax at ``T = 1000`` lies on a grid of ~7.5e-9 while scores spread over ~3e-5,
+  and would tie.
 * **Model.** An ``nn.Module`` runs in eval mode (each submodule's flag restored) and inputs are
   moved to the device and cast to the floating dtype of its first floating parameter (the
   package's one placement rule, shared with GQ). A plain callable is called as it is, on the
@@ -46,8 +51,9 @@ Choices made explicit here:
   dict key, an attribute, a tuple index or a callable), so a Hugging Face model or one that
   returns a tuple is passed as the module itself and keeps eval mode and placement; a
   ``logits`` key or tensor attribute is read without being named.
-  No ``.grad`` is left anywhere, and both functions work under ``torch.no_grad()`` and
-  ``torch.inference_mode()``.
+  A ``DistributedDataParallel`` wrapper runs through its ``.module`` (its forward runs
+  collectives, which hang when one rank scores alone). No ``.grad`` is left anywhere, and both
+  functions work under ``torch.no_grad()`` and ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
@@ -138,6 +144,31 @@ def _logits(model: Model, x: Tensor, output: OutputSpec | None) -> Tensor:
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
+def _check_step_precision(x: Tensor, model: Model, epsilon: float) -> None:
+    """Refuse a step ``ε > 0`` on inputs the model receives in half precision: it would round
+    away (bfloat16 numbers are ``2**-8`` apart in ``[0.5, 1)``, float16 ones ``2**-11``)."""
+    if epsilon <= 0 or x.dtype not in (torch.float16, torch.bfloat16):
+        return
+    spacing = torch.finfo(x.dtype).eps
+    dtype = str(x.dtype).removeprefix("torch.")
+    if isinstance(model, torch.nn.Module):
+        why = "inputs are cast to the dtype of the model's first floating parameter"
+        fix = (
+            "keep the model's weights in float32 (`model.float()`) and, for speed elsewhere, run "
+            f"it under `torch.autocast(device_type, dtype=torch.{dtype})`: ODIN's passes disable "
+            "autocast and run in float32"
+        )
+    else:
+        why = "as passed: a plain callable gets its inputs as they are"
+        fix = "pass float32 inputs (and a callable that takes them)"
+    raise ValueError(
+        f"ODIN cannot take its step of epsilon={epsilon:g} on {dtype} inputs ({why}): {dtype} "
+        f"numbers are {spacing:.3g} apart in [1, 2) and {spacing / 2:.3g} in [0.5, 1), so the "
+        "step would be rounded away or distorted and ODIN would silently become max-softmax; "
+        f"{fix}; or pass epsilon=0 for temperature-scaled max-softmax"
+    )
+
+
 def _channel_view(t: Tensor, x: Tensor, name: str) -> Tensor:
     """``t`` shaped to broadcast along dim 1 of ``x``."""
     if t.numel() != 1 and (x.ndim < 2 or x.shape[1] != t.numel()):
@@ -195,12 +226,14 @@ def odin_grid(
     clamp: Clamp | None,
     sign_of_zero: int,
     output: OutputSpec | None,
-) -> tuple[Tensor, Tensor]:
-    """Scores ``(len(temperatures), len(epsilons), B)`` float64 and clean argmax ``(B,)``, on
-    the model's device, for validated settings; one forward and backward per temperature."""
+) -> tuple[Tensor, Tensor, int]:
+    """Scores ``(len(temperatures), len(epsilons), B)`` float64, clean argmax ``(B,)`` and the
+    number of classes, on the model's device, for validated settings; one forward and backward
+    per temperature."""
     need_grad = any(e > 0 for e in epsilons)
     with eval_mode(model), _grad_pass(_device(model, inputs)):
         x = _leaf(model, inputs).requires_grad_(need_grad)
+        _check_step_precision(x, model, max(epsilons, default=0.0))
         logits = _logits(model, x, output)
         pred = logits.argmax(dim=1)
         out = torch.empty(len(temperatures), len(epsilons), x.shape[0], dtype=torch.float64)
@@ -217,7 +250,7 @@ def odin_grid(
                         stepped = logits
                     z = float64(stepped.detach()) / temperature
                     out[ti, ei] = torch.softmax(z, dim=1).amax(dim=1)
-    return out, pred
+    return out, pred, logits.shape[1]
 
 
 # --------------------------------------------------------------------------- public API
@@ -298,7 +331,9 @@ def odin_perturb(
     Raises:
         TypeError: ``model`` is not callable, ``inputs`` is not a floating tensor, or the model
             does not return logits (the message shows the ``output=`` that names them).
-        ValueError: Invalid settings, logits not ``(B, N >= 2)``, or no input gradient.
+        ValueError: Invalid settings, logits not ``(B, N >= 2)``, no input gradient, or a
+            step ``epsilon > 0`` on inputs the model receives in float16 or bfloat16 (it would
+            round away; see the module docs).
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -312,6 +347,7 @@ def odin_perturb(
     )
     with eval_mode(model), _grad_pass(_device(model, inputs)):
         leaf = _leaf(model, inputs)
+        _check_step_precision(leaf, model, epsilon)
         sign = None
         if epsilon > 0:
             logits = _logits(model, leaf.requires_grad_(), output)
@@ -350,7 +386,7 @@ def odin_score(
     temperature, epsilon, std, bounds, zero_sign, output = _check(
         model, inputs, temperature, epsilon, input_std, clamp, sign_of_zero, output
     )
-    scores, _ = odin_grid(
+    scores, _, _ = odin_grid(
         model,
         inputs,
         (temperature,),

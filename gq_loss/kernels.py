@@ -14,14 +14,15 @@ definition is what this package computes (and what the authors' code differentia
 Methods (all exact, same result; every one runs the model forward once per call, so Dropout
 masks and BatchNorm running statistics are those of one ordinary forward pass; `recompute`
 replays that forward during `backward()` with the same RNG state, on scratch copies of the
-buffers):
+buffers as they were before it, so a forward that updates buffers (spectral_norm's power
+iteration in train mode) is replayed as the same function):
 
 | method | how | peak memory when training through the norms |
 |---|---|---|
 | `loop` | one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
 | `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
-| `batched` | `autograd.grad(is_grads_batched=True)` (vmap over the backward), `chunk_size` classes at a time | grows with N; the vmapped backward holds its classes at once (1.2-2.1x `loop`'s peak, measured on CPU) |
-| `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | grows with N; 1.6-4.7x `loop`'s peak (measured on CPU) |
+| `batched` | `torch.func.vmap` of one `autograd.grad` over the one-hot class cotangents, or `autograd.grad(is_grads_batched=True)` (vmap over the backward; see `_norms_batched`), `chunk_size` classes at a time | grows with N; the vmapped backward holds its classes at once (BATCHED_MEM `loop`'s peak, measured on CPU) |
+| `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | grows with N; JACREV_MEM `loop`'s peak (measured on CPU) |
 
 `method="auto"` (the default) takes the fastest of `loop`, `batched` and `jacrev` for the model,
 as `torch.backends.cudnn.benchmark` does for convolutions: the first call for a model and
@@ -63,12 +64,16 @@ the model's registered buffers, and `autograd.Function`s with `setup_context`. W
 run the model it raises a `RuntimeError` that names `method='loop'`; it never falls back silently.
 It does not take a DistributedDataParallel-wrapped model.
 
+TorchScript modules (`torch.jit.script`, `torch.jit.trace`) run with `loop` only; a model with
+TorchScript submodules also runs with `recompute`. The other methods raise a `TypeError` that
+names `loop` (`jacrev` would return GQ without a gradient, silently).
+
 Every method's forward pass (and `recompute`'s replay) runs PyTorch's attention on its math
 backend and compiled code eagerly, since fused attention kernels and compiled graphs have no
 double backward; on CUDA that replaces flash/memory-efficient attention inside these passes
 (more memory and time for long sequences), and nothing changes outside them. An operation that
 cannot be switched (a custom kernel, an `autograd.Function` marked `@once_differentiable`) is
-found on the first training call for a model and named in a `RuntimeError`. `recompute`
+found at the training call, before `backward()`, and named in a `RuntimeError`. `recompute`
 replays under the RNG and autocast state of the original forward, like
 `torch.utils.checkpoint`, so the model's forward hooks run twice per step. `docs/math.md`
 ("Which models GQ can differentiate") has the details.
@@ -84,6 +89,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointFunction
 
 from ._auto import AutoChoice, auto_choice, auto_method
 from ._autograd import (
@@ -96,7 +102,14 @@ from ._autograd import (
     selected,
     unwrap_ddp,
 )
-from ._recompute import RecomputeNorms, Replay, get_autocast_state, get_rng_state
+from ._fsdp import fsdp_modules, full_parameters
+from ._recompute import (
+    PreForwardBuffers,
+    RecomputeNorms,
+    Replay,
+    get_autocast_state,
+    get_rng_state,
+)
 from ._validation import (
     OutputSpec,
     call_model,
@@ -111,14 +124,7 @@ from ._validation import (
     place_inputs,
 )
 
-__all__ = [
-    "GRADIENT_METHODS",
-    "METHODS",
-    "OPERANDS",
-    "AutoChoice",
-    "auto_choice",
-    "class_gradient_norms",
-]
+__all__ = ["GRADIENT_METHODS", "OPERANDS", "AutoChoice", "auto_choice", "class_gradient_norms"]
 
 Operand = Literal["softmax", "log_softmax", "logits"]
 Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
@@ -172,12 +178,15 @@ def class_gradient_norms(
             `"logits"` key of a Mapping or the tensor attribute `logits` (`ModelOutput`).
 
     Returns:
-        `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider.
+        `(B, N)`, or `(B, K)` when `classes` is given; dtype `float32` or wider (the norms of a
+            bf16 or fp16 model's input gradients are accumulated in float32).
 
     Raises:
-        ValueError: A bad option, or a model output that is not logits `(B, N)`, `N >= 2`.
+        ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`, or
+            `create_graph=True` under FSDP2 (train with `gq_loss` there).
         TypeError: A model output with no logits found (the message shows `output=`), inputs
-            that are not a floating tensor, or a plain function with `method="recompute"`.
+            that are not a floating tensor, a plain function with `method="recompute"`, or
+            `method="jacrev"` with DistributedDataParallel or FSDP2.
         RuntimeError: `method="jacrev"` on a model `torch.func` cannot transform; a model with
             an operation that has no second derivative (with `create_graph=True`), or with
             reentrant checkpointing (the messages say what to use instead).
@@ -190,7 +199,13 @@ def class_gradient_norms(
         >>> torch.allclose(norms[0], model[1].weight.abs().sum(dim=1))  # linear: weight rows
         True
     """
-    with autograd_enabled() as tracking:
+    with autograd_enabled() as tracking, full_parameters(model) as fsdp:
+        if fsdp is not None and create_graph and tracking:
+            raise ValueError(
+                "create_graph=True cannot be used under FSDP2 (fully_shard): FSDP reduces "
+                "gradients only in the backward pass of a forward it saw, so GQ hands it a "
+                "gradient taken within gq_loss; train with gq_loss (reduction 'mean' or 'sum')"
+            )
         run = GradientPass(
             model,
             inputs,
@@ -255,6 +270,7 @@ class GradientPass:
         self.temperature = check_positive("temperature", temperature)
         self.p = check_norm_order(p)
         self.method = resolve_method(method, chunk_size, model)
+        _check_torchscript(self.method, model)
         self.chunk_size = chunk_size
         self.create_graph = create_graph
         self.model = model
@@ -287,8 +303,8 @@ class GradientPass:
 
 
 def probe_second_order(run: GradientPass, norms: Tensor) -> None:
-    """Checks, once per model, that GQ's parameter gradient can be taken (`check_second_order`),
-    so that an operation without a second derivative fails here rather than in `backward()`."""
+    """Checks that GQ's parameter gradient can be taken (`check_second_order`), so that an
+    operation without a second derivative fails here rather than in `backward()`, or is dropped."""
     if norms.numel():
         one = norms[:, 0] if norms.ndim == 2 else norms
         check_second_order(run.model, run.logits, one, run.x)
@@ -313,16 +329,59 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
             "method='jacrev' cannot run a DistributedDataParallel-wrapped model (its forward "
             "would bypass DDP's gradient synchronisation); use method='loop' or 'recompute'"
         )
+    if method == "jacrev" and fsdp_modules(model):
+        raise TypeError(
+            "method='jacrev' cannot run a model with FSDP2 (fully_shard) modules (its forward "
+            "under torch.func is not covered by FSDP's gradient hooks); use method='loop', "
+            "'recompute' or 'batched'"
+        )
     return str(method)
+
+
+def _check_torchscript(method: str, model: Any) -> None:
+    """Refuses the methods that cannot differentiate TorchScript (`torch.jit.script`/`trace`)
+    modules; `loop` runs them (checked against a float64 per-class loop). `auto` times only the
+    methods that run, so it is not refused."""
+    if method in ("loop", "auto") or not isinstance(model, nn.Module):
+        return
+    model = unwrap_ddp(model)
+    whole = isinstance(model, torch.jit.ScriptModule)
+    if method == "recompute" and whole:
+        reason = (
+            "its replay swaps the module's parameters (torch.func.functional_call), which "
+            "TorchScript forbids"
+        )
+    elif method != "recompute" and (
+        whole or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+    ):
+        reason = (
+            "torch.func's graph does not reach through TorchScript, so GQ would come back without "
+            "a gradient"
+            if method == "jacrev"
+            else "vmap has no batching rules inside the TorchScript interpreter"
+        )
+    else:
+        return
+    what = "is a TorchScript module" if whole else "has TorchScript submodules"
+    raise TypeError(
+        f"method={method!r} cannot run this model, which {what} (torch.jit.script or "
+        f"torch.jit.trace): {reason}; use method='loop' (no chunk_size), which runs it, or pass "
+        "the eager module"
+    )
 
 
 # --------------------------------------------------------------------------- forward passes
 
 
 def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
+    before = None
     if run.method == "recompute":  # lets the replay draw the same Dropout masks, under autocast
-        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device)
+        if run.create_graph:  # and start from the same buffers (only a training call replays)
+            before = PreForwardBuffers(unwrap_ddp(run.model))
+        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device), before
     logits = call_model(run.model, run.x, run.output)
+    if before is not None:
+        before.keep_changed()
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
 
@@ -349,6 +408,7 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
                 lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
                 x,
                 run.output,
+                module=model,
             )
         else:
             logits = call_model(model, x, run.output)
@@ -406,10 +466,10 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
     norms = _loop(run, columns, create_graph=False)
     if not run.create_graph:
         return norms
-    rng_state, autocast = run.state
+    rng_state, autocast, before = run.state
     job = Replay(
         run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, rng_state,
-        run.input_grad, autocast, run.output,
+        run.input_grad, autocast, run.output, before,
     )  # fmt: skip
     named = [(n, q) for n, q in unwrap_ddp(run.model).named_parameters() if q.requires_grad]
     out: Tensor = RecomputeNorms.apply(
@@ -419,26 +479,69 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
 
 
 def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
-    cols_all = _all_columns(run.op, columns)
-    width = cols_all.shape[1]
-    step = run.chunk_size or max(width, 1)
+    """The k backward passes as one batched pass, by either of PyTorch's two vmaps.
+
+    In torch 2.13 each breaks some double backward: the older one of `is_grads_batched`
+    GroupNorm's (a size mismatch, any dtype); `torch.func.vmap` BatchNorm's and LayerNorm's under
+    CPU bf16 autocast (mixed dtypes). The one that works on the common case runs first (the older
+    under autocast, `torch.func`'s otherwise) and the other one when it fails; both compute the
+    same gradients. When both fail differently, the error names `loop`; the same error from both
+    is the model's own and is raised as it is.
+    """
+    cols = _all_columns(run.op, columns)
+    if cols.shape[1] == 0:
+        return run.op.new_zeros(run.op.shape[0], 0)
+    basis = _one_hot_cotangents(run.op, cols)
+    ways = [_batched_by_func, _batched_by_autograd]
+    if torch.is_autocast_enabled(run.x.device.type):
+        ways.reverse()
+    try:
+        return ways[0](run, basis)
+    except RuntimeError as err:
+        try:
+            return ways[1](run, basis)
+        except RuntimeError as other:
+            if str(other) == str(err):  # the model's own error, not a vmap's
+                raise err from None
+        raise RuntimeError(
+            f"gq_loss: method='batched' could not batch the backward passes of this model ({err}); "
+            "use method='loop' (or 'recompute')"
+        ) from err
+
+
+def _batched_by_autograd(run: GradientPass, basis: Tensor) -> Tensor:
     parts = []
-    for start in range(0, width, step):
-        basis = _one_hot_cotangents(run.op, cols_all[:, start : start + step])
-        # vmap runs the k backward passes as one batched pass.
+    step = run.chunk_size or basis.shape[0]
+    for start in range(0, basis.shape[0], step):
         (grad,) = torch.autograd.grad(
             run.op,
             run.x,
-            basis,
+            basis[start : start + step],
             retain_graph=True,
             create_graph=run.create_graph,
             is_grads_batched=True,
             allow_unused=True,
+            materialize_grads=True,
         )
-        if grad is None:  # the operand does not depend on the input
-            grad = run.x.new_zeros(basis.shape[0], *run.x.shape)
-        parts.append(torch.linalg.vector_norm(grad.flatten(2), ord=run.p, dim=2).T)
-    return torch.cat(parts, dim=1) if parts else run.op.new_zeros(run.op.shape[0], 0)
+        parts.append(norm_rows(grad, run.p, start_dim=2).T)
+    return torch.cat(parts, dim=1)
+
+
+def _batched_by_func(run: GradientPass, basis: Tensor) -> Tensor:
+    def row_norms(cotangent: Tensor) -> Tensor:
+        (grad,) = torch.autograd.grad(
+            run.op,
+            run.x,
+            cotangent,
+            retain_graph=True,
+            create_graph=run.create_graph,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return norm_rows(grad, run.p)
+
+    norms: Tensor = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+    return norms
 
 
 def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
@@ -450,7 +553,7 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
 
     def row_norms(cotangent: Tensor) -> Tensor:
         (grad,) = pullback(cotangent)
-        return torch.linalg.vector_norm(grad.flatten(1), ord=run.p, dim=1)
+        return norm_rows(grad, run.p)
 
     # Autocast covers forward passes only: the pullback replays recorded dtypes (under autocast
     # its vmapped backward would mix bfloat16 and float32 operands).
@@ -465,7 +568,7 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
 
 @contextmanager
 def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
-    """Re-raises `torch.func`'s refusals with what to do instead.
+    """Re-raises `torch.func`'s refusals with their cause and what to do instead.
 
     In the forward pass only errors that name a transform are translated (a model's own error
     stays as it is); in the vmapped backward every error is, since autograd ran that forward.
@@ -485,17 +588,45 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         )
         if not any_error and not any(m in text for m in markers):
             raise
-        hint = (
-            " (torch.utils.checkpoint with use_reentrant=True is such an autograd.Function: "
-            "use use_reentrant=False)"
-            if "setup_context" in text
-            else ""
-        )
+        prefix = f"gq_loss: method='jacrev' could not run {stage} of this model under torch.func"
+        function = _function_of(err) if "setup_context" in text else None
+        if function is CheckpointFunction:
+            raise RuntimeError(
+                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True "
+                f"({text}); use use_reentrant=False with method='loop', 'recompute' or 'batched' "
+                "(torch.func takes no checkpointing)"
+            ) from err
+        if "setup_context" in text:
+            which = "in this model" if function is None else function.__name__
+            raise RuntimeError(
+                f"{prefix}: the custom autograd.Function {which} has no setup_context "
+                f"staticmethod, which torch.func needs ({text}); use method='loop', 'recompute' "
+                "or 'batched', which run it as it is, or give it a setup_context (PyTorch's "
+                "'Extending torch.func with autograd.Function')"
+            ) from err
+        if "saved tensor hooks" in text:
+            raise RuntimeError(
+                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=False, which "
+                "runs on saved tensor hooks that torch.func does not take (Hugging Face's "
+                f"activation_checkpointing_enable() is such checkpointing) ({text}); use "
+                "method='loop', 'recompute' or 'batched', which run checkpointed models"
+            ) from err
         raise RuntimeError(
-            f"method='jacrev' could not run {stage} of this model under torch.func ({text}); "
-            "use method='loop' (or 'recompute'), which run any model autograd can "
-            f"differentiate{hint}"
+            f"{prefix} ({text}); use method='loop' (or 'recompute'), which run any model "
+            "autograd can differentiate"
         ) from err
+
+
+def _function_of(err: BaseException) -> type | None:
+    """The `autograd.Function` whose `apply` raised `err` (from the traceback), if any."""
+    tb = err.__traceback__
+    found = None
+    while tb is not None:
+        cls = tb.tb_frame.f_locals.get("cls") if tb.tb_frame.f_code.co_name == "apply" else None
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            found = cls
+        tb = tb.tb_next
+    return found
 
 
 @dataclass(frozen=True)
@@ -514,5 +645,3 @@ _BACKENDS: dict[str, _Backend] = {
 }
 #: The values of `method`: `"auto"` and every backend.
 GRADIENT_METHODS: tuple[str, ...] = ("auto", *_BACKENDS)
-#: Former name of `GRADIENT_METHODS`, kept importable.
-METHODS = GRADIENT_METHODS

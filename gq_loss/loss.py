@@ -20,7 +20,9 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from ._autograd import second_order_errors
+from ._autograd import norm_rows, second_order_errors
+from ._detection import float64
+from ._fsdp import full_parameters
 from ._validation import (
     OutputSpec,
     check_choice,
@@ -144,7 +146,8 @@ def gq_loss(
     point after 20 steps at unchanged accuracy and not measurably after 80 or 320 steps,
     λ = 10 cost about 13 points of accuracy, and λ < 0 made detection worse. Use λ = 1, and
     expect little: there, CE trained for the same compute was the better buy. An exact step
-    costs about 15-20 cross-entropy steps at N = 10 classes, whatever λ is;
+    costs 9-25 cross-entropy steps at N = 10 classes on the CPU models measured, whatever λ is
+    (`docs/benchmarks.md`, "Cost in CE steps");
     `estimator="sampled", num_sampled=1` costs a fraction of that, with an effect the study
     could not tell apart from exact GQ's.
 
@@ -162,7 +165,8 @@ def gq_loss(
     Args:
         model: Maps `inputs` `(B, *)` to logits `(B, N)` (or to an output holding them, see
             `output`); used in its current mode. Under DistributedDataParallel pass the wrapped
-            model.
+            model; under FSDP2 (`fully_shard`) the sharded one, with `reduction` `"mean"` or
+            `"sum"` (`docs/models.md`).
         inputs: Batch `(B, *)`, floating point; moved to the device and cast to the dtype of the
             model's first floating parameter when those differ (plain callables: unchanged).
             Not modified.
@@ -173,12 +177,15 @@ def gq_loss(
             (default for `reference`). With `N = 2` the paper formulation refuses `"softmax"`
             (identically 1); use `"logits"` there.
         formulation: `"paper"` (Eq. 7 per sample) or `"reference"` (authors' code: one
-            batch-level ratio; `reduction` `"mean"`/`"sum"` both give that ratio).
+            batch-level ratio, so it takes only `reduction="mean"`).
         reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
-        estimator: `"exact"` (all N classes) or `"sampled"`: the target, the
-            `num_sampled // 2` most probable other classes exactly, and the rest of
-            `num_sampled` drawn from the remaining tail with $q_j \propto S_j$, weighted
-            $1/(m q_j)$ (unbiased for the denominator). For large N.
+        estimator: `"exact"` (all N classes) or `"sampled"`, for large N: the target and
+            `num_sampled` other classes, weighted so that the denominator is unbiased. On
+            softmax the `num_sampled // 2` most probable other classes are exact and the rest
+            are drawn from the remaining tail with $q_j \propto S_j$, weighted $1/(m q_j)$; on
+            `"log_softmax"` and `"logits"` (whose gradient norms do not shrink with $S_j$)
+            `num_sampled` classes are drawn uniformly without replacement, weighted
+            $(N-1)/K$. `docs/math.md` has the measured spread.
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
         method: How the per-class gradients are computed: one of
             `gq_loss.kernels.GRADIENT_METHODS` (see `gq_loss.kernels`). `"auto"` times `loop`,
@@ -187,7 +194,10 @@ def gq_loss(
             back); with `chunk_size` it is `recompute`.
         chunk_size: Classes differentiated at once; bounds peak memory with `"recompute"`.
         eps: Added to the denominator so that a zero denominator gives a finite value.
-        generator: Random generator of the sampled estimator.
+        generator: Random generator of the sampled estimator (refused with
+            `estimator="exact"`, which draws nothing). The draws run in float64 on the logits'
+            device, or on the CPU for a device without float64 (MPS), as the detectors' scores
+            do; the generator must be on that device.
         return_logits: Also return the logits `(B, N)` of the one forward pass, with their
             graph, so the training step can add cross-entropy without a second forward.
         output: Names the logits in the model's output: a key (`str`, of a Mapping; otherwise
@@ -198,15 +208,19 @@ def gq_loss(
             placement and `method="recompute"` keep working.
 
     Returns:
-        `(B,)` or `()`; `(loss, logits)` with logits `(B, N)` when `return_logits`.
+        `(B,)` or `()`, float32 or wider (float32 for a bf16 or fp16 model); `(loss, logits)`
+            with logits `(B, N)` in the model's dtype when `return_logits`.
 
     Raises:
         ValueError: A bad option (the message names it), a model output that is not logits
-            `(B, N)` with `N >= 2`, or `N = 2` with the paper formulation on softmax.
+            `(B, N)` with `N >= 2`, `N = 2` with the paper formulation on softmax, or
+            `reduction="none"` in training under FSDP2.
         TypeError: Bad `inputs`/`targets`/`output` types, or a model output with no logits
             found (the message shows `output=`).
-        RuntimeError: A model with an operation that has no second derivative, or with
-            reentrant checkpointing (the message says what to use instead).
+        RuntimeError: A model with an operation that has no second derivative, with
+            reentrant checkpointing, or one that sets `requires_grad` on a tensor computed from
+            its inputs (Hugging Face audio models in train mode); the message says what to use
+            instead.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -233,7 +247,14 @@ def gq_loss(
         eps,
         output,
     )
-    with autograd_enabled() as tracking:
+    _check_generator(generator, estimator)
+    with autograd_enabled() as tracking, full_parameters(model) as fsdp:
+        if fsdp is not None and tracking and reduction == "none":
+            raise ValueError(
+                "reduction='none' cannot be trained under FSDP2 (fully_shard): GQ hands FSDP its "
+                "parameter gradient taken within the call, which needs a scalar loss; use "
+                "reduction='mean' or 'sum' (or call it under torch.no_grad() for the values)"
+            )
         run = GradientPass(
             model,
             inputs,
@@ -259,10 +280,12 @@ def gq_loss(
         else:
             _check_class_count(num_classes, operand_name)
             columns, weights = _columns(
-                logits, targets, temperature, estimator, num_sampled, generator
+                logits, targets, temperature, operand_name, estimator, num_sampled, generator
             )
             value = _quotient(run.norms(columns), targets, weights, eps)
         value = _reduce(value, reduction, logits)
+        if fsdp is not None and tracking:
+            value = fsdp.hand_over(value, logits, run.x if run.input_grad else None)
     if not tracking:
         value, logits = value.detach(), logits.detach()
     return (value, logits) if return_logits else value
@@ -281,7 +304,8 @@ class GQLoss(nn.Module):
         p: Norm order of the input gradients: `1` (paper), `2` or `math.inf`.
         operand: `"softmax"`, `"log_softmax"`, `"logits"`, or `None` for the formulation's
             default (`"softmax"` for `paper`, `"logits"` for `reference`).
-        formulation: `"paper"` (Eq. 7) or `"reference"` (the authors' code).
+        formulation: `"paper"` (Eq. 7) or `"reference"` (the authors' code: one ratio per
+            batch, `reduction="mean"` only).
         reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
         estimator: `"exact"` or `"sampled"` (with `num_sampled`).
         num_sampled: $K$ classes besides the target for `estimator="sampled"`.
@@ -398,7 +422,8 @@ class GQLoss(nn.Module):
             model: Maps `inputs` `(B, *)` to logits `(B, N)`; used in its current mode.
             inputs: Batch `(B, *)`, floating point.
             targets: True labels `(B,)`, int64 in `[0, N)`.
-            generator: Random generator of the sampled estimator.
+            generator: Random generator of the sampled estimator (refused with
+                `estimator="exact"`).
             return_logits: Also return the logits `(B, N)` of the one forward pass (with their
                 graph), for the cross-entropy term of the same step.
 
@@ -489,18 +514,35 @@ def _check_options(
                 "authors' published models) or formulation='paper'"
             )
         if (
-            reduction == "none"
+            reduction != "mean"
             or estimator != "exact"
             or method != "auto"
             or chunk_size is not None
         ):
             raise ValueError(
-                "formulation='reference' is one ratio per batch from two backward passes: it "
-                "takes reduction 'mean'/'sum', estimator='exact', method='auto' and no chunk_size, "
-                f"got reduction={reduction!r}, estimator={estimator!r}, method={method!r}, "
+                "formulation='reference' is one ratio per batch from two backward passes (no "
+                "per-sample values to sum or to return): it takes reduction='mean', "
+                "estimator='exact', method='auto' and no chunk_size, got "
+                f"reduction={reduction!r}, estimator={estimator!r}, method={method!r}, "
                 f"chunk_size={chunk_size!r}"
             )
     return str(operand)
+
+
+def _check_generator(generator: Any, estimator: str) -> None:
+    """`generator` draws the sampled estimator's classes; the exact estimator draws nothing."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if estimator != "sampled":
+        raise ValueError(
+            "`generator` draws the classes of estimator='sampled' and would be ignored with "
+            f"estimator={estimator!r} (which draws nothing); pass generator=None, or "
+            "estimator='sampled' with num_sampled"
+        )
 
 
 def _check_class_count(num_classes: int, operand: str) -> None:
@@ -518,30 +560,61 @@ def _columns(
     logits: Tensor,
     targets: Tensor,
     temperature: float,
+    operand: str,
     estimator: str,
     num_sampled: int | None,
     generator: torch.Generator | None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Class columns `(B, 1 + K)` (target first) and denominator weights `(B, K)`.
+    """Class columns `(B, 1 + K)` (target first, on the logits' device) and denominator weights
+    `(B, K)` (float64).
 
-    `(None, None)` means every class, exactly.
+    `(None, None)` means every class, exactly. The draws run in float64 where the detectors'
+    scores do (`_detection.float64`: the logits' device, or the CPU for a device without
+    float64), and so does `generator`. The proposal fits the operand (`docs/math.md`).
     """
     num_classes = logits.shape[1]
     if estimator == "exact" or num_sampled is None or num_sampled >= num_classes - 1:
         return None, None
+    with torch.no_grad():
+        z = float64(logits.detach()) / temperature
+        if generator is not None and generator.device.type != z.device.type:
+            raise ValueError(
+                f"`generator` must be on the device where the sampled estimator draws, {z.device} "
+                f"(float64, for logits on {logits.device}), got a generator on {generator.device}"
+            )
+        targets = targets.to(z.device)[:, None]
+        if operand == "softmax":
+            others, weights = _softmax_draws(z, targets, num_sampled, generator)
+        else:
+            others, weights = _uniform_draws(z, targets, num_sampled, generator)
+        columns = torch.cat([targets, others], dim=1).to(logits.device)
+    return columns, weights
+
+
+def _softmax_draws(
+    z: Tensor, targets: Tensor, num_sampled: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Softmax operand, whose norms scale with S_j: the K // 2 most probable other classes
+    exactly, the rest drawn with replacement from the tail with q_j proportional to S_j."""
     top_k = num_sampled // 2
     drawn = num_sampled - top_k
-    with torch.no_grad():
-        z = logits.detach().double() / temperature
-        masked = z.scatter(1, targets[:, None], float("-inf"))
-        top = masked.topk(top_k, dim=1).indices
-        # Proposal over the tail (neither the target nor the top classes), q_j proportional to S_j.
-        q = masked.scatter(1, top, float("-inf")).softmax(dim=1)
-        draws = torch.multinomial(q, drawn, replacement=True, generator=generator)
-        tail_weights = 1.0 / (drawn * q.gather(1, draws))
-        columns = torch.cat([targets[:, None], top, draws], dim=1)
-        weights = torch.cat([tail_weights.new_ones(top.shape), tail_weights], dim=1)
-    return columns, weights
+    masked = z.scatter(1, targets, float("-inf"))
+    top = masked.topk(top_k, dim=1).indices
+    q = masked.scatter(1, top, float("-inf")).softmax(dim=1)
+    draws = torch.multinomial(q, drawn, replacement=True, generator=generator)
+    tail_weights = 1.0 / (drawn * q.gather(1, draws))
+    weights = torch.cat([tail_weights.new_ones(top.shape), tail_weights], dim=1)
+    return torch.cat([top, draws], dim=1), weights
+
+
+def _uniform_draws(
+    z: Tensor, targets: Tensor, num_sampled: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Logits and log-softmax operands, whose norms do not scale with S_j: K of the N - 1 other
+    classes drawn uniformly without replacement, each weighted (N - 1) / K."""
+    keys = torch.rand(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+    others = keys.scatter(1, targets, -1.0).topk(num_sampled, dim=1).indices
+    return others, z.new_full(others.shape, (z.shape[1] - 1) / num_sampled)
 
 
 def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float) -> Tensor:
@@ -551,7 +624,7 @@ def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float
         denominator = norms.sum(dim=1) - numerator
     else:
         numerator = norms[:, 0]
-        denominator = (norms[:, 1:] * weights.to(norms.dtype)).sum(dim=1)
+        denominator = (norms[:, 1:] * weights.to(norms.dtype).to(norms.device)).sum(dim=1)
     return numerator / (denominator + eps)
 
 
@@ -562,11 +635,12 @@ def _reference_ratio(
     target_sum = op.gather(1, targets[:, None]).sum()
     other_sum = op.sum() - target_sum
     numerator, denominator = (
-        torch.linalg.vector_norm(
+        norm_rows(
             torch.autograd.grad(
                 s, x, retain_graph=True, create_graph=create_graph, materialize_grads=True
-            )[0].flatten(),
-            ord=p,
+            )[0],
+            p,
+            start_dim=0,
         )
         for s in (target_sum, other_sum)
     )

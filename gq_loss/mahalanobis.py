@@ -3,21 +3,24 @@ tied covariance on a model's features (Lee et al., 2018), as a [`Detector`][gq_l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._autograd import unwrap_ddp
 from ._detection import (
+    BatchResult,
     Detector,
     Model,
     NotFittedError,
     Setting,
     check_model,
+    check_ood_label,
     eval_mode,
     float64,
-    labelled_pair,
 )
 from ._validation import (
     OutputSpec,
@@ -77,8 +80,9 @@ class MahalanobisDetector(Detector):
     * ``layer``: the name of a submodule of ``model`` (as in ``model.named_modules()``); a
       forward hook copies its output (in float64) at the moment the submodule returns it, so
       in-place operations later in the forward (``ReLU(inplace=True)``, a residual ``+=``) do
-      not change the features; the hook is removed afterwards. If the submodule runs several
-      times in one forward, its last output is used.
+      not change the features; the hook records only the forward of the thread that placed
+      it (other threads may score with the same model at the same time) and is removed
+      afterwards. If the submodule runs several times in one forward, its last output is used.
 
     ``output`` names the features in what the layer (or ``feature_fn``) returns when that is not
     a tensor: a key, an attribute, a tuple index or a callable, as for
@@ -112,7 +116,7 @@ class MahalanobisDetector(Detector):
         feature_fn: Callable mapping inputs ``(B, ...)`` to features ``(B, D)``.
         ridge: ``ρ >= 0`` added to the covariance diagonal before inversion. Default: ``0.0``.
         num_classes: Number of classes ``C``; default: largest label seen plus one. Every
-            class must have samples.
+            class must have samples. ``ood_label`` must lie outside ``[0, C)``.
         output: Names the features in the output of ``layer`` / ``feature_fn`` (see above).
             Default: ``None`` (a tensor).
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
@@ -141,6 +145,7 @@ class MahalanobisDetector(Detector):
     """
 
     _desc = "Mahalanobis"
+    _fitted = ("threshold_", "means_", "covariance_", "precision_", "class_counts_")
     model: Setting[Model | None] = Setting(_check_optional_model)  # type: ignore[assignment]
     layer: Setting[str | None] = Setting(_check_layer)
     feature_fn: Setting[FeatureFn | None] = Setting(_check_feature_fn)
@@ -168,11 +173,20 @@ class MahalanobisDetector(Detector):
         self.ridge = ridge
         self.num_classes = num_classes
         self._check_source()
+        check_ood_label(self.ood_label, self.num_classes)
         self.__dict__["_ready"] = True
 
     def _check_setting(self, name: str, value: Any) -> None:
-        """After construction, the feature source must stay consistent on every assignment."""
-        if not self.__dict__.get("_ready") or name not in ("model", "layer", "feature_fn"):
+        """After construction, the feature source must stay consistent on every assignment, and
+        ``ood_label`` must not be a class where the number of classes is known."""
+        if not self.__dict__.get("_ready"):
+            return
+        if name == "ood_label":
+            fitted = None if self.means_ is None else self.means_.shape[0]
+            check_ood_label(value, self.num_classes or fitted)
+        elif name == "num_classes":
+            check_ood_label(self.ood_label, value)
+        if name not in ("model", "layer", "feature_fn"):
             return
         current = {n: getattr(self, n) for n in ("model", "layer", "feature_fn")}
         current[name] = value
@@ -202,9 +216,9 @@ class MahalanobisDetector(Detector):
                 names = [n for n in modules if n][:10]
                 raise ValueError(f"`layer` {layer!r} is not a submodule of `model`; some: {names}")
 
-    def _invalidate(self) -> None:
+    def _invalidate(self, setting: str | None = None) -> None:
         """Drop the fit and the threshold: a setting that changes the features was assigned."""
-        super()._invalidate()
+        super()._invalidate(setting)
         self.means_: Tensor | None = None
         self.covariance_: Tensor | None = None
         self.precision_: Tensor | None = None
@@ -232,16 +246,19 @@ class MahalanobisDetector(Detector):
                 raise ValueError(f"{source}: {err}") from err
             return float64(feats.detach(), copy=True) if isinstance(feats, Tensor) else feats
 
+        def record(_module: nn.Module, _inputs: Any, out: Any) -> None:
+            if threading.get_ident() == caller:  # not another thread's forward of the module
+                captured[:] = [copy(out)]
+
+        caller = threading.get_ident()
         handle = None
         try:
             with eval_mode(model), torch.no_grad():
                 if layer is not None:
                     assert isinstance(model, nn.Module)  # checked by _check_source
                     module = dict(model.named_modules())[layer]
-                    handle = module.register_forward_hook(
-                        lambda _m, _i, out: captured.__setitem__(slice(None), [copy(out)])
-                    )
-                    call_model(model, inputs)
+                    handle = module.register_forward_hook(record)
+                    call_model(unwrap_ddp(model), inputs)
                     if not captured:
                         raise RuntimeError(f"`layer` {layer!r} did not run in model(inputs)")
                     feats = captured[-1]
@@ -319,6 +336,7 @@ class MahalanobisDetector(Detector):
         empty = torch.nonzero(count == 0).flatten().tolist()
         if empty:
             raise ValueError(f"every class needs samples to fit; classes {empty} have none")
+        check_ood_label(self.ood_label, count.shape[0])
         covariance = scatter / count.sum()
         self.means_ = mean
         self.covariance_ = covariance
@@ -333,7 +351,34 @@ class MahalanobisDetector(Detector):
                 "setting that changes the features drops the fit)"
             )
 
-    def _score_batch(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def _checked_fitted(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        names = ("means_", "covariance_", "precision_", "class_counts_")
+        values = [state[n] for n in names]
+        checked = super()._checked_fitted(state)
+        if all(v is None for v in values):  # saved before fit
+            return {**checked, **dict.fromkeys(names)}
+        if not all(isinstance(v, Tensor) for v in values):
+            raise TypeError(
+                f"`state_dict` must hold tensors (or all None) for {list(names)}, got "
+                f"{[type(v).__name__ for v in values]}"
+            )
+        means = values[0]
+        c, d = means.shape if means.ndim == 2 else (-1, -1)
+        expected = [
+            (torch.float64, (c, d)),
+            (torch.float64, (d, d)),
+            (torch.float64, (d, d)),
+            (torch.int64, (c,)),
+        ]
+        got = [(v.dtype, tuple(v.shape)) for v in values]
+        if c < 1 or got != expected:
+            raise ValueError(
+                f"`state_dict` must hold {list(names)} as float64 (C, D), (D, D), (D, D) and "
+                f"int64 (C,), got {[(str(t), s) for t, s in got]}"
+            )
+        return {**checked, **{n: v.detach().clone() for n, v in zip(names, values, strict=True)}}
+
+    def _score_batch(self, inputs: Tensor) -> BatchResult:
         """Scores ``(B,)`` float64 ``<= 0`` and the nearest class ``(B,)``."""
         assert self.means_ is not None and self.precision_ is not None
         feats = self.features(inputs)
@@ -350,7 +395,7 @@ class MahalanobisDetector(Detector):
             ((f @ precision) * f).sum(1, keepdim=True) - 2.0 * f @ pm.T + (pm * m).sum(1)
         )  # (B, C)
         nearest = dist.min(dim=1)
-        return -nearest.values.clamp(min=0.0), nearest.indices
+        return -nearest.values.clamp(min=0.0), nearest.indices, means.shape[0]
 
 
 def _pinv_psd(covariance: Tensor, ridge: float) -> Tensor:
@@ -365,9 +410,11 @@ def _pinv_psd(covariance: Tensor, ridge: float) -> Tensor:
 def _check_labels(labels: Any, batch: int) -> Tensor:
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
         what = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
-        raise TypeError(f"`labels` must be an integer tensor (B,), got {what}")
+        hint = " (class indices: `labels.long()`)" if isinstance(labels, Tensor) else ""
+        raise TypeError(f"`labels` must be an integer tensor (B,), got {what}{hint}")
     if labels.ndim != 1 or labels.shape[0] != batch:
-        raise ValueError(f"`labels` must have shape ({batch},), got {tuple(labels.shape)}")
+        hint = " (`labels.squeeze(1)`)" if labels.shape == (batch, 1) else ""
+        raise ValueError(f"`labels` must have shape ({batch},), got {tuple(labels.shape)}{hint}")
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"`labels` must be >= 0, got {int(labels.min())}")
     return labels.long()
@@ -376,8 +423,12 @@ def _check_labels(labels: Any, batch: int) -> Tensor:
 def _labelled_batches(data: Data) -> Iterator[tuple[Tensor, Any]]:
     if isinstance(data, Tensor):
         raise TypeError("`id_train_data` needs labels: pass (inputs, labels) or batches of them")
-    if labelled_pair(data):
-        yield data[0], data[1]  # type: ignore[index]
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):  # one (inputs, labels) pair; its labels are checked by `_check_labels`
+        yield data[0], data[1]
         return
     for batch in data:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:

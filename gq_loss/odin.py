@@ -8,12 +8,20 @@ and the choices made); ``ODINDetector(model, ...).score(x)`` equals
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
-from ._detection import Data, Detector, Model, Setting, check_batch, check_scores
+from ._detection import (
+    BatchResult,
+    Data,
+    Detector,
+    Model,
+    Setting,
+    check_batch,
+    check_scores,
+)
 from ._validation import OutputSpec, check_choice, check_nonnegative, check_positive
 from .functional import (
     Clamp,
@@ -55,14 +63,17 @@ class ODINDetector(Detector):
     `gq_loss.functional`) and follows the [`Detector`][gq_loss.Detector] protocol: `score`,
     `calibrate`, `predict` over tensors or iterables of batches; `tune` grid-searches ``(T, ε)``.
     Every argument is a public attribute, validated on assignment; assigning one that changes
-    scores drops `threshold_` (see [`Detector`][gq_loss.Detector]).
+    scores a new value drops `threshold_` (see [`Detector`][gq_loss.Detector]), and, unless it
+    is ``temperature`` or ``epsilon`` (the grid's own axes), `tuning_results_`.
 
     Args:
         model: An ``nn.Module`` or a callable mapping a float batch ``(B, ...)`` to logits
             ``(B, N)``, ``N >= 2`` (or to an output holding them, see ``output``); samples must
             be independent. A module runs in eval mode (each submodule's flag restored) and
             inputs are moved to the device and cast to the floating dtype of its first floating
-            parameter; a plain callable gets the inputs as they are.
+            parameter; a plain callable gets the inputs as they are. A step (``epsilon > 0``) on
+            a model that receives float16 or bfloat16 inputs is refused (it would round away):
+            keep the weights in float32, with ``torch.autocast`` for speed elsewhere.
         temperature: ``T > 0``. Default: ``1000.0`` (paper).
         epsilon: Step size ``ε >= 0`` in the units of the tensor the model receives: for
             ``[0, 1]`` images (also when the model normalises them inside) that is pixel units,
@@ -85,7 +96,9 @@ class ODINDetector(Detector):
     Attributes:
         threshold_: Score threshold set by `calibrate` (``None`` before); accepted when
             ``score >= threshold_`` (and the score is finite).
-        tuning_results_: List of dicts, one per grid point, filled by `tune` (empty before).
+        tuning_results_: List of dicts, one per grid point, filled by `tune` (empty before, and
+            after a setting other than ``temperature`` and ``epsilon`` is assigned a new value:
+            the grid's scores depend on all the others).
 
     Examples:
         >>> import torch
@@ -100,6 +113,8 @@ class ODINDetector(Detector):
     """
 
     _desc = "ODIN"
+    _fitted = ("threshold_", "tuning_results_")
+    tuning_results_: list[dict[str, float]]
     model: Setting[Model]
     temperature: Setting[float] = Setting(check_positive)
     epsilon: Setting[float] = Setting(check_nonnegative)
@@ -129,7 +144,27 @@ class ODINDetector(Detector):
         self.input_std = input_std
         self.sign_of_zero = sign_of_zero
         self.clamp = clamp
-        self.tuning_results_: list[dict[str, float]] = []
+
+    def _invalidate(self, setting: str | None = None) -> None:
+        """Drop the threshold, and the tuning results unless ``setting`` is one of the grid's
+        axes (``temperature``, ``epsilon``), which do not change them."""
+        super()._invalidate(setting)
+        if setting not in ("temperature", "epsilon"):
+            self.tuning_results_ = []
+
+    def _checked_fitted(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        results = state["tuning_results_"]
+        if not isinstance(results, list) or not all(
+            isinstance(r, Mapping)
+            and all(isinstance(k, str) and isinstance(v, float) for k, v in r.items())
+            for r in results
+        ):
+            raise TypeError(
+                "`state_dict['tuning_results_']` must be a list of dicts of floats, got "
+                f"{type(results).__name__}"
+            )
+        copied = [dict(r) for r in results]
+        return {**super()._checked_fitted(state), "tuning_results_": copied}
 
     def _settings(self) -> tuple[Tensor | None, Clamp | None]:
         """``input_std`` and ``clamp`` as the tensors the functional core takes."""
@@ -141,7 +176,7 @@ class ODINDetector(Detector):
 
     def _odin(
         self, x: Tensor, temperatures: Sequence[float], epsilons: Sequence[float]
-    ) -> tuple[Tensor, Tensor]:
+    ) -> BatchResult:
         std, clamp = self._settings()
         return odin_grid(
             self.model,
@@ -154,9 +189,9 @@ class ODINDetector(Detector):
             output=self.output,
         )
 
-    def _score_batch(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        scores, pred = self._odin(inputs, (self.temperature,), (self.epsilon,))
-        return scores[0, 0], pred
+    def _score_batch(self, inputs: Tensor) -> BatchResult:
+        scores, pred, num_classes = self._odin(inputs, (self.temperature,), (self.epsilon,))
+        return scores[0, 0], pred, num_classes
 
     def perturb(self, inputs: Tensor) -> Tensor:
         """The perturbed input ``x̃`` ``(B, ...)`` of one batch, on the input's device, in the
@@ -269,8 +304,8 @@ class ODINDetector(Detector):
             other = "auroc" if criterion == "fpr95" else "fpr95"
             sign = -1.0 if CRITERIA[criterion] else 1.0  # minimise sign * criterion, then the other
             best = min(results, key=lambda r: (sign * r[criterion], -sign * r[other]))
-        # assigning a setting drops threshold_, also where the best setting is the current one
         self.temperature, self.epsilon = best["temperature"], best["epsilon"]
+        self.threshold_ = None  # also where the best setting is the current one
         self.tuning_results_ = results
         return self
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._detection import Detector, Model, Setting, float64, logits_of
+from ._detection import BatchResult, Detector, Model, Setting, float64, logits_of
 from ._validation import OutputSpec, check_logits, check_positive
 
 __all__ = ["EnergyDetector", "MSPDetector", "energy_score", "msp_score"]
@@ -91,10 +91,11 @@ class _LogitDetector(Detector):
         )
         self.temperature = temperature
 
-    def _score_batch(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def _score_batch(self, inputs: Tensor) -> BatchResult:
         with torch.no_grad():
             logits = logits_of(self.model, inputs, self.output)
-        return type(self)._fn(logits, temperature=self.temperature), logits.argmax(dim=1)
+        scores = type(self)._fn(logits, temperature=self.temperature)
+        return scores, logits.argmax(dim=1), logits.shape[1]
 
 
 class MSPDetector(_LogitDetector):

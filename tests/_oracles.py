@@ -181,6 +181,17 @@ def make_model(kind: str, in_shape: tuple[int, ...], n: int, seed: int = 0) -> n
         model = nn.Sequential(
             conv, bn, nn.Tanh(), Flat(), nn.Linear(3 * math.prod(in_shape[1:]), n)
         )
+    elif kind in ("conv_gn", "conv_ln"):
+        # Per-sample norms over channels and space: GroupNorm (2 groups of 2 channels) and
+        # LayerNorm over (C, H, W) (or (C, L)), with non-trivial affine parameters.
+        spatial = in_shape[1:]
+        conv_type = nn.Conv1d if len(in_shape) == 2 else nn.Conv2d
+        conv = conv_type(in_shape[0], 4, 3, padding=1)
+        norm = nn.GroupNorm(2, 4) if kind == "conv_gn" else nn.LayerNorm((4, *spatial))
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.3, 0.3)
+        model = nn.Sequential(conv, norm, nn.Tanh(), Flat(), nn.Linear(4 * math.prod(spatial), n))
     else:
         raise ValueError(kind)
     return model.to(F64).eval()
@@ -188,7 +199,7 @@ def make_model(kind: str, in_shape: tuple[int, ...], n: int, seed: int = 0) -> n
 
 def input_shape(kind: str, rank: int) -> tuple[int, ...]:
     """Per-sample shape for an input of ``rank`` dimensions (batch included)."""
-    if kind == "conv_bn":
+    if kind.startswith("conv_"):
         return (2, 5) if rank <= 3 else (2, 3, 3)
     return {2: (4,), 3: (2, 3), 4: (2, 2, 2)}[rank]
 

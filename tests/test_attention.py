@@ -231,6 +231,38 @@ def test_reentrant_checkpoint_names_use_reentrant_false(method: str) -> None:
         torch.testing.assert_close(got, gq_loss(plain, x, Y), rtol=1e-6, atol=0)
 
 
+class CheckpointedAttention(Attention):
+    """`Attention` whose whole body runs in a non-reentrant checkpoint (recomputed in backward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = checkpoint(super().forward, x, use_reentrant=False)
+        return out
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("loop", None), ("batched", 2), ("recompute", 1)])
+def test_nonreentrant_checkpoint_around_sdpa_equals_no_checkpoint(
+    method: str, chunk: int | None
+) -> None:
+    # float32: PyTorch's default CPU kernel is the fused one, so the checkpoint's recomputation
+    # during backward() (outside GQ's call) must run on the math backend of GQ's forward too.
+    torch.manual_seed(0)
+    plain = Attention().train()
+    model = CheckpointedAttention().train()
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 4, 6)
+    original = torch.utils.checkpoint._checkpoint_without_reentrant_generator
+    results = []
+    for m in (model, plain):
+        gq, logits = gq_loss(m, x, Y, method=method, chunk_size=chunk, return_logits=True)
+        loss = F.cross_entropy(logits, Y) + gq  # CE and GQ through the same forward
+        results.append((gq.detach(), param_grads(m, loss)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    assert_same(results[0][1], results[1][1], rtol=1e-5)
+    # The recomputation is redirected for regions entered inside GQ's passes only.
+    assert torch.utils.checkpoint._checkpoint_without_reentrant_generator is original
+    F.cross_entropy(model(x), Y).backward()  # the caller's own forward keeps its fused kernel
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 

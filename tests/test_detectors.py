@@ -4,6 +4,7 @@ and the rules every detector follows: non-finite scores, model outputs, dtype, N
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -225,6 +226,42 @@ def test_tune_refuses_non_finite_scores():
         ODINDetector(mlp()).tune(x, epsilons=(0.0, 0.01))
 
 
+# --------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: MSPDetector(m, temperature=1000.0),
+        lambda m: ODINDetector(m),
+        EnergyDetector,
+        lambda m: MahalanobisDetector(m, layer="2", ridge=1e-6).fit(
+            (torch.rand(60, 3, 2, 2), torch.arange(60) % 5)
+        ),
+    ],
+    ids=["msp", "odin", "energy", "mahalanobis"],
+)
+def test_calibration_promise_holds_whatever_the_batch_size(make):
+    """A float32 model's scores change in their last bits with the batch (1e-11 for MSP at
+    T = 1000): calibrated on the whole tensor, predict on the same data with other batch sizes
+    still accepts at least ceil(tpr · n) samples, and the margin adds no more than it must."""
+    n, tpr, changed = 100, 0.95, 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 64), nn.Tanh(), nn.Linear(64, 5))
+        x = torch.rand(n, 3, 2, 2)
+        detector = make(model).calibrate(x, tpr=tpr)
+        whole = detector.score(x)
+        assert int((whole >= detector.threshold_).sum()) == math.ceil(tpr * n)  # no extra here
+        detector.batch_size = 1
+        assert int((detector.predict(x) != -1).sum()) >= math.ceil(tpr * n), seed
+        detector.batch_size = 7
+        scores = detector.score(x)
+        assert int((scores >= detector.threshold_).sum()) >= math.ceil(tpr * n), seed
+        changed += not torch.equal(scores, whole)
+    assert changed > 0  # the batch effect is real here
+
+
 # --------------------------------------------------------------------------- model outputs
 
 
@@ -239,6 +276,49 @@ def test_model_outputs_one_rule(make):
         make(one_output).score(x)  # ODIN used to score every input 1.0
     with pytest.raises(ValueError, match=r"for a single \(C, H, W\) image pass `x.unsqueeze\(0\)`"):
         make(conv_bn()).score(x[0])
+
+
+def test_a_ddp_wrapped_model_is_scored_through_its_module(monkeypatch):
+    """DDP's own forward runs collectives (here the BatchNorm buffer broadcast): on one rank
+    alone it hangs. Every detector and the ODIN functions score through ``.module``."""
+    import socket
+
+    import torch.distributed as dist
+
+    ddp_class = nn.parallel.DistributedDataParallel
+    calls: list[int] = []
+    forward = ddp_class.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = conv_bn().train()
+        ddp = ddp_class(model)
+        monkeypatch.setattr(ddp_class, "forward", counted)
+        x = torch.randn(12, 3, 2, 2, dtype=torch.float64)
+        labelled = (torch.randn(40, 3, 2, 2, dtype=torch.float64), torch.arange(40) % 4)
+        makers = [
+            lambda m, layer: ODINDetector(m, temperature=10.0, epsilon=0.01),
+            lambda m, layer: MSPDetector(m),
+            lambda m, layer: EnergyDetector(m),
+            lambda m, layer: MahalanobisDetector(m, layer=layer, ridge=1e-3).fit(labelled),
+        ]
+        for make in makers:
+            wrapped, plain = make(ddp, "module.3"), make(model, "3")
+            assert torch.equal(wrapped.calibrate(x).score(x), plain.calibrate(x).score(x))
+            assert torch.equal(wrapped.predict(x), plain.predict(x))
+        assert torch.equal(odin_score(ddp, x), odin_score(model, x))
+        assert torch.equal(odin_perturb(ddp, x), odin_perturb(model, x))
+        assert calls == []  # DDP's forward never ran
+        assert all(m.training for m in ddp.modules())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_inputs_cast_to_a_module_dtype_but_not_for_a_callable():

@@ -25,13 +25,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+import gq_loss.kernels
 from gq_loss import class_gradient_norms
-from gq_loss.kernels import GRADIENT_METHODS, METHODS, OPERANDS
+from gq_loss.kernels import GRADIENT_METHODS, OPERANDS
 
 
 def test_variants_cover_every_method() -> None:
     assert {m for m, _ in VARIANTS} == set(GRADIENT_METHODS)
-    assert METHODS == GRADIENT_METHODS  # the former name stays importable
+    assert not hasattr(gq_loss.kernels, "METHODS")  # renamed without an alias (1.0 API)
     assert set(OPERANDS) == {"softmax", "log_softmax", "logits"}
 
 
@@ -107,9 +108,23 @@ def test_parity_grid(operand: str, p: float) -> None:
     assert not errors, "\n".join(errors)
 
 
+@pytest.mark.parametrize("kind", ["conv_gn", "conv_ln"])
+@pytest.mark.parametrize("rank", [3, 4])
+def test_parity_groupnorm_and_layernorm_over_channels(kind: str, rank: int) -> None:
+    # GroupNorm, and LayerNorm over (C, H, W) / (C, L): per-sample statistics over channels and
+    # space, whose double backward the vmapped methods must batch.
+    shape = input_shape(kind, rank)
+    model = make_model(kind, shape, 4, seed=5)
+    x = torch.randn(3, *shape, dtype=F64)
+    classes = torch.tensor([[0, 3], [2, 2], [1, 0]])
+    errors = check_parity(model, x, "softmax", 1, 1.3, None)
+    errors += check_parity(model, x, "log_softmax", 2, 0.8, classes)
+    assert not errors, "\n".join(errors)
+
+
 @HYPO
 @given(
-    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn"]),
+    kind=st.sampled_from(["mlp_gelu", "softplus", "conv_bn", "conv_gn", "conv_ln"]),
     rank=st.integers(2, 4),
     batch=st.integers(0, 4),
     n=st.integers(2, 5),
@@ -373,6 +388,31 @@ def test_float32_model_gives_float32_norms() -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
 
 
+def low_precision_norms(model: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The model's own ``dtype`` input gradient of each softmax column, its L1 norm in float64."""
+    xl = x.to(dtype).requires_grad_(True)
+    op = model(xl).float().softmax(dim=1)
+    cols = [
+        torch.autograd.grad(op[:, j].sum(), xl, retain_graph=True)[0].double().abs().flatten(1)
+        for j in range(op.shape[1])
+    ]
+    return torch.stack([c.sum(1) for c in cols], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_gives_float32_norms(dtype: torch.dtype) -> None:
+    # Documented: float32 or wider. The norms of a bf16/fp16 gradient are accumulated in float32.
+    model = make_model("conv_bn", (2, 3, 3), 4).to(dtype)
+    x = torch.randn(3, 2, 3, 3)
+    want = low_precision_norms(model, x, dtype)
+    for method, chunk in VARIANTS:
+        got = class_gradient_norms(model, x, method=method, chunk_size=chunk, create_graph=True)
+        assert got.dtype == torch.float32, (method, chunk)
+        # loop and recompute take the very gradient of the oracle; vmap may round it otherwise
+        rtol = 1e-6 if method in ("auto", "loop", "recompute") else 2e-2
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -487,7 +527,7 @@ class Returns(nn.Module):
 def test_bad_model_output(
     fn: Callable[[Tensor], object], error: type[Exception], match: str
 ) -> None:
-    for method in METHODS:
+    for method in GRADIENT_METHODS:
         with pytest.raises(error, match=match):
             class_gradient_norms(Returns(fn), X, method=method)
 
@@ -507,13 +547,51 @@ def test_inputs_cast_to_the_model_dtype() -> None:
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
 
 
+def model_error(model: Callable[[Tensor], object], x: Tensor) -> Exception:
+    """What the model itself raises on ``x``."""
+    with pytest.raises(Exception) as info:
+        model(x)
+    return info.value
+
+
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_single_image_says_unsqueeze(batchnorm: bool) -> None:
     norm = nn.BatchNorm2d(2) if batchnorm else nn.Identity()
     model = nn.Sequential(nn.Conv2d(3, 2, 3), norm, Flat(), nn.Linear(2 * 4, 3))
+    image = torch.randn(3, 6, 6)
+    own = model_error(model, image)  # BatchNorm: ValueError; the Linear: RuntimeError
     for method in ("loop", "batched", "recompute", "jacrev"):
-        with pytest.raises(ValueError, match=r"single \(C, H, W\) image pass `x.unsqueeze\(0\)`"):
-            class_gradient_norms(model, torch.randn(3, 6, 6), method=method)
+        with pytest.raises(type(own)) as info:
+            class_gradient_norms(model, image, method=method)
+        # The model's own error, with a note: the type and message are kept.
+        assert str(own) in str(info.value)
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "for a single (C, H, W) image pass `x.unsqueeze(0)`" in notes
+
+
+class Text(nn.Module):
+    """A (B, L, D) text model that fails on its own (a width mismatch, a bad mask)."""
+
+    def __init__(self, error: type[Exception] | None) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.error = error
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.error is not None:
+            raise self.error("attention mask has 4 positions, inputs have 6")
+        return self.lin(x).mean(1)
+
+
+@pytest.mark.parametrize("error", [None, KeyError, IndexError, ValueError, RuntimeError])
+def test_batch_of_sequences_keeps_the_models_error(error: type[Exception] | None) -> None:
+    # A (B, L, D) batch is not a single image: no unsqueeze hint, the model's own type and message.
+    model, x = Text(error), torch.randn(2, 6, 4)  # D = 4, the model takes 5 when error is None
+    own = model_error(model, x)
+    for method in ("loop", "batched", "recompute", "jacrev"):
+        with pytest.raises(type(own)) as info:
+            class_gradient_norms(model, x, method=method)
+        assert str(info.value) == str(own) and not getattr(info.value, "__notes__", [])
 
 
 def test_bad_model() -> None:
@@ -589,6 +667,27 @@ def test_jacrev_refuses_what_torch_func_cannot_run(make: Callable[[], nn.Module]
         class_gradient_norms(model, X, method="jacrev", create_graph=True)
 
 
+def test_jacrev_names_the_function_without_setup_context() -> None:
+    # The cause is the Function (not reentrant checkpointing, which the model does not use)...
+    model, x = UsesOldFunction(), torch.randn(3, 4, dtype=F64)
+    message = (
+        r"^gq_loss: method='jacrev' .*the custom autograd.Function OldStyleSquare has no "
+        r"setup_context .*use method='loop', 'recompute' or 'batched'.*or give it a setup_context"
+    )
+    with pytest.raises(RuntimeError, match=message) as info:
+        class_gradient_norms(model, x, method="jacrev", create_graph=True)
+    assert "use_reentrant" not in str(info.value)
+    # ...and the methods named there give the loop's values and parameter gradients.
+    want = class_gradient_norms(model, x, method="loop", create_graph=True)
+    weights = torch.rand(want.shape, dtype=F64)
+    want_grads = param_grads(model, want, weights)
+    for method in ("recompute", "batched"):
+        got = class_gradient_norms(model, x, method=method, create_graph=True)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        assert got.min() > 0
+        torch.testing.assert_close(param_grads(model, got, weights), want_grads)
+
+
 def test_jacrev_keeps_other_graphs_on_the_model_valid() -> None:
     # An eval-mode BatchNorm saves its running statistics in every graph through it; jacrev
     # writes back only the buffers its forward changed, so an earlier graph still backwards.
@@ -620,8 +719,43 @@ def test_jacrev_chunk_size_reaches_vmap(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_jacrev_refuses_ddp_wrapper() -> None:
     ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)  # a module without a process group
     with pytest.raises(TypeError, match=r"method='jacrev' cannot run a DistributedDataParallel"):
         class_gradient_norms(ddp, X, method="jacrev")
+
+
+@pytest.mark.parametrize("kind", ["conv_bn", "conv_gn", "conv_ln"])
+def test_batched_under_cpu_bf16_autocast_equals_loop(kind: str) -> None:
+    # Each of PyTorch's vmaps breaks one of these double backwards in torch 2.13 (the older one
+    # GroupNorm's, torch.func's BatchNorm's and LayerNorm's under bf16): batched takes the other.
+    model = make_model(kind, (2, 3, 3), 4, seed=3).float()
+    x = torch.randn(3, 2, 3, 3)
+    weights = torch.rand(3, 4) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_gradient_norms(model, x, method="loop", create_graph=True)
+        got = class_gradient_norms(model, x, method="batched", create_graph=True)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+    for g, w in zip(
+        param_grads(model, got, weights), param_grads(model, want, weights), strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=2e-2)  # bf16: steps of 2^-7 near 1
+
+
+def test_batched_says_loop_when_neither_vmap_can() -> None:
+    # LayerNorm on bf16 activations and GroupNorm under bf16 autocast: each vmap fails on one.
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.LayerNorm([4, 3, 3]), nn.GroupNorm(2, 4), Flat(),
+        nn.Linear(36, 3),
+    )  # fmt: skip
+    x = torch.randn(3, 2, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_gradient_norms(model, x, method="loop", create_graph=True)
+        with pytest.raises(RuntimeError, match=r"gq_loss: method='batched' could not .*'loop'"):
+            class_gradient_norms(model, x, method="batched", create_graph=True)
+        # without a graph (the values) both vmaps run
+        torch.testing.assert_close(
+            class_gradient_norms(model, x, method="batched"), want.detach(), rtol=2e-2, atol=1e-4
+        )
 
 
 def test_jacrev_under_cpu_bf16_autocast_is_right_or_refused() -> None:

@@ -220,6 +220,41 @@ def test_bf16_autocast_on_cpu_still_perturbs():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_step_on_half_precision_inputs_is_refused(dtype):
+    """On half-precision inputs ``x - ε·sign(g)`` rounds back to ``x``: ODIN would silently be
+    max-softmax. A step is refused with the dtype's resolution and the fix; ε = 0 still works."""
+    name = str(dtype).removeprefix("torch.")
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
+    half = copy.deepcopy(model).to(dtype)
+    x = 4 + 4 * torch.rand(16, 12)  # in [4, 8): a float16 step of 0.001 rounds away too
+    assert torch.equal(x.to(dtype) - 0.001, x.to(dtype))  # the defect is real for these inputs
+    message = rf"ODIN cannot take its step of epsilon=0\.001 on {name} inputs .* {name} numbers"
+    fix = r"`model\.float\(\)`.*torch\.autocast"
+    for call in (
+        lambda: odin_score(half, x),
+        lambda: odin_perturb(half, x),
+        lambda: ODINDetector(half).score(x),
+        lambda: ODINDetector(half).calibrate(x),
+        lambda: ODINDetector(half, epsilon=0.0).tune(x, x, epsilons=(0.0, 0.001)),
+    ):
+        with pytest.raises(ValueError, match=message) as info:
+            call()
+        assert info.match(fix)
+        assert all(not m.training for m in half.modules())  # the mode it came in
+    with pytest.raises(ValueError, match=rf"on {name} inputs \(as passed.*pass float32 inputs"):
+        odin_score(lambda t: half(t), x.to(dtype))
+    # epsilon = 0 takes no step: temperature-scaled max-softmax of the half-precision logits
+    with torch.no_grad():
+        expected = msp_score(half(x.to(dtype)), temperature=1000.0)
+    assert torch.equal(odin_score(half, x, epsilon=0.0), expected)
+    # the fix the message names: float32 weights; ODIN ignores autocast and steps in float32
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = odin_score(model, x)
+    assert torch.equal(mixed, odin_score(model, x))
+    assert (mixed - odin_score(model, x, epsilon=0.0)).abs().min() > 0  # the step counts
+
+
 def test_data_loaders_tensors_and_chunks_agree():
     model = mlp().eval()
     x = torch.randn(10, 3, 2, 2, dtype=torch.float64)

@@ -3,6 +3,7 @@ and the pieces its table rests on (LogitNorm, paired intervals)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,66 +23,142 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 
 @pytest.fixture(scope="module")
-def reproduce() -> Iterator[Any]:
-    # A benchmark imports its neighbours (benchmarks/_examples_path.py) as when it runs as a script.
+def study() -> Iterator[Any]:
+    """The study package, imported as the script imports it (benchmarks/ on sys.path)."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["reproduce"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        yield module
+        modules = {name: importlib.import_module(f"study.{name}")
+                   for name in ("arms", "cli", "grid", "report", "results", "training")}  # fmt: skip
+        yield SimpleNamespace(**modules)
     finally:
         sys.path.remove(str(SCRIPT.parent))
-        sys.modules.pop("reproduce", None)
+        for name in [m for m in sys.modules if m == "study" or m.startswith("study.")]:
+            sys.modules.pop(name)
 
 
-def test_logitnorm_is_cross_entropy_on_normalised_logits(reproduce: Any) -> None:
+def test_logitnorm_is_cross_entropy_on_normalised_logits(study: Any) -> None:
     logits, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
     unit = logits / (logits.norm(dim=1, keepdim=True) + 1e-7)
     expected = F.cross_entropy(unit / 0.04, y)
-    torch.testing.assert_close(reproduce.logitnorm_loss(logits, y), expected)
+    torch.testing.assert_close(study.training.logitnorm_loss(logits, y), expected)
     # invariant to the scale of the logits (up to the 1e-7)
-    torch.testing.assert_close(reproduce.logitnorm_loss(7 * logits, y), expected)
+    torch.testing.assert_close(study.training.logitnorm_loss(7 * logits, y), expected)
 
 
-def test_paired_interval(reproduce: Any) -> None:
-    mean, half = reproduce.paired([0.1, 0.3])  # sd 0.1414, n 2: t(1) * sd / sqrt(2)
+def test_paired_interval(study: Any) -> None:
+    mean, half = study.report.paired([0.1, 0.3])  # sd 0.1414, n 2: t(1) * sd / sqrt(2)
     assert mean == pytest.approx(0.2) and half == pytest.approx(12.706 * 0.1, rel=1e-3)
-    assert math.isnan(reproduce.paired([0.5])[1])
+    assert math.isnan(study.report.paired([0.5])[1])
 
 
-def test_arms_train_for_their_steps_across_epochs(reproduce: Any) -> None:
+def test_arms_train_for_their_steps_across_epochs(study: Any) -> None:
     x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 10
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
-    log = reproduce.train(model, (x, y), arm=reproduce.ARMS["gq_1_k1"], steps=7, lr=0.01,
+    log = study.training.train(model, (x, y), arm=study.arms.ARMS["gq_1_k1"], steps=7, lr=0.01,
                           schedule="cosine", seed=0, batch_size=16, desc="t", show_progress=False)  # fmt: skip
     assert [r["steps"] for r in log] == [2, 2, 2, 1]  # 40 // 16 = 2 steps an epoch, cut at 7
     assert all(r["train_gq"] > 0 for r in log)
 
 
-def test_grid_order_and_controls(reproduce: Any) -> None:
-    args = reproduce.parse_args(["--seeds", "0", "1", "--few-seeds", "1",
+def test_an_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(
+    study: Any, tmp_path: Path
+) -> None:
+    x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 10
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                   torch.nn.Flatten(), torch.nn.Linear(144, 10))  # fmt: skip
+
+    kw = dict(arm=study.arms.ARMS["gq_1_k1"], steps=7, lr=0.01, schedule="onecycle", seed=0,
+              batch_size=16, desc="t", show_progress=False)  # fmt: skip
+    whole = model()
+    whole_log = study.training.train(whole, (x, y), **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_third_epoch(_: torch.nn.Module) -> dict:
+        epochs.append(0)
+        if len(epochs) == 3:
+            raise Killed
+        return {}
+
+    epochs: list[int] = []
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        study.training.train(model(), (x, y), probe=kill_in_third_epoch,
+                             checkpoint=str(checkpoint), **kw)  # fmt: skip
+    assert checkpoint.is_file()  # written after epochs 1 and 2
+    resumed = model()  # a new process: fresh weights, the checkpoint on disk
+    log = study.training.train(resumed, (x, y), checkpoint=str(checkpoint), **kw)
+    assert [r.get("resumed", False) for r in log] == [False, False, True, False]
+    assert [r["loss"] for r in log] == [r["loss"] for r in whole_log]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not checkpoint.exists()  # removed when the run ends
+
+
+def test_report_covers_arms_without_a_ce_run(study: Any) -> None:
+    def run(auroc: float, acc: float, **extra: Any) -> dict:
+        ood = {s: {m: {"auroc": auroc, "fpr95": 1 - auroc, "aupr": auroc}
+                   for m in ("ODIN", "MSP", "energy")} for s in ("MNIST", "uniform")}  # fmt: skip
+        settings = {"arch": "tiny_cnn", "pretrain_epochs": 1, "pretrain_lr": 0.1, "ft_lr": 0.02,
+                    "batch_size": 32, "id_eval_size": 64, "ood_size": 32, "threads": 1,
+                    "torch": "x"}  # fmt: skip
+        return {"accuracy": acc, "ood": ood, "settings": settings, "seconds_per_step": 1.0,
+                "train_log": [{"seconds": 60.0}], **extra}  # fmt: skip
+
+    runs = {
+        "pretrained": {0: run(0.70, 0.60), 1: run(0.80, 0.70)},
+        "scratch_gq_1_k1": {0: run(0.75, 0.50), 1: run(0.90, 0.60)},
+        # GQ alone pairs with the weights it started from, not with the stored pre-training
+        "gq_only_k1_s390": {
+            0: run(0.60, 0.10, start=run(0.50, 0.65)),
+            1: run(0.70, 0.20, start=run(0.60, 0.75)),
+        },
+    }
+    text, head = study.report.report(runs)
+    assert head["scratch_gq_1_k1"]["seeds"] == [0, 1]
+    assert head["scratch_gq_1_k1"]["auroc"][0] == pytest.approx(0.075)
+    assert head["gq_only_k1_s390"]["auroc"][0] == pytest.approx(0.10)
+    assert head["gq_only_k1_s390"]["accuracy"][0] == pytest.approx(-0.55)
+    assert "## The paper's regimes" in text
+    assert "| gq_only_k1_s390 | 2 | 70.0 | 15.0 | 55.0 | 65.0 |" in text
+    assert "| scratch_gq_1_k1 | 2 | +7.5 ± " in text.split("per OOD set")[1]
+
+
+def test_grid_order_and_controls(study: Any) -> None:
+    args = study.cli.parse_args(["--seeds", "0", "1", "--few-seeds", "1",
                                  "--arms", "gq_1_s80", "gq_1_k1", "ce_s80"])  # fmt: skip
-    assert reproduce.grid_jobs(args) == [
+    assert study.grid.grid_jobs(args) == [
         ("pretrained", 0), ("gq_1_s80", 0), ("gq_1_k1", 0), ("ce_s80", 0),
         ("pretrained", 1), ("gq_1_s80", 1), ("ce_s80", 1),
     ]  # fmt: skip
     args.order = "arm"
-    assert reproduce.grid_jobs(args) == [
+    assert study.grid.grid_jobs(args) == [
         ("pretrained", 0), ("gq_1_s80", 0), ("pretrained", 1), ("gq_1_s80", 1), ("gq_1_k1", 0),
         ("ce_s80", 0), ("ce_s80", 1),
     ]  # fmt: skip
-    controls = reproduce.CONTROLS
+    controls = study.arms.CONTROLS
     assert controls["gq_1_s320"] == "ce_s320" and controls["gq_1_k3_s320"] == "ce_s320"
     assert controls["gq_1_k1"] == "ce" and controls["ce_s1600"] == "ce"
     assert controls["scratch_gq_1_k1"] == "pretrained"
-    assert reproduce.ARMS["gq_1_k1_s320"].loss == reproduce.ARMS["gq_1_k1"]
+    assert study.arms.ARMS["gq_1_k1_s320"].loss == study.arms.ARMS["gq_1_k1"]
+
+
+def study_arms() -> list[str]:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return list(importlib.import_module("study.arms").ARMS)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.mark.slow
 def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
-    args = [sys.executable, str(SCRIPT), "--smoke", "--no-progress", "--jobs", "2",
+    # the documented command's defaults (--jobs 1: every run in this process)
+    args = [sys.executable, str(SCRIPT), "--smoke", "--no-progress",
             "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
@@ -88,7 +166,9 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     res = tmp_path / "res"
     arms = ("ce", "gq_0.1", "gq_1", "gq_10", "gq_reversed", "logitnorm", "reference_1",
             "ce_s80", "gq_1_s80", "ce_s320", "gq_1_s320", "ce_s1600",
-            "gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320", "scratch_gq_1_k1")  # fmt: skip
+            "gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320", "scratch_gq_1_k1",
+            "scratch_gq_0.1_k1", "scratch_gq_1", "gq_only_k1_s390", "reference_only_s390")  # fmt: skip
+    assert set(arms) == set(study_arms())
     for arm in (*arms, "pretrained"):
         for seed in (0, 1):
             run = json.loads((res / arm / f"seed{seed}.json").read_text())
@@ -110,6 +190,13 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
         assert section in report
     assert "| gq_1_s320 | 320 | ce_s320 | 2 |" in report
     assert "| scratch_gq_1_k1 | 1950 | pretrained | 2 |" in report
+    # GQ alone: no CE term, and its control is the evaluation of the weights it started from
+    alone = json.loads((res / "gq_only_k1_s390" / "seed0.json").read_text())
+    assert alone["base"] == "none" and alone["steps"] == 10 and "start" in alone
+    assert alone["train_log"][0]["loss"] == pytest.approx(alone["train_log"][0]["train_gq"])
+    assert "## The paper's regimes" in report
+    if importlib.util.find_spec("matplotlib"):
+        assert (res / "study.png").is_file() and (res / "regimes.png").is_file()
     assert list((tmp_path / "cache" / "pretrain").glob("*.pt"))  # weights: cache only
     assert not list(res.rglob("*.pt"))
     costs = json.loads((res / "step_costs.json").read_text())

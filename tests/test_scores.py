@@ -292,6 +292,13 @@ def test_mahalanobis_validation_errors() -> None:
         maha.fit([(x, y.double())])
     with pytest.raises(ValueError, match=r"`labels` must have shape \(60,\), got \(59,\)"):
         maha.fit((x, y[1:]))
+    # one (inputs, labels) pair whose labels are not int (B,): the labels are named, not the pair
+    with pytest.raises(TypeError, match=r"`labels` must be an integer.*float32.*labels\.long\(\)"):
+        maha.fit((x, y.float()))
+    with pytest.raises(ValueError, match=r"must have shape \(60,\), got \(60, 1\).*squeeze"):
+        maha.fit((x, y[:, None]))
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(60,\), got \(60, 1\)"):
+        maha.fit([x, y[:, None]])  # a list works as the pair too
     with pytest.raises(ValueError, match=r"`labels` must be >= 0, got -1"):
         maha.fit((x[:2], torch.tensor([0, -1])))
     with pytest.raises(TypeError, match=r"`id_train_data` needs labels: pass \(inputs, labels\)"):

@@ -232,3 +232,62 @@ def test_zoo_model_trains_with_gq_and_scores_with_odin(name: str) -> None:
     assert torch.equal(predicted, torch.where(accepted, classes, torch.full_like(classes, -1)))
     assert model.training
     torch.testing.assert_close(detector.score(x), scores)  # eval mode inside: no batch noise
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("loop", None), ("batched", None), ("recompute", 2)])
+def test_hf_gradient_checkpointing_on_sdpa_equals_no_checkpointing(
+    method: str, chunk: int | None
+) -> None:
+    # HF's activation_checkpointing_enable() (formerly gradient_checkpointing_enable()) is
+    # torch.utils.checkpoint(use_reentrant=False) around each layer; ViT's default attention is
+    # SDPA, whose recomputation in backward() must run on the math backend of GQ's forward
+    # (float32: the fused CPU kernel is the default otherwise).
+    model, inputs = build("vit")
+    plain = copy.deepcopy(model).train()
+    model.activation_checkpointing_enable()
+    model.train()
+    assert model.is_activation_checkpointing and attention_backend(model) == "sdpa"
+    x, y = inputs(4), torch.tensor([0, 1, 2, 1])
+    results = []
+    for m in (model, plain):
+        gq, logits = gq_loss(m, x, y, method=method, chunk_size=chunk, return_logits=True)
+        (F.cross_entropy(logits, y) + gq).backward()
+        results.append((gq.detach(), [q.grad for q in m.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for got, want in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match=r"method='jacrev' could not run .*checkpoint"):
+        gq_loss(model, x, y, method="jacrev")
+
+
+def test_hf_wav2vec2_train_mode_needs_freeze_feature_encoder() -> None:
+    # Wav2Vec2's feature encoder sets requires_grad on a view of its input in train mode, which
+    # PyTorch refuses once the input requires grad (GQ's does): gq-loss says what to call.
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, num_labels=CLASSES, classifier_proj_size=8,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, feat_extract_norm="group",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForSequenceClassification(config).train()
+    x, y = torch.randn(4, 200), torch.tensor([0, 1, 2, 1])
+    for method in ("loop", "batched", "recompute", "jacrev"):
+        with pytest.raises(
+            RuntimeError, match=r"gq_loss: .*model\.freeze_feature_encoder\(\)"
+        ) as info:
+            gq_loss(model, x, y, method=method)
+        assert "only change requires_grad flags of leaf variables" in str(info.value.__cause__)
+    # With the encoder frozen every method trains, and equals eval mode (no dropout, no masking;
+    # eval mode skips the requires_grad line).
+    model.freeze_feature_encoder()
+    params = [q for q in model.parameters() if q.requires_grad]
+    want = gq_loss(model.eval(), x, y)
+    want_grads = torch.autograd.grad(want, params)
+    model.train()
+    for method in ("loop", "batched", "recompute", "jacrev"):
+        got = gq_loss(model, x, y, method=method)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0, msg=method)
+        for g, w in zip(torch.autograd.grad(got, params), want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=method)

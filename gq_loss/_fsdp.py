@@ -1,0 +1,128 @@
+"""GQ on models sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`), package-internal.
+
+FSDP2 keeps each parameter sharded over the processes, all-gathers a module's parameters before
+its forward (and again before its backward), frees them afterwards, and reduce-scatters the
+module's parameter gradients once the backward pass has gone through it. GQ's second-order graph
+breaks two of these rules: it uses the gathered parameters again after FSDP has freed them, and
+its parameter gradients come out of the double-backward graph in no order FSDP knows. So, under
+FSDP2, one GQ call
+
+1. keeps every gathered parameter allocated until the call ends (`full_parameters`): resharding
+   after backward is off during the call, so once GQ's first backward pass has gathered a
+   module's parameters (FSDP's own hooks do that), they stay;
+2. takes GQ's parameter (and input) gradient within the call, while every parameter is there
+   (`FullParameters.hand_over`), and returns the value through a node whose backward hands that
+   gradient, times the incoming one, to the gathered parameters. The node also feeds the logits
+   of GQ's forward pass, so the whole forward graph, with FSDP's gradient hooks, runs after it:
+   FSDP reduce-scatters GQ's gradient together with the cross-entropy gradient, as in one
+   ordinary backward pass, and also when GQ's value is the whole loss;
+3. restores FSDP's settings and reshards what a forward pass reshards.
+
+Each process holds every layer's gathered parameters during a GQ call and one gradient per
+parameter until `backward()`: GQ's second-order pass needs all layers at once. FSDP2 internals
+read here (torch 2.13): `FSDPModule._get_fsdp_state()._fsdp_param_groups` and, on each group,
+`reshard_after_backward` and `_reshard_after_forward`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FullParameters", "fsdp_modules", "full_parameters"]
+
+
+def fsdp_modules(model: Any) -> list[nn.Module]:
+    """The FSDP2 (`fully_shard`) modules of `model`; empty when FSDP was never imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not isinstance(model, nn.Module):
+        return []
+    return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
+
+
+def _groups(module: nn.Module) -> list[Any]:
+    groups: list[Any] = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+    return groups
+
+
+class FullParameters:
+    """The FSDP2 modules of one GQ call, their gathered parameters kept until it ends."""
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module]) -> None:
+        self.model = model
+        self.modules = modules
+        self.groups = [g for m in modules for g in _groups(m)]
+
+    def hand_over(self, value: Tensor, logits: Tensor, x: Tensor | None) -> Tensor:
+        """`value` (a scalar with GQ's graph) as a node that hands its gradient to FSDP.
+
+        The parameter gradient (and, for inputs that require grad, the input gradient `x`'s) is
+        taken now; `backward()` scales it by the incoming gradient. See the module docstring.
+        """
+        if not value.requires_grad:  # nothing to train
+            return value
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        targets = ([x] if x is not None else []) + params
+        grads = torch.autograd.grad(value, targets, retain_graph=True, allow_unused=True)
+        out: Tensor = _HandOver.apply(value.detach(), grads, logits, *targets)
+        return out
+
+
+@contextmanager
+def full_parameters(model: Any) -> Iterator[FullParameters | None]:
+    """`FullParameters` for the FSDP2 modules of `model` during the block; None without any.
+
+    Resharding after backward is off inside the block (GQ's own backward passes run FSDP's
+    hooks, which gather the parameters); on exit the settings come back and the modules that
+    reshard after forward are resharded, as after an ordinary forward pass.
+    """
+    modules = fsdp_modules(model)
+    if not modules:
+        yield None
+        return
+    held = FullParameters(model, modules)
+    settings = [(g, g.reshard_after_backward) for g in held.groups]
+    for group, _ in settings:
+        group.reshard_after_backward = False
+    try:
+        yield held
+    finally:
+        for group, setting in settings:
+            group.reshard_after_backward = setting
+        for module in modules:
+            if any(g._reshard_after_forward for g in _groups(module)):
+                module.reshard()  # type: ignore[operator]
+
+
+class _HandOver(torch.autograd.Function):
+    """Identity on GQ's value; backward returns `grad * d value/d target` for every target.
+
+    `logits` is an input only so that the forward graph (and FSDP's gradient hooks in it) runs
+    after this node; it gets no gradient from here.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        value: Tensor,
+        grads: Sequence[Tensor | None],
+        logits: Tensor,
+        *targets: Tensor,
+    ) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gq_loss: under FSDP2 GQ's gradient is first-order only, got a backward with "
+                "create_graph=True; call backward() without it"
+            )
+        grad = grad.detach()
+        return (None, None, None, *(None if g is None else grad * g for g in ctx.grads))
