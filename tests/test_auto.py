@@ -390,3 +390,15 @@ def test_when_every_other_method_fails_auto_is_loop(monkeypatch: pytest.MonkeyPa
         "jacrev": "failed: RuntimeError: jacrev refused",
     }
     torch.testing.assert_close(got, brute_gq(model, X, Y).mean(), rtol=1e-9, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+def test_torchscript_models_get_loop_without_an_error(ranking: Callable[..., list[str]]) -> None:
+    # batched and jacrev refuse TorchScript; auto times only what runs.
+    model = torch.jit.script(make_model("mlp_gelu", (2, 3, 3), 4))
+    ranking("jacrev", "batched")
+    got = gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop"
+    assert all("TorchScript" in choice.excluded[m] for m in ("batched", "jacrev"))
+    torch.testing.assert_close(got, brute_gq(model, X, Y).mean(), rtol=1e-9, atol=0)
