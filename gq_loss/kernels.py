@@ -46,14 +46,14 @@ A method that fails or is refused in the probe is left out, and the user sees no
   and timing would run the model's collectives) and for a plain callable: it is `loop`;
 - above 32 classes per sample (all N, or `1 + num_sampled`, or `classes`): it is `loop`
   (`batched` and `jacrev` hold all classes at once; measured on CPU at N = 100, `jacrev` was
-  1.4x faster than `loop` on the zoo ViT and 4x on BERT: choose it yourself if memory allows).
+  1.3x faster than `loop` on the zoo ViT and 3.7x on BERT: choose it yourself if memory allows).
 
 It leaves out `jacrev` when the forward pass draws random numbers (Dropout in train mode:
 `torch.func` may draw them in another order than eager mode, so the result would depend on the
 timing) and, on CUDA, a method whose warm-up needed more memory beyond `loop`'s than was left
 free on the device. Measured on CPU (`docs/models.md`), `auto` was within 1.1x of the fastest
-exact method on the eleven Hugging Face models of the test zoo (it took `jacrev` or `batched`:
-up to 2x faster than `loop`) and on the example CNNs (`loop`, or a tie).
+exact method on the eleven Hugging Face models of the test zoo (it took `jacrev` or `batched`,
+up to 2.6x faster than `loop`) and on the example CNNs (`loop`; `jacrev` on ResNet-18).
 
 `jacrev` under CPU bf16 autocast fails on BatchNorm and LayerNorm (so on transformers too:
 torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there (and `auto` leaves
