@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gq_loss import _auto
+
 # The example scripts import their siblings by name (``from models import build_model``); the
 # tests import them the same way (benchmarks use benchmarks/_examples_path.py, docs/examples.md).
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
@@ -33,3 +35,14 @@ def _restore_rng() -> object:
     torch.manual_seed(0)
     yield
     torch.set_rng_state(state)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _short_auto_probe() -> object:
+    """`method="auto"` times the methods on each new model for up to `PROBE_SECONDS`; the tests
+    build hundreds of tiny models, so they time the minimum number of rounds instead (the
+    choice rule is the same; tests/test_auto.py checks it)."""
+    saved = _auto.PROBE_SECONDS
+    _auto.PROBE_SECONDS = 0.0
+    yield
+    _auto.PROBE_SECONDS = saved
