@@ -82,7 +82,14 @@ def train(
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     criterion = (
-        GQLoss(formulation=arm.formulation, estimator=arm.estimator, num_sampled=arm.num_sampled)
+        # A fixed method, not "auto" (which times the methods): a resumed run must repeat the same
+        # arithmetic. The reference formulation has no method to choose.
+        GQLoss(
+            formulation=arm.formulation,
+            estimator=arm.estimator,
+            num_sampled=arm.num_sampled,
+            method="loop" if arm.formulation == "paper" else "auto",
+        )
         if arm.lam
         else None
     )
