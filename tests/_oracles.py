@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from hypothesis import HealthCheck, settings
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 Model = Callable[[Tensor], Tensor]
 F64 = torch.float64
@@ -220,3 +222,21 @@ class Shifted(nn.Module):
 
 def buffers(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.clone() for k, v in model.named_buffers()}
+
+
+class FirstOrderTanh(torch.autograd.Function):
+    """tanh whose backward has no derivative of its own (like a custom kernel)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out**2)

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import F64, VARIANTS, brute_gq
+from _oracles import F64, VARIANTS, FirstOrderTanh, brute_gq
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from gq_loss import GQLoss, gq_loss
@@ -149,24 +148,6 @@ def test_transformer_encoder_layer_train_mode_every_method_equals_loop(dropout: 
 
 
 # --------------------------------------------------------------------------- no second derivative
-
-
-class FirstOrderTanh(torch.autograd.Function):
-    """tanh with a backward that has no derivative of its own (like a custom kernel)."""
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        return grad * (1 - out**2)
 
 
 class Custom(nn.Module):

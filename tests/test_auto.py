@@ -15,9 +15,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import F64, Flat, brute_gq, buffers, make_model
+from _oracles import F64, FirstOrderTanh, Flat, brute_gq, buffers, make_model
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from gq_loss import GQLoss, _auto, class_gradient_norms, gq_loss
@@ -294,20 +293,6 @@ def test_choice_is_cached_per_model_setup_and_shape_and_held_weakly(
     del model
     gc.collect()
     assert ref() is None
-
-
-class FirstOrderTanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:  # type: ignore[override]
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)  # type: ignore[attr-defined]
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
-        (y,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * (1 - y * y)
 
 
 def test_a_model_every_method_refuses_gets_the_usual_error(

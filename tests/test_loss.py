@@ -16,6 +16,7 @@ from _oracles import (
     HYPO,
     NORMS,
     VARIANTS,
+    FirstOrderTanh,
     Flat,
     Shifted,
     brute_gq,
@@ -28,7 +29,6 @@ from _oracles import (
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -506,24 +506,6 @@ def test_forward_that_mutates_a_buffer(method: str, chunk: int | None) -> None:
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     torch.testing.assert_close(named_grads(model, got), want_grads, rtol=1e-9, atol=1e-12)
     assert model.scale.item() == 0.5  # one forward's update, not two
-
-
-class FirstOrderTanh(torch.autograd.Function):
-    """tanh whose backward has no derivative of its own (like a custom kernel)."""
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
-        (out,) = ctx.saved_tensors
-        return grad * (1 - out**2)
 
 
 class FirstOrder(nn.Module):
