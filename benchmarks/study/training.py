@@ -143,7 +143,8 @@ def train(
             log[-1]["resumed"] = True
         if probe is not None:
             log[-1] |= probe(model)
-            print(f"  {desc} epoch {epoch + 1}: {log[-1]}", flush=True)
+        if epochs > 1:  # a line per epoch of a long run, for logs without a progress bar
+            print(f"  {desc} epoch {epoch + 1}/{epochs}: {log[-1]}", flush=True)
         if checkpoint is not None and epoch + 1 < epochs:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "order_rng": gen.get_state(),
