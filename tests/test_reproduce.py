@@ -145,6 +145,9 @@ def test_grid_order_and_controls(study: Any) -> None:
     assert controls["gq_1_k1"] == "ce" and controls["ce_s1600"] == "ce"
     assert controls["scratch_gq_1_k1"] == "pretrained"
     assert study.arms.ARMS["gq_1_k1_s320"].loss == study.arms.ARMS["gq_1_k1"]
+    arms = study.arms.ARMS  # the value of a non-zero λ does not change the cost of a step
+    assert arms["scratch_gq_0.1_k1"].loss == arms["scratch_gq_1_k1"].loss == arms["gq_1_k1"]
+    assert arms["gq_10"].loss == arms["gq_1"].loss != arms["ce"].loss
 
 
 def study_arms() -> list[str]:

@@ -20,8 +20,10 @@ class Arm:
 
     @property
     def loss(self) -> Arm:
-        """The same loss at the default length: arms that share it share one step cost."""
-        return Arm(self.base, self.lam, self.formulation, self.estimator, self.num_sampled)
+        """The same computation at the default length: arms that share it share one step cost
+        (which does not depend on the value of a non-zero λ)."""
+        return Arm(self.base, float(self.lam != 0), self.formulation, self.estimator,
+                   self.num_sampled)  # fmt: skip
 
 
 ARMS = {
