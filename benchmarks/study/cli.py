@@ -32,8 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cache-dir", default="runs/study", help="cached pre-trained weights (not committed)"
     )
-    p.add_argument("--arch", default="small_cnn", choices=MODEL_NAMES)
-    p.add_argument("--pretrain-epochs", type=int, default=5, help="CE epochs on the 50k split")
+    p.add_argument("--arch", default="small_cnn", choices=MODEL_NAMES, help=(
+        "the network; fast_cnn pre-trains (and trains from scratch) with the recipe of "
+        "examples/fast_cifar.py, into --results-dir docs/reproduction/study_fast by default"
+    ))  # fmt: skip
+    p.add_argument("--precision", choices=("float32", "bf16"), default=None,
+                   help="forward and GQ passes in float32 or under CPU bf16 autocast "
+                        "(default: bf16 for fast_cnn, float32 otherwise)")  # fmt: skip
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="CE epochs on the 50k split (default: 10 for fast_cnn, 5 otherwise)")  # fmt: skip
     p.add_argument("--pretrain-lr", type=float, default=0.1, help="OneCycle peak learning rate")
     p.add_argument("--ft-lr", type=float, default=0.02, help="fine-tuning lr (cosine to 0)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -63,13 +70,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--results-dir/--cache-dir are given; under a minute")  # fmt: skip
     args = p.parse_args(argv)
     args.step_scale = 1.0
+    fast = args.arch == "fast_cnn"
+    if args.precision is None:
+        args.precision = "bf16" if fast else "float32"
+    if args.pretrain_epochs is None:
+        args.pretrain_epochs = 10 if fast else 5
+    if fast and args.results_dir == p.get_default("results_dir"):
+        args.results_dir = "docs/reproduction/study_fast"
     if args.smoke:
         tmp = tempfile.mkdtemp(prefix="gq_study_smoke_")
         if args.results_dir == p.get_default("results_dir"):
             args.results_dir = os.path.join(tmp, "results")
         if args.cache_dir == p.get_default("cache_dir"):
             args.cache_dir = os.path.join(tmp, "cache")
-        args.arch, args.pretrain_epochs, args.step_scale = "tiny_cnn", 1, 0.025
+        if not fast:
+            args.arch = "tiny_cnn"
+        args.pretrain_epochs, args.step_scale = 1, 0.025
         args.batch_size, args.ood_size, args.seeds = 32, 32, args.seeds[:2]
         args.id_eval_size = 64
     return args

@@ -25,8 +25,8 @@ class StudyData:
 
 def load_data(args: argparse.Namespace) -> StudyData:
     n, side = args.ood_size, 32
-    if args.smoke:  # generated 16x16 data only: a run of this script must not need ../shared
-        side = 16
+    if args.smoke:  # generated data only: a run of this script must not need ../shared
+        side = 32 if args.arch == "fast_cnn" else 16  # fast_cnn pools 32x32 down to 1x1
         train = synthetic_dataset(256, 10, image_size=side, seed=1).tensors
         test = synthetic_dataset(128, 10, image_size=side, seed=2).tensors
         ood = {"other patterns": synthetic_dataset(n, 7, image_size=side, seed=3).tensors[0]}

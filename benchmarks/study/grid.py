@@ -55,7 +55,8 @@ def run_job(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
         model, info = pretrained(args, seed, data)
         if not os.path.isfile(result_path(args, name, seed)):
             write_json(result_path(args, name, seed), evaluate(model, data, args.id_eval_size)
-                       | {"seed": seed, "train_log": info["log"], "settings": settings(args)})  # fmt: skip
+                       | {"seed": seed, "model": args.arch, "precision": args.precision,
+                          "train_log": info["log"], "settings": settings(args)})  # fmt: skip
     else:
         write_json(result_path(args, name, seed), run_one(args, name, seed, data))
 
@@ -130,7 +131,7 @@ def measure_step_costs(args: argparse.Namespace, rounds: int = 3, steps: int = 3
     and their ratio to the CE step. Arms of one loss (``Arm.loss``) share its measurement.
     Written to ``step_costs.json`` (arms measured before and not now keep their entries, each
     a ratio to the CE step of its own measurement); the report's cost column comes from it."""
-    side = 16 if args.smoke else 32
+    side = 16 if args.smoke and args.arch != "fast_cnn" else 32
     if args.smoke:
         rounds, steps = 2, 1
     data = synthetic_dataset(steps * args.batch_size, 10, image_size=side, seed=5).tensors

@@ -4,6 +4,7 @@ fine-tuned (or trained from scratch) and evaluated."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import fast_cifar
 import torch
 import torch.nn.functional as F
 from data import augmentation_params, crop_flip
@@ -57,6 +59,7 @@ def train(
     show_progress: bool,
     probe: Any = None,
     checkpoint: str | None = None,
+    precision: str = "float32",
 ) -> list[dict[str, float]]:
     """``steps`` SGD steps (nesterov momentum 0.9, weight decay 5e-4) with reflect-pad crop + flip,
     in epochs over ``data`` (the last one cut short when ``steps`` ends inside it).
@@ -70,6 +73,9 @@ def train(
     states, log) and resumed from when it exists, so that an interrupted run continues where its
     last epoch ended and gives the numbers of an uninterrupted one. A resumed epoch's log row
     says ``"resumed": True``. The file is removed when the run ends.
+
+    ``precision``: ``"float32"``, or ``"bf16"`` for the forward passes and GQ's under CPU bf16
+    autocast (the losses are taken in float32).
     """
     x_all, y_all = data
     per_epoch = len(x_all) // batch_size
@@ -81,18 +87,7 @@ def train(
         sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    criterion = (
-        # A fixed method, not "auto" (which times the methods): a resumed run must repeat the same
-        # arithmetic. The reference formulation has no method to choose.
-        GQLoss(
-            formulation=arm.formulation,
-            estimator=arm.estimator,
-            num_sampled=arm.num_sampled,
-            method="loop" if arm.formulation == "paper" else "auto",
-        )
-        if arm.lam
-        else None
-    )
+    criterion = make_criterion(arm)
     gen = torch.Generator().manual_seed(seed)
     draws = torch.Generator().manual_seed(seed + 1) if arm.estimator == "sampled" else None
     log: list[dict[str, float]] = []
@@ -122,13 +117,14 @@ def train(
             idx = order[k * batch_size : (k + 1) * batch_size]
             x = crop_flip(x_all[idx], offsets[idx], flips[idx], padding_mode="reflect")
             y = y_all[idx]
-            if criterion is None:
-                logits, gq = model(x), None
-            else:  # one forward: the loss hands back the logits it computed
-                gq, logits = criterion(model, x, y, generator=draws, return_logits=True)
-            loss = base_loss(arm.base, logits, y)
+            with autocast(precision):
+                if criterion is None:
+                    logits, gq = model(x), None
+                else:  # one forward: the loss hands back the logits it computed
+                    gq, logits = criterion(model, x, y, generator=draws, return_logits=True)
+            loss = base_loss(arm.base, logits.float(), y)
             if gq is not None:
-                loss = loss + arm.lam * gq
+                loss = loss + arm.lam * gq.float()
                 sums["gq"] += float(gq.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,6 +155,49 @@ def train(
     return log
 
 
+def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_criterion(arm: Arm) -> GQLoss | None:
+    # A fixed method, not "auto" (which times the methods): a resumed run must repeat the same
+    # arithmetic. The reference formulation has no method to choose.
+    if not arm.lam:
+        return None
+    method = "loop" if arm.formulation == "paper" else "auto"
+    return GQLoss(formulation=arm.formulation, estimator=arm.estimator,
+                  num_sampled=arm.num_sampled, method=method)  # fmt: skip
+
+
+def train_fast(args: argparse.Namespace, arm: Arm, seed: int, data: StudyData, desc: str,
+               checkpoint: str, probe: Any = None) -> tuple[nn.Module, list[dict[str, float]]]:  # fmt: skip
+    """``fast_cnn``: the recipe of ``examples/fast_cifar.py`` for ``--pretrain-epochs`` on the
+    whole training split, with the arm's loss (CE for the pre-training; the sampled
+    estimator's draws come from torch's global generator, which the checkpoint saves)."""
+    criterion = make_criterion(arm)
+
+    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:  # summed over the batch
+        if criterion is None:
+            logits, gq = model(x), None
+        else:
+            gq, logits = criterion(model, x, y, return_logits=True)
+        loss = base_loss(arm.base, logits.float(), y) * len(y)
+        return loss if gq is None else loss + arm.lam * len(y) * gq.float()
+
+    recipe = fast_cifar.FastRecipe(epochs=args.pretrain_epochs)
+    model, record = fast_cifar.train(
+        *data.train, recipe, seed=seed, bf16=args.precision == "bf16", loss_fn=loss_fn,
+        log=lambda line: print(f"  {desc}: {line}", flush=True), checkpoint=checkpoint,
+        eval_fn=None if probe is None else lambda m, epoch: probe(m),
+    )  # fmt: skip
+    log = record["epochs"]
+    for epoch in record.get("resumed_at_epochs", []):
+        log[epoch]["resumed"] = True
+    return model, log
+
+
 def pretrained(args: argparse.Namespace, seed: int, data: StudyData) -> tuple[nn.Module, dict]:
     """The CE pre-training shared by every arm of ``seed``, cached under ``--cache-dir``.
 
@@ -173,10 +212,14 @@ def pretrained(args: argparse.Namespace, seed: int, data: StudyData) -> tuple[nn
         model.load_state_dict(state["model"])
         return model, json.loads(state["info"])
     steps = args.pretrain_epochs * (len(data.train[0]) // args.batch_size)
-    log = train(model, data.train, arm=ARMS["ce"], steps=steps, lr=args.pretrain_lr,
-                schedule="onecycle", seed=seed, batch_size=args.batch_size,
-                desc=f"pre-train seed {seed}", show_progress=args.progress,
-                probe=lambda m: quick_probe(m, data), checkpoint=path + ".epoch")  # fmt: skip
+    if args.arch == "fast_cnn":
+        model, log = train_fast(args, ARMS["ce"], seed, data, f"pre-train seed {seed}",
+                                path + ".epoch", probe=lambda m: quick_probe(m, data))  # fmt: skip
+    else:
+        log = train(model, data.train, arm=ARMS["ce"], steps=steps, lr=args.pretrain_lr,
+                    schedule="onecycle", seed=seed, batch_size=args.batch_size,
+                    desc=f"pre-train seed {seed}", show_progress=args.progress,
+                    probe=lambda m: quick_probe(m, data), checkpoint=path + ".epoch")  # fmt: skip
     info: dict[str, Any] = {"log": log, "seconds": sum(r["seconds"] for r in log)}
     stored = os.path.join(args.results_dir, "pretrained", f"seed{seed}.json")
     if os.path.isfile(stored):
@@ -205,10 +248,14 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
         torch.manual_seed(seed)
         model = build_model(args.arch, 10)
         steps = args.pretrain_epochs * (len(data.train[0]) // args.batch_size)
-        log = train(model, data.train, arm=arm, steps=steps, lr=args.pretrain_lr,
-                    schedule="onecycle", seed=seed, batch_size=args.batch_size,
-                    desc=f"{name} seed {seed}", show_progress=args.progress,
-                    checkpoint=checkpoint)  # fmt: skip
+        if args.arch == "fast_cnn":
+            model, log = train_fast(args, arm, seed, data, f"{name} seed {seed}", checkpoint)
+            steps = log[-1]["step"]
+        else:
+            log = train(model, data.train, arm=arm, steps=steps, lr=args.pretrain_lr,
+                        schedule="onecycle", seed=seed, batch_size=args.batch_size,
+                        desc=f"{name} seed {seed}", show_progress=args.progress,
+                        checkpoint=checkpoint)  # fmt: skip
     else:
         base, pre_info = pretrained(args, seed, data)
         model = build_model(args.arch, 10)
@@ -223,7 +270,8 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
         log = train(model, (data.train[0][subset], data.train[1][subset]), arm=arm, steps=steps,
                     lr=args.ft_lr, schedule="cosine", seed=10_000 + seed,
                     batch_size=args.batch_size, desc=f"{name} seed {seed}",
-                    show_progress=args.progress, checkpoint=checkpoint)  # fmt: skip
+                    show_progress=args.progress, checkpoint=checkpoint,
+                    precision=args.precision)  # fmt: skip
     seconds = sum(r["seconds"] for r in log)
     extra = {}
     if CONTROLS[name] == "pretrained" and not arm.from_scratch:
@@ -231,7 +279,8 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
         # machine's pre-training differs from the stored one
         extra["start"] = evaluate(base, data, args.id_eval_size)
     return evaluate(model, data, args.id_eval_size) | extra | {
-        "arm": name, "seed": seed, **asdict(arm), "steps": steps, "train_log": log,
+        "arm": name, "seed": seed, "model": args.arch, "precision": args.precision,
+        **asdict(arm), "steps": steps, "train_log": log,
         "seconds_per_step": seconds / steps, "train_seconds": seconds,
         "settings": settings(args), "pretrain": {"seconds": pre_info["seconds"],
                                                  "reproduced": pre_info.get("reproduced")},
@@ -241,5 +290,5 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("arch", "pretrain_epochs", "pretrain_lr", "ft_lr", "batch_size", "id_eval_size",
-            "ood_size", "threads")  # fmt: skip
+            "ood_size", "threads", "precision")  # fmt: skip
     return {k: getattr(args, k) for k in keys} | {"torch": torch.__version__}
