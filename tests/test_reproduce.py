@@ -210,3 +210,42 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     again = subprocess.run([*args, "--report-only"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (res / "report.md").read_text() == report
+
+
+def test_jigsaw_shuffles_each_images_own_tiles() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from study.datasets import jigsaw
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = jigsaw(images, seed=1, grid=4)
+
+    def tiles(x: torch.Tensor) -> list[list[float]]:  # each 2x2 tile, as a sortable key
+        return sorted(x[:, i : i + 2, j : j + 2].flatten().tolist()
+                      for i in range(0, 8, 2) for j in range(0, 8, 2))  # fmt: skip
+
+    for a, b in zip(images, out, strict=True):
+        assert tiles(a) == tiles(b) and not torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_smoke_grid_of_the_fast_network(tmp_path: Path) -> None:
+    """fast_cnn: pre-trained and trained from scratch with the fast recipe (bf16), fine-tuned
+    by the study's loop, and ODIN also tuned on the validation pair."""
+    res = tmp_path / "res"
+    args = [sys.executable, str(SCRIPT), "--smoke", "--arch", "fast_cnn", "--no-progress",
+            "--arms", "ce", "scratch_gq_1_k1", "--seeds", "0",
+            "--results-dir", str(res), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for arm in ("pretrained", "ce", "scratch_gq_1_k1"):
+        run = json.loads((res / arm / "seed0.json").read_text())
+        assert (run["model"], run["precision"]) == ("fast_cnn", "bf16")
+        assert 0 <= run["accuracy"] <= 1
+        tuned = run["odin_tuned"]
+        assert tuned["temperature"] in (1.0, 10.0, 100.0, 1000.0)
+        assert set(tuned["ood"]) == set(run["ood"])
+    scratch = json.loads((res / "scratch_gq_1_k1" / "seed0.json").read_text())
+    assert scratch["estimator"] == "sampled" and scratch["lam"] == 1.0

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2000,
         help="test images scored for detection (accuracy: all)",
     )
+    p.add_argument("--tune-odin", action=argparse.BooleanOptionalAction, default=None,
+                   help="also report ODIN with (T, eps) tuned on a validation pair (default: "
+                        "on for fast_cnn)")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
                    help="arms to run, in this order within a seed (none: only pre-train and "
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fast = args.arch == "fast_cnn"
     if args.precision is None:
         args.precision = "bf16" if fast else "float32"
+    if args.tune_odin is None:
+        args.tune_odin = fast
     if args.pretrain_epochs is None:
         args.pretrain_epochs = 10 if fast else 5
     if fast and args.results_dir == p.get_default("results_dir"):
