@@ -249,3 +249,11 @@ def test_smoke_grid_of_the_fast_network(tmp_path: Path) -> None:
         assert set(tuned["ood"]) == set(run["ood"])
     scratch = json.loads((res / "scratch_gq_1_k1" / "seed0.json").read_text())
     assert scratch["estimator"] == "sampled" and scratch["lam"] == 1.0
+    # a pre-training evaluated without the tuned rows gets them from its cached weights
+    path = res / "pretrained" / "seed0.json"
+    run = json.loads(path.read_text())
+    tuned = run.pop("odin_tuned")
+    path.write_text(json.dumps(run))
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(path.read_text())["odin_tuned"] == tuned

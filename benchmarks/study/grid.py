@@ -16,7 +16,7 @@ from models import build_model
 
 from .arms import ARMS, FEW_SEED_ARMS
 from .datasets import StudyData, load_data
-from .evaluate import evaluate
+from .evaluate import evaluate, tuned_odin
 from .results import pretrain_path, result_path, write_json
 from .training import pretrained, run_one, settings, train
 
@@ -61,11 +61,30 @@ def run_job(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
         write_json(result_path(args, name, seed), run_one(args, name, seed, data))
 
 
+def add_tuned_odin(args: argparse.Namespace, data: StudyData) -> None:
+    """Pre-trainings evaluated before ``--tune-odin`` existed get its rows from their cached
+    weights (the other numbers of their JSON are kept)."""
+    for seed in args.seeds:
+        path = result_path(args, "pretrained", seed)
+        if not (os.path.isfile(path) and os.path.isfile(pretrain_path(args, seed))):
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        if "odin_tuned" not in run:
+            model, _ = pretrained(args, seed, data)
+            run["odin_tuned"] = tuned_odin(model.eval(), data, args.id_eval_size, 500)
+            write_json(path, run)
+            print(f"pretrained seed {seed}: added tuned ODIN {run['odin_tuned']['temperature']}, "
+                  f"{run['odin_tuned']['epsilon']}", flush=True)  # fmt: skip
+
+
 def run_grid(args: argparse.Namespace) -> None:
     """Runs the missing jobs, ``--jobs`` at a time: each in a forked process (one torch thread
     each) that shares the loaded data; an arm waits for its seed's pre-training."""
     data = load_data(args)
     t0 = time.perf_counter()
+    if data.validation is not None:
+        add_tuned_odin(args, data)
 
     def done(job: tuple[str, int]) -> bool:
         name, seed = job
