@@ -221,14 +221,16 @@ def train(
     kilostep = 1024 * (1 + 1 / (1 - recipe.momentum))
     lr = recipe.lr / kilostep
     wd = recipe.weight_decay * recipe.batch_size / kilostep
-    norm_biases = [p for name, p in model.named_parameters() if "blocks" in name and p.ndim == 1]
-    whiten_bias = [model.whiten.bias]
+    # BatchNorm shifts at bias_scaler x the learning rate; everything else (the whitening bias
+    # included) at the learning rate. SGD's weight decay is coupled (it is scaled by the
+    # learning rate), so wd / lr makes the decay of a step wd times the schedule's factor.
+    norm_biases = [p for m in model.modules() if isinstance(m, _BatchNorm) for p in (m.bias,)]
     others = [p for p in model.parameters() if p.requires_grad and not any(
-        p is q for q in norm_biases + whiten_bias)]  # fmt: skip
+        p is q for q in norm_biases)]  # fmt: skip
+    lr_biases = lr * recipe.bias_scaler
     groups = [
-        {"params": norm_biases + whiten_bias, "lr": lr * recipe.bias_scaler,
-         "weight_decay": wd / recipe.bias_scaler},
-        {"params": others, "lr": lr, "weight_decay": wd},
+        {"params": norm_biases, "lr": lr_biases, "weight_decay": wd / lr_biases},
+        {"params": others, "lr": lr, "weight_decay": wd / lr},
     ]  # fmt: skip
     for g in groups:
         g["initial_lr"] = g["lr"]
