@@ -182,6 +182,20 @@ def test_resume_rejects_other_architecture(tmp_path: Path) -> None:
                           str(tmp_path), *QUIET])  # fmt: skip
 
 
+def test_resume_refuses_other_epochs_lam_or_lr(tmp_path: Path) -> None:
+    # A finished 1-epoch run resumed with --epochs 3 used to train 2 more epochs at lr = 0: the
+    # restored cosine schedule (T_max = 1) won over the new --epochs.
+    base = ["--smoke", "--lam", "0", "--epochs", "1", "--out-dir", str(tmp_path), *QUIET]
+    train_cifar.main(base)
+    for flag, value, saved in (("--epochs", "3", "1"), ("--lam", "1.0", "0.0"),
+                               ("--lr", "0.5", "0.1")):  # fmt: skip
+        argv = [*base, "--resume", flag, value]
+        with pytest.raises(ValueError, match=rf"{flag} {value} \(checkpoint: {saved}\)"):
+            train_cifar.main(argv)
+    summary = train_cifar.main([*base, "--resume"])  # the same settings resume (nothing left)
+    assert summary["epochs_completed"] == 1 and summary["finished"]
+
+
 # --------------------------------------------------------------------------- data
 
 
