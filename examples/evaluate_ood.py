@@ -64,7 +64,7 @@ from evaluation import (
 )
 from models import ALL_MODEL_NAMES, build_model
 from torch import Tensor, nn
-from train_utils import HelpFormatter, default_device
+from train_utils import HelpFormatter, default_device, require_torchvision
 
 from gq_loss import MahalanobisDetector
 
@@ -165,12 +165,9 @@ def load_id(spec: str, data_dir: str, split: str, limit: int | None) -> tuple[Te
 
 
 def load_torchvision(name: str, data_dir: str, shape: tuple[int, ...], limit: int | None) -> Tensor:
-    try:
-        import torchvision
-    except ImportError as err:
-        raise ImportError(
-            f"torchvision:{name} needs torchvision (pip install torchvision)"
-        ) from err
+    torchvision = require_torchvision(
+        f"--ood torchvision:{name}", "pass the set as --ood npz:PATH or --ood folder:PATH"
+    )
     cls = getattr(torchvision.datasets, name, None)
     if cls is None:
         raise ValueError(f"torchvision.datasets has no dataset {name!r}")
