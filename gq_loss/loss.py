@@ -27,6 +27,7 @@ from ._validation import (
     OutputSpec,
     check_choice,
     check_class_indices,
+    check_input_range,
     check_nonnegative,
     check_norm_order,
     check_optional_int,
@@ -272,6 +273,7 @@ def gq_loss(
             output=output,
             width=None if num_sampled is None else num_sampled + 1,
         )
+        check_input_range(model, run.x, user="GQ")  # the first batch of each model only
         logits = run.logits
         batch, num_classes = logits.shape
         check_class_indices("targets", targets, batch, num_classes, ndim=1)
