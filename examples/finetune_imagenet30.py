@@ -146,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="runs/finetune_imagenet30")
@@ -153,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if args.lam is None:
         p.error("--lam is required; see its help and 'Choosing lambda' in the README")
     if args.lam <= 0:
@@ -268,6 +271,8 @@ def evaluate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = default_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_set: Any = image_folder(
         os.path.join(args.data_root, "train"), ImageTransform(args.image_size, True)

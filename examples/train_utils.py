@@ -205,8 +205,16 @@ def progress(iterable: Iterable, *, enabled: bool, **kwargs: Any) -> Any:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` keeps the description's layout and shows every option's default, also for
-    options without a help text (which ``ArgumentDefaultsHelpFormatter`` alone skips)."""
+    """``--help`` keeps the description's layout and shows every option's default once, also for
+    options without a help text (which ``ArgumentDefaultsHelpFormatter`` alone skips); a help
+    text that speaks of its default itself ("default: cuda if available", "no default") gets no
+    second one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.replace("%(default)", ""):
+            return text
+        return super()._get_help_string(action)
 
     def _format_action(self, action: argparse.Action) -> str:
         if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:

@@ -8,6 +8,7 @@ import importlib.abc
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -509,3 +510,42 @@ def test_finetune_default_arch_names_what_is_missing_and_the_flags_that_avoid_it
     err = capsys.readouterr().err
     assert "--arch tv_resnet18 needs torchvision, which is" in err
     assert "--arch local_resnet18 with --weights PATH" in err
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+@pytest.mark.parametrize("script", ["train_cifar", "finetune_imagenet30", "evaluate_ood", "demo"])
+def test_help_shows_each_default_once(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = capsys.readouterr().out.split("options:", 1)[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", text) if e.strip()]
+    twice = [e for e in entries if e.count("default") > 1]
+    assert not twice, twice
+    assert any("(default: " in e for e in entries)  # the defaults are still shown
+
+
+def test_finetune_has_threads() -> None:
+    argv = ["--data-root", "x", "--lam", "1", "--arch", "local_resnet18"]
+    assert finetune_imagenet30.parse_args([*argv, "--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        finetune_imagenet30.parse_args([*argv, "--threads", "0"])
+
+
+def test_hf_trainer_help_works_without_transformers() -> None:
+    # transformers blocked: `--help` prints, and a run names the extra that installs it.
+    code = (
+        "import runpy, sys; sys.modules['transformers'] = None; sys.argv[0] = 'hf_trainer.py'; "
+        f"sys.path.insert(0, {str(EXAMPLES)!r}); "
+        f"runpy.run_path({str(EXAMPLES / 'hf_trainer.py')!r}, run_name='__main__')"
+    )
+    for args, rc, stream, text in (
+        (["--help"], 0, "stdout", "--smoke"),
+        (["--smoke"], 2, "stderr", "needs transformers and accelerate: pip install -e '.[hf]'"),
+    ):
+        proc = subprocess.run([sys.executable, "-c", code, *args], env=_env(), capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == rc, proc.stderr
+        assert text in getattr(proc, stream)
