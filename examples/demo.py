@@ -432,7 +432,7 @@ def check_requirements() -> None:
     if missing:
         raise SystemExit(
             f"the demo needs {', '.join(missing)}: pip install {' '.join(missing)} "
-            "(or pip install 'gq-loss[examples]')"
+            "(or, in the clone, pip install -e '.[examples]')"
         )
 
 

@@ -12,7 +12,8 @@ Public API (all importable from the top level)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+# The unreleased 1.0 that CHANGELOG.md describes ("1.0 API"); nothing has been published yet.
+__version__ = "1.0.0.dev0"
 
 from ._detection import Detector, NotFittedError
 from ._validation import InputRangeWarning
