@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+from train_utils import torchvision_or_reason
 
 CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SPLITS = ("train", "test", "train_full", "test_full")
@@ -169,12 +170,9 @@ def load_cifar(name: str, data_dir: str, split: str) -> TensorDataset:
         f"put {name}_{split}.npz (arrays x: uint8 (N, 32, 32, 3), y: int64 (N,)) in "
         f"{data_dir!r}, or install torchvision and extract the official {name} archive there"
     )
-    try:
-        import torchvision
-    except ImportError as err:
-        raise FileNotFoundError(
-            f"{path!r} not found and torchvision is not installed: {hint}"
-        ) from err
+    torchvision, why = torchvision_or_reason()
+    if torchvision is None:
+        raise FileNotFoundError(f"{path!r} not found and torchvision {why}: {hint}")
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
         ds = cls(data_dir, train=split.startswith("train"), download=False)

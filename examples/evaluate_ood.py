@@ -64,7 +64,7 @@ from evaluation import (
 )
 from models import ALL_MODEL_NAMES, build_model
 from torch import Tensor, nn
-from train_utils import HelpFormatter, default_device
+from train_utils import HelpFormatter, default_device, require_torchvision
 
 from gq_loss import MahalanobisDetector
 
@@ -165,12 +165,9 @@ def load_id(spec: str, data_dir: str, split: str, limit: int | None) -> tuple[Te
 
 
 def load_torchvision(name: str, data_dir: str, shape: tuple[int, ...], limit: int | None) -> Tensor:
-    try:
-        import torchvision
-    except ImportError as err:
-        raise ImportError(
-            f"torchvision:{name} needs torchvision (pip install torchvision)"
-        ) from err
+    torchvision = require_torchvision(
+        f"--ood torchvision:{name}", "pass the set as --ood npz:PATH or --ood folder:PATH"
+    )
     cls = getattr(torchvision.datasets, name, None)
     if cls is None:
         raise ValueError(f"torchvision.datasets has no dataset {name!r}")
@@ -352,11 +349,9 @@ def figures(
     results: dict[str, ScoredSet], ckpt: dict, args: argparse.Namespace, eps: float
 ) -> list[str]:
     label = f"{ckpt['arch']} ({ckpt.get('dataset', '?')})"
-    n = int(ckpt["num_classes"])
-    odin = {
-        k: plots.odin_display(r.scores["ODIN"].numpy(), n, args.temperature)
-        for k, r in results.items()
-    }
+    odin = {k: r.scores["ODIN"].numpy() for k, r in results.items()}
+    norms = {label: {k: r.grad_norms.numpy() for k, r in results.items()}}  # type: ignore[union-attr]
+    gaps = {label: {k: plots.logit_gap(r.logits.numpy()) for k, r in results.items()}}
     out = args.out_dir
     return [
         plots.score_histograms(
@@ -364,15 +359,20 @@ def figures(
             os.path.join(out, "odin_scores.png"),
             method="ODIN",
             xlabel=plots.ODIN_XLABEL.format(t=args.temperature, e=eps),
+            caption="What it shows: ODIN's score as detector.score(x) returns it, for the "
+            "in-distribution test set (black) and each OOD set; the further right the black "
+            "curve lies of the others, the better the detector (the AUROC table has the numbers).",
         ),
         plots.gradient_norm_density(
-            {label: {k: r.grad_norms.numpy() for k, r in results.items()}},  # type: ignore[union-attr]
+            norms,
             os.path.join(out, "fig1_gradient_norms.png"),
             temperature=args.temperature,
+            caption=plots.GRADIENT_CAPTION + " " + plots.premise_caption(norms, "gradient norm"),
         ),
         plots.logit_gap_density(
-            {label: {k: plots.logit_gap(r.logits.numpy()) for k, r in results.items()}},
+            gaps,
             os.path.join(out, "fig2_logit_gap.png"),
+            caption=plots.GAP_CAPTION + " " + plots.premise_caption(gaps, "logit gap"),
         ),
     ]
 

@@ -1,5 +1,6 @@
 """GQ inside a Hugging Face `Trainer`, and GQ and ODIN for a text classifier on its embeddings.
 
+    pip install -e ".[hf]"                     # transformers and accelerate
     python examples/hf_trainer.py --smoke      # a tiny BERT from a config, random tokens, CPU
 
 `GQTrainer` adds `lam * GQ` to the cross-entropy in `compute_loss`, from one forward pass of the
@@ -19,9 +20,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Trainer
+from train_utils import HelpFormatter
 
 from gq_loss import GQLoss, ODINDetector
+
+try:
+    from transformers import Trainer
+except Exception as err:  # absent, or failing to import: --help still works, main() says why
+    TRANSFORMERS_MISSING: str | None = f"{type(err).__name__}: {err}"
+    Trainer = object  # type: ignore[misc,assignment]  # GQTrainer is then unusable, and says so
+else:
+    TRANSFORMERS_MISSING = None
 
 
 # --8<-- [start:trainer]
@@ -150,11 +159,16 @@ def training_args(out_dir: str, steps: int) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny BERT, random tokens, CPU")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--lam", type=float, default=1.0, help="GQ weight (the study's scale)")
     args = parser.parse_args(argv)
+    if TRANSFORMERS_MISSING is not None:
+        parser.error(
+            "this example needs transformers and accelerate: pip install -e '.[hf]' "
+            f"(transformers did not import: {TRANSFORMERS_MISSING})"
+        )
     if not args.smoke:
         parser.error("only --smoke is built in: plug GQTrainer into your own training script")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from train_utils import require_torchvision
 
 MODEL_NAMES = (
     "small_cnn",
@@ -228,13 +229,9 @@ class WideResNet(nn.Module):
 
 
 def _torchvision_resnet(name: str, num_classes: int) -> nn.Module:
-    try:
-        import torchvision
-    except ImportError as err:
-        raise ImportError(
-            f"model {name!r} needs torchvision (pip install torchvision); "
-            "use 'local_resnet18' to run without it"
-        ) from err
+    torchvision = require_torchvision(
+        f"model {name!r}", "use 'local_resnet18' (--arch local_resnet18) to run without it"
+    )
     ctor = torchvision.models.resnet18 if name == "tv_resnet18" else torchvision.models.resnet101
     return ctor(weights=None, num_classes=num_classes)
 

@@ -3,10 +3,16 @@
 Every figure is a row of panels, one per model (e.g. "CE" and "CE + GQ"), each showing the
 distribution of one quantity on the in-distribution test set and on every OOD set:
 
-- :func:`score_histograms` -- detector scores, ID vs OOD (ODIN by default);
+- :func:`score_histograms` -- detector scores, ID vs OOD (ODIN by default), on the scale that
+  ``detector.score()`` returns;
 - :func:`gradient_norm_density` -- the paper's Fig. 1: ``||grad_x log S_yhat(x; T)||_1`` at the
   predicted class, on a log axis;
 - :func:`logit_gap_density` -- the paper's Fig. 2: top-1 minus top-2 logit.
+
+Each figure carries a caption under its panels: what it shows and, where the caller passes one,
+the bottom line. :func:`premise_caption` writes the bottom line of Fig. 1 and Fig. 2 from the
+data: whether the in-distribution set has the largest median, as ODIN's premise (and the
+paper) predicts, or where the measurement disagrees.
 
 Quantities are computed elsewhere (with ``gq_loss``); this module only draws. It uses the
 non-interactive Agg backend and writes PNG files. :func:`matplotlib_available` lets a script skip
@@ -64,6 +70,7 @@ def histogram_panels(
     log_x: bool = False,
     bins: int = 40,
     note: str | None = None,
+    caption: str | None = None,
 ) -> str:
     """Draw one panel per model with a step histogram per dataset and save a PNG.
 
@@ -81,6 +88,7 @@ def histogram_panels(
         log_x: Logarithmic bins and x axis (values <= 0 are dropped).
         bins: Number of bins.
         note: Optional small text under the title (e.g. the settings).
+        caption: Optional text under the panels: what the figure shows, what to conclude.
 
     Returns:
         ``path``.
@@ -128,7 +136,14 @@ def histogram_panels(
     chars = int(width * 13)  # wrap long titles to the figure width (about 13 chars per inch)
     text = "\n".join(textwrap.fill(t, chars) for t in (title, note) if t)
     fig.suptitle(text, fontsize=11)
-    fig.tight_layout()
+    if caption:  # under the panels, in a strip the figure grows by
+        wrapped = textwrap.fill(caption, int(width * 15))
+        strip = 0.2 + 0.16 * (wrapped.count("\n") + 1)  # inches
+        fig.set_figheight(fig.get_figheight() + strip)
+        fig.text(0.01, 0.01, wrapped, fontsize=8.5, va="bottom")
+        fig.tight_layout(rect=(0, strip / fig.get_figheight(), 1, 1))
+    else:
+        fig.tight_layout()
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -154,19 +169,28 @@ def score_histograms(
     method: str = "ODIN",
     xlabel: str | None = None,
     note: str | None = None,
+    caption: str | None = None,
 ) -> str:
-    """Detector scores, ID vs every OOD set (higher = more in-distribution); see :func:`histogram_panels`."""
+    """Detector scores, ID vs every OOD set (higher = more in-distribution), as the detector's
+    ``score()`` returns them (at T = 1000, ODIN's scores lie within about 1e-3 of 1/N); see
+    :func:`histogram_panels`."""
     return histogram_panels(
         panels,
         path,
         title=f"{method} scores: in-distribution vs OOD (higher = more in-distribution)",
         xlabel=xlabel or f"{method} score",
         note=note,
+        caption=caption,
     )
 
 
 def gradient_norm_density(
-    panels: Panels, path: str, *, temperature: float, note: str | None = None
+    panels: Panels,
+    path: str,
+    *,
+    temperature: float,
+    note: str | None = None,
+    caption: str | None = None,
 ) -> str:
     """The paper's Fig. 1: density of ``||grad_x log S_yhat(x; T)||_1`` (log axis)."""
     return histogram_panels(
@@ -179,10 +203,13 @@ def gradient_norm_density(
         xlabel=r"$\|\nabla_x \log S_{\hat y}(x;T)\|_1$ (log scale)",
         log_x=True,
         note=note,
+        caption=caption,
     )
 
 
-def logit_gap_density(panels: Panels, path: str, *, note: str | None = None) -> str:
+def logit_gap_density(
+    panels: Panels, path: str, *, note: str | None = None, caption: str | None = None
+) -> str:
     """The paper's Fig. 2: density of the logit gap, top-1 minus top-2 logit."""
     return histogram_panels(
         panels,
@@ -190,6 +217,7 @@ def logit_gap_density(panels: Panels, path: str, *, note: str | None = None) -> 
         title="Logit gap: largest minus second-largest logit (paper Fig. 2)",
         xlabel="top-1 logit - top-2 logit",
         note=note,
+        caption=caption,
     )
 
 
@@ -207,18 +235,50 @@ def logit_gap(logits: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def odin_display(scores: np.ndarray, num_classes: int, temperature: float) -> np.ndarray:
-    """ODIN scores ``s`` rescaled to ``N * T * (s - 1/N)`` for plotting.
+ODIN_XLABEL = "detector.score(x)  (T = {t:g}, ε = {e:g})"
 
-    At ``T = 1000`` all max-softmax scores sit within about ``1e-3`` of ``1/N``; the rescaling is
-    monotone (same ranking, same metrics) and, for large ``T``, is close to the perturbed input's
-    largest logit minus its mean logit, a readable number.
+GRADIENT_CAPTION = (
+    "What it shows: per input, the L1 norm of the input gradient of log S_ŷ at T, the quantity "
+    "of the paper's Fig. 1. ODIN's premise, and the paper's figure, is that in-distribution "
+    "inputs have larger norms than OOD inputs, so that ODIN's step raises their score more."
+)
+GAP_CAPTION = (
+    "What it shows: per input, the largest minus the second-largest logit, the quantity of the "
+    "paper's Fig. 2. ODIN's premise is that in-distribution inputs get larger gaps (more "
+    "confident predictions) than OOD inputs."
+)
+
+
+def premise_caption(panels: Panels, quantity: str) -> str:
+    """Bottom line of Fig. 1 / Fig. 2: does the in-distribution set (the first of each panel)
+    have the largest median ``quantity``, as ODIN's premise predicts? Names every OOD set whose
+    median is at least the ID median, and says that this disagrees with the paper.
 
     Example:
-        >>> odin_display(np.array([0.25, 0.2505]), 4, 1000.0).round(6).tolist()
-        [0.0, 2.0]
+        >>> premise_caption({"CE": {"ID": np.array([1.0, 3.0]), "noise": np.array([5.0])}}, "norm")
+        'Bottom line: against the premise, with CE the median norm of noise (5) is not below the in-distribution median (2); here our measurement disagrees with the paper.'
     """
-    return num_classes * temperature * (np.asarray(scores, dtype=np.float64) - 1.0 / num_classes)
-
-
-ODIN_XLABEL = "ODIN score s shown as N·T·(s − 1/N) (T = {t:g}, ε = {e:g})"
+    against = []
+    for model, sets in panels.items():
+        (_, id_values), *ood = sets.items()
+        id_median = float(np.median(_finite(id_values))) if len(id_values) else float("nan")
+        above = [
+            f"{name} ({float(np.median(_finite(v))):.3g})"
+            for name, v in ood
+            if len(v) and float(np.median(_finite(v))) >= id_median
+        ]
+        if above:
+            against.append(
+                f"with {model} the median {quantity} of {', '.join(above)} is not below the "
+                f"in-distribution median ({id_median:.3g})"
+            )
+    if not against:
+        return (
+            f"Bottom line: as the premise predicts, the in-distribution set has the largest "
+            f"median {quantity} with every model."
+        )
+    return (
+        "Bottom line: against the premise, "
+        + "; ".join(against)
+        + "; here our measurement disagrees with the paper."
+    )

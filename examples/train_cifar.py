@@ -31,7 +31,8 @@ formulation the result equals single-process training on the same global batch; 
 per-process batch statistics (SyncBatchNorm has no double backward).
 
 Outputs in ``--out-dir``: ``checkpoint.pt`` (every epoch, written atomically; ``--resume``
-continues bit-exactly), ``model_best_train.pt`` (best train accuracy, the authors' choice),
+continues bit-exactly, and refuses an ``--epochs``, ``--lr``, ``--lam`` or other setting that
+differs from the checkpoint's), ``model_best_train.pt`` (best train accuracy, the authors' choice),
 ``model_final.pt``, ``log.csv``, ``summary.json``, TensorBoard events if installed. Checkpoints
 hold ``model`` (state dict), ``arch``, ``num_classes``, ``dataset``, ``optimizer``,
 ``scheduler``, ``epoch`` (completed), ``rng`` and ``args``; they load with
@@ -262,6 +263,30 @@ def checkpoint(
     }
 
 
+# What a checkpoint's schedule, loss and batches were built from. Resuming with other values
+# would mix two runs silently: the restored cosine schedule keeps its T_max, so a larger
+# --epochs trains on at lr = 0, and the restored optimiser ignores a new --lr.
+RESUME_MUST_MATCH = ("epochs", "lr", "lam", "batch_size", "momentum", "weight_decay",
+                     "formulation", "estimator", "num_sampled", "temperature")  # fmt: skip
+
+
+def check_resume_args(path: str, saved: dict[str, Any], args: argparse.Namespace) -> None:
+    """Refuse to resume ``path`` with settings other than those it was trained with."""
+    changed = [
+        f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
+        for k in RESUME_MUST_MATCH
+        if k in saved and saved[k] != getattr(args, k)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume {path!r} was trained with other settings: {', '.join(changed)}. A resumed "
+            "run continues the checkpoint's schedule and loss, which these would silently "
+            "contradict (a larger --epochs would train on at the finished schedule's lr = 0). "
+            "Pass the checkpoint's values to finish that run, or start a new run in another "
+            "--out-dir to train with these."
+        )
+
+
 def train(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     main = info.is_main
     if args.batch_size % info.world_size:
@@ -334,6 +359,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
                 f"checkpoint {resume!r} holds {ckpt['arch']} with "
                 f"{ckpt['num_classes']} classes, not {args.arch} with {num_classes}"
             )
+        check_resume_args(resume, ckpt["args"], args)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -1,5 +1,6 @@
 """Plumbing shared by the example scripts: distributed setup, default device, atomic checkpoints,
-RNG state, CSV logs and optional progress bars / TensorBoard (used only if installed)."""
+RNG state, CSV logs, optional progress bars / TensorBoard (used only if installed) and the one
+place that imports torchvision (:func:`torchvision_or_reason`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -203,8 +205,16 @@ def progress(iterable: Iterable, *, enabled: bool, **kwargs: Any) -> Any:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` keeps the description's layout and shows every option's default, also for
-    options without a help text (which ``ArgumentDefaultsHelpFormatter`` alone skips)."""
+    """``--help`` keeps the description's layout and shows every option's default once, also for
+    options without a help text (which ``ArgumentDefaultsHelpFormatter`` alone skips); a help
+    text that speaks of its default itself ("default: cuda if available", "no default") gets no
+    second one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.replace("%(default)", ""):
+            return text
+        return super()._get_help_string(action)
 
     def _format_action(self, action: argparse.Action) -> str:
         if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
@@ -225,3 +235,53 @@ def summary_writer(log_dir: str) -> Any:
     except ImportError:
         return None
     return SummaryWriter(log_dir)
+
+
+def torchvision_or_reason() -> tuple[ModuleType | None, str]:
+    """``(torchvision, "")`` when torchvision imports, else ``(None, why)``.
+
+    Every example imports torchvision through here. Any exception counts as "unavailable", not
+    only ``ImportError``: a torchvision built for another torch (the registry's wheel next to a
+    local CPU build) raises ``RuntimeError: operator torchvision::nms does not exist`` on import.
+    ``why`` completes "torchvision ...": ``"is not installed"`` or ``"is installed but does not
+    import against torch X (RuntimeError: ...)"``.
+    """
+    try:
+        import torchvision
+    except ModuleNotFoundError as err:
+        if err.name == "torchvision":
+            return None, "is not installed"
+        return None, _broken(err)
+    except Exception as err:  # a torchvision built for another torch: RuntimeError, OSError, ...
+        return None, _broken(err)
+    return torchvision, ""
+
+
+def _broken(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (
+        f"is installed but does not import against torch {torch.__version__} "
+        f"({type(err).__name__}: {first})"
+    )
+
+
+def require_torchvision(needed_for: str, avoid: str) -> ModuleType:
+    """torchvision, or an ``ImportError`` that says what needs it, why it is unavailable, and
+    ``avoid``: the option that runs without it.
+
+    Example:
+        >>> try:
+        ...     require_torchvision("--arch tv_resnet18", "use --arch local_resnet18")
+        ... except ImportError as err:
+        ...     print(str(err).startswith("--arch tv_resnet18 needs torchvision, which "))
+        ... else:
+        ...     print(True)
+        True
+    """
+    torchvision, why = torchvision_or_reason()
+    if torchvision is None:
+        raise ImportError(
+            f"{needed_for} needs torchvision, which {why}: {avoid}, or install a torchvision "
+            f"built for torch {torch.__version__} (pip install torchvision, matching versions)"
+        )
+    return torchvision

@@ -6,14 +6,17 @@ Public API (all importable from the top level)::
     from gq_loss import odin_score, odin_perturb, msp_score, energy_score   # scores, per batch
     from gq_loss import ODINDetector, MSPDetector, EnergyDetector, MahalanobisDetector  # detectors
     from gq_loss import Detector, NotFittedError                    # their protocol
+    from gq_loss import InputRangeWarning                           # inputs in 0-255, say
     from gq_loss.metrics import ood_metrics                         # evaluation
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+# The unreleased 1.0 that CHANGELOG.md describes ("1.0 API"); nothing has been published yet.
+__version__ = "1.0.0.dev0"
 
 from ._detection import Detector, NotFittedError
+from ._validation import InputRangeWarning
 from .functional import odin_perturb, odin_score
 from .kernels import class_gradient_norms
 from .loss import GQLoss, gq_loss
@@ -25,6 +28,7 @@ __all__ = [
     "Detector",
     "EnergyDetector",
     "GQLoss",
+    "InputRangeWarning",
     "MSPDetector",
     "MahalanobisDetector",
     "NotFittedError",

@@ -22,6 +22,7 @@ from ._validation import (
     check_logits,
     check_optional_int,
     check_output_spec,
+    integer_hint,
     place_inputs,
 )
 
@@ -187,7 +188,8 @@ def check_batch(x: Any, name: str) -> Tensor:
         raise TypeError(f"`{name}` batches must be tensors, got {type(x).__name__}")
     if x.ndim == 0 or not x.is_floating_point():
         raise TypeError(
-            f"`{name}` must be a floating tensor (B, ...), got {x.dtype} of shape {tuple(x.shape)}"
+            f"`{name}` must be a floating tensor (B, ...), got {x.dtype} of shape "
+            f"{tuple(x.shape)}{integer_hint(x)}"
         )
     return x
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -63,12 +66,92 @@ def check_optional_int(name: str, value: Any, minimum: int = 1) -> int | None:
     return value
 
 
+def integer_hint(x: Tensor) -> str:
+    """The fix for integer images (uint8 pixels in 0-255), to append to a dtype error."""
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        return ""
+    return (
+        "; for images in 0-255 pass x.float() / 255 (pixels in [0, 1], the unit of ODIN's "
+        "epsilon and of the paper)"
+    )
+
+
+class InputRangeWarning(UserWarning):
+    """Inputs far outside the documented range: pixels in ``[0, 1]``, or images normalised as
+    ``(pixel - mean) / std`` (within about ±3). Raised for floats in 0-255, where ODIN's ε would
+    be 255 times too small. Silence it where such inputs are meant::
+
+        warnings.filterwarnings("ignore", category=gq_loss.InputRangeWarning)
+    """
+
+
+#: Largest ``|x|`` accepted without a warning: [0, 1] pixels and normalised images stay far
+#: below it (ImageNet's statistics map [0, 1] into [-2.2, 2.7]); images in 0-255 exceed it.
+INPUT_RANGE_LIMIT = 20.0
+
+# Models whose inputs were checked, per check: once per model, so a training loop pays one
+# reduction (and on an accelerator one device sync) on its first step, not on every step.
+_RANGE_CHECKED: dict[str, weakref.WeakSet[Any]] = {
+    "GQ": weakref.WeakSet(),
+    "ODIN": weakref.WeakSet(),
+}
+
+
+def check_input_range(model: Any, inputs: Tensor, *, user: str) -> None:
+    """Warn (:class:`InputRangeWarning`) when the first batch ``model`` gets from ``user``
+    (``"GQ"`` or ``"ODIN"``) reaches ``|x| > INPUT_RANGE_LIMIT``.
+
+    Checked once per model and user (a model that cannot be weakly referenced: every call), on
+    the first batch only: one ``amax`` and one host read, so no device sync per training step.
+    """
+    seen = _RANGE_CHECKED[user]
+    try:
+        if model in seen:
+            return
+        seen.add(model)
+    except TypeError:  # not weakly referenceable: check every call
+        pass
+    if inputs.numel() == 0 or not inputs.is_floating_point():
+        return
+    peak = float(inputs.detach().abs().amax())
+    if not peak > INPUT_RANGE_LIMIT:  # NaN inputs are another check's business
+        return
+    effect = (
+        "ODIN's epsilon is in the units of its input, so on 0-255 images it is 255 times "
+        "smaller than meant; if the inputs are normalised or scaled on purpose, say so with "
+        "input_std= (input_std=1/255 for 0-255 pixels keeps epsilon in [0, 1] pixel units)"
+        if user == "ODIN"
+        else "GQ's value does not depend on the input scale, but ODIN's epsilon on a model "
+        "trained on these inputs will be in their units (255 times too small for 0-255 pixels)"
+    )
+    warnings.warn(
+        f"{user} inputs reach |x| = {peak:.4g}, far outside the documented range (pixels in "
+        f"[0, 1], or normalised images within about ±3): images in 0-255? Pass x / 255. {effect}. "
+        "Checked on each model's first batch; where such inputs are meant, silence it with "
+        "warnings.filterwarnings('ignore', category=gq_loss.InputRangeWarning).",
+        InputRangeWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside gq_loss and torch (a warning names its line)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "gq_loss",
+        "torch",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_inputs(inputs: Any) -> None:
     if not isinstance(inputs, Tensor):
         raise TypeError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
     if not inputs.is_floating_point():
         raise TypeError(
-            f"`inputs` must be a floating-point tensor (its gradient is taken), got {inputs.dtype}"
+            "`inputs` must be a floating-point tensor (its gradient is taken), got "
+            f"{inputs.dtype}{integer_hint(inputs)}"
         )
     if inputs.ndim < 2:
         raise ValueError(

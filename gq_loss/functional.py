@@ -69,6 +69,7 @@ from torch import Tensor
 from ._detection import Model, check_batch, check_model, eval_mode, float64, logits_of
 from ._validation import (
     OutputSpec,
+    check_input_range,
     check_nonnegative,
     check_output_spec,
     check_positive,
@@ -231,6 +232,8 @@ def odin_grid(
     number of classes, on the model's device, for validated settings; one forward and backward
     per temperature."""
     need_grad = any(e > 0 for e in epsilons)
+    if std is None:  # input_std= says the inputs are normalised on purpose
+        check_input_range(model, inputs, user="ODIN")
     with eval_mode(model), _grad_pass(_device(model, inputs)):
         x = _leaf(model, inputs).requires_grad_(need_grad)
         _check_step_precision(x, model, max(epsilons, default=0.0))
@@ -345,6 +348,8 @@ def odin_perturb(
     temperature, epsilon, std, bounds, zero_sign, output = _check(
         model, inputs, temperature, epsilon, input_std, clamp, sign_of_zero, output
     )
+    if std is None:  # input_std= says the inputs are normalised on purpose
+        check_input_range(model, inputs, user="ODIN")
     with eval_mode(model), _grad_pass(_device(model, inputs)):
         leaf = _leaf(model, inputs)
         _check_step_precision(leaf, model, epsilon)

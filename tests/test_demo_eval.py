@@ -83,6 +83,7 @@ def test_demo_quick_end_to_end_and_deterministic(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "| digits 6-9 | ODIN |" in md and "| **mean** | energy |" in md
     assert "lambda = 1e-06" in md  # the note on the paper's lambda
+    assert md.count("Bottom line:") == 3  # every figure's caption, also in results.md
     assert "wall time:" in proc.stdout
 
     # the same seed in another process gives byte-identical results
@@ -97,6 +98,49 @@ def test_demo_quick_end_to_end_and_deterministic(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     assert (tmp_path / "again" / "results.csv").read_bytes() == (out / "results.csv").read_bytes()
+
+
+def test_demo_figures_show_detector_scores_with_captions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    import demo
+    import plots
+
+    rng = np.random.default_rng(0)
+    sets = (demo.ID_NAME, *demo.OOD_NAMES)
+    odin = {k: 1 / 6 + rng.uniform(0, 1e-3, 5) for k in sets}  # what detector.score() returns
+    norms = {k: rng.uniform(0.01, 0.1, 5) for k in sets}
+    norms[demo.ID_NAME] = np.full(5, 1e-3)  # ID smallest: against ODIN's premise
+    ev = demo.Evaluation(0.9, {"ODIN": odin}, norms, {k: rng.uniform(0, 1, 5) for k in sets}, {})
+    results = {"CE": ev, "CE+GQ": ev}
+    rows = [{"model": m, "method": "ODIN", "ood_set": "mean", "auroc": a}
+            for m, a in (("CE", 0.9), ("CE+GQ", 0.8))]  # fmt: skip
+    args = argparse.Namespace(temperature=1000.0, epsilon=0.002, lam=1.0, out_dir=str(tmp_path))
+    captions = demo.figure_captions(results, rows, args)
+    assert "GQ did not improve ODIN here" in captions["odin_scores.png"]
+    assert "our measurement disagrees with the paper" in captions["fig1_gradient_norms.png"]
+    seen: dict[str, Any] = {}
+
+    def capture(panels: Any, path: str, **kwargs: Any) -> str:
+        seen[os.path.basename(path)] = (panels, kwargs)
+        return path
+
+    for name in ("histogram_panels",):
+        monkeypatch.setattr(plots, name, capture)
+    demo.figures(results, captions, args)
+    panels, kwargs = seen["odin_scores.png"]
+    assert panels["CE"][demo.ID_NAME] is odin[demo.ID_NAME]  # the scores themselves, unrescaled
+    assert "detector.score(x)" in kwargs["xlabel"]
+    assert {k: v[1]["caption"] for k, v in seen.items()} == captions
+
+
+def test_premise_caption_agrees_when_id_is_largest() -> None:
+    import plots
+
+    panels = {"CE": {"ID": np.array([5.0, 6.0]), "noise": np.array([1.0, 2.0])}}
+    assert plots.premise_caption(panels, "gap").startswith("Bottom line: as the premise predicts")
 
 
 def test_demo_photo_patches_match_digit_levels() -> None:

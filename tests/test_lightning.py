@@ -13,12 +13,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _optional import import_or_skip
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gq_loss import GQLoss, ODINDetector
 
-L = pytest.importorskip("lightning")
+L = import_or_skip("lightning")
 
 NUM_CLASSES = 4
 

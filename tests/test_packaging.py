@@ -79,3 +79,32 @@ def test_gq_loss_forward_and_init_have_their_own_docstrings() -> None:
     for name in ("__init__", "forward"):
         doc = getattr(gq_loss.GQLoss, name).__doc__
         assert doc and doc != getattr(torch.nn.Module, name).__doc__, name
+
+
+def test_version_is_the_release_the_changelog_describes() -> None:
+    # The changelog's unreleased section speaks of the "1.0 API": the version is a 1.0 (a
+    # pre-release until it is published), not 0.1.0.
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    unreleased = changelog.split("## [Unreleased]", 1)[1].split("\n## [", 1)[0]
+    apis = re.findall(r"^### (\d+)\.(\d+) API", unreleased, re.M)
+    released = re.findall(r"^## \[(\d+)\.(\d+)\.(\d+)\]", changelog, re.M)
+    version = gq_loss.__version__
+    major, minor = (int(v) for v in version.split(".")[:2])
+    if apis:
+        assert (major, minor) == tuple(int(v) for v in apis[0]), (version, apis[0])
+        assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+|a\d+|b\d+)?", version), version
+    if released:
+        assert (major, minor) >= tuple(int(v) for v in released[0][:2]), (version, released[0])
+
+
+def test_every_extra_the_docs_and_examples_name_exists() -> None:
+    extras = set(_project()["project"]["optional-dependencies"])
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "examples").glob("*.py")]
+    named = {
+        extra
+        for path in texts
+        for group in re.findall(r"""(?:gq-loss|\.)\[([a-z,]+)\]""", path.read_text("utf-8"))
+        for extra in group.split(",")
+    }
+    assert {"examples", "test", "hf"} <= named  # the README and the examples name these
+    assert named <= extras, sorted(named - extras)

@@ -11,10 +11,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _optional import import_or_skip
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+transformers = import_or_skip("transformers", probe="transformers.modeling_utils")
+import_or_skip("accelerate")
 
 import hf_trainer  # noqa: E402  (examples/, put on the path by conftest.py)
 from hf_trainer import FromEmbeddings, GQTrainer  # noqa: E402

@@ -4,12 +4,15 @@ examples/finetune_imagenet30.py and their models/data/plumbing modules), on tiny
 from __future__ import annotations
 
 import csv
+import importlib.abc
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,6 +185,20 @@ def test_resume_rejects_other_architecture(tmp_path: Path) -> None:
                           str(tmp_path), *QUIET])  # fmt: skip
 
 
+def test_resume_refuses_other_epochs_lam_or_lr(tmp_path: Path) -> None:
+    # A finished 1-epoch run resumed with --epochs 3 used to train 2 more epochs at lr = 0: the
+    # restored cosine schedule (T_max = 1) won over the new --epochs.
+    base = ["--smoke", "--lam", "0", "--epochs", "1", "--out-dir", str(tmp_path), *QUIET]
+    train_cifar.main(base)
+    for flag, value, saved in (("--epochs", "3", "1"), ("--lam", "1.0", "0.0"),
+                               ("--lr", "0.5", "0.1")):  # fmt: skip
+        argv = [*base, "--resume", flag, value]
+        with pytest.raises(ValueError, match=rf"{flag} {value} \(checkpoint: {saved}\)"):
+            train_cifar.main(argv)
+    summary = train_cifar.main([*base, "--resume"])  # the same settings resume (nothing left)
+    assert summary["epochs_completed"] == 1 and summary["finished"]
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -343,7 +360,9 @@ def _image_folder(root: Path) -> Path:
 FT = ["--arch", "local_resnet18", "--image-size", "48", "--batch-size", "4", *QUIET]
 
 
-def test_finetune_paper_recipe_only_gq(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_gq_alone_recipe_says_it_goes_against_the_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = _image_folder(tmp_path / "in30")
     torch.manual_seed(1)
     start = models.build_model("local_resnet18", 1000).state_dict()
@@ -351,11 +370,13 @@ def test_finetune_paper_recipe_only_gq(tmp_path: Path, capsys: pytest.CaptureFix
     # lr 0 and no weight decay: weights stay put, but train-mode BatchNorm statistics move --
     # all that the authors' constant-1 loss could do.
     summary = finetune_imagenet30.main(
-        ["--data-root", str(root), "--weights", str(tmp_path / "w.pt"), "--num-sampled", "4", "--lam", "1",
+        ["--data-root", str(root), "--weights", str(tmp_path / "w.pt"), "--recipe", "gq_alone_against_advice",
+         "--num-sampled", "4", "--lam", "1",
          "--lr", "0", "--weight-decay", "0", "--out-dir", str(tmp_path / "out"), *FT]
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "equals 1 for every input" in printed and "about 1000 backward passes" in printed
+    assert "advises against it" in printed and "72 % to 5 %" in printed
     assert summary["steps"] == 3 and summary["num_classes"] == 1000
     assert summary["estimator"] == "sampled" and 0 < summary["train_gq"] < 1
     ckpt = _load(tmp_path / "out" / "model_final.pt")
@@ -372,10 +393,11 @@ def test_finetune_paper_recipe_only_gq(tmp_path: Path, capsys: pytest.CaptureFix
 def test_finetune_ce_gq_recipe_new_head(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "in30")
     summary = finetune_imagenet30.main(
-        ["--data-root", str(root), "--weights", "none", "--recipe", "ce_gq", "--lam", "0.1",
+        ["--data-root", str(root), "--weights", "none", "--lam", "0.1", "--num-sampled", "2",
          "--max-steps", "2", "--out-dir", str(tmp_path / "out"), *FT]
     )  # fmt: skip
     ckpt = _load(tmp_path / "out" / "model_final.pt")
+    assert ckpt["recipe"] == "ce_gq"  # the default: the GQ-alone recipe is opt-in
     assert ckpt["num_classes"] == 3 and ckpt["model"]["fc.weight"].shape == (3, 512)
     assert summary["steps"] == 2 and summary["estimator"] == "exact"  # K >= N - 1: exact
     assert math.isfinite(summary["train_loss"]) and 0 <= summary["test"]["acc"] <= 1
@@ -385,9 +407,145 @@ def test_finetune_class_map_must_cover_folders(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "in30")
     (tmp_path / "map.json").write_text(json.dumps({"acorn": 988, "airliner": 404}))
     with pytest.raises(ValueError, match=r"no ImageNet index for class folders \['ambulance'\]"):
-        finetune_imagenet30.main(["--data-root", str(root), "--weights", "none", "--lam", "1", "--class-map",
+        finetune_imagenet30.main(["--data-root", str(root), "--weights", "none", "--lam", "1",
+                                  "--recipe", "gq_alone_against_advice", "--class-map",
                                   str(tmp_path / "map.json"), *FT])  # fmt: skip
     with pytest.raises(ValueError, match="--weights imagenet needs a tv_\\* arch"):
         finetune_imagenet30.main(
             ["--data-root", str(root), "--weights", "imagenet", "--lam", "1", *FT]
         )
+
+
+# --------------------------------------------------------------------------- torchvision states
+
+
+class _BrokenTorchvision(importlib.abc.MetaPathFinder):
+    """Imports of torchvision fail as the registry's wheel does against a local CPU torch."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name.split(".")[0] == "torchvision":
+            raise RuntimeError("operator torchvision::nms does not exist")
+
+
+def _fake_torchvision() -> types.ModuleType:
+    """A working torchvision as far as the examples use it: ImageFolder and two ResNets."""
+    tv = types.ModuleType("torchvision")
+    calls: list[str] = []
+    tv.calls = calls  # type: ignore[attr-defined]
+
+    def image_folder(root: str, transform: object) -> data.ImageFolderDataset:
+        calls.append("ImageFolder")
+        return data.ImageFolderDataset(root, transform)  # type: ignore[arg-type]
+
+    def resnet(weights: object = None, num_classes: int = 1000) -> torch.nn.Module:
+        calls.append(f"resnet(weights={weights})")
+        return models.build_model("local_resnet18", num_classes)
+
+    tv.datasets = types.SimpleNamespace(ImageFolder=image_folder)  # type: ignore[attr-defined]
+    tv.models = types.SimpleNamespace(resnet18=resnet, resnet101=resnet)  # type: ignore[attr-defined]
+    return tv
+
+
+@pytest.fixture(params=["absent", "broken", "present"])
+def torchvision_state(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The three environments users have: no torchvision, one that raises on import (built for
+    another torch), a working one. CI also runs these tests with a real broken torchvision."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+        monkeypatch.delitem(sys.modules, name)
+    if request.param == "absent":
+        monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ModuleNotFoundError
+    elif request.param == "broken":
+        monkeypatch.setattr(sys, "meta_path", [_BrokenTorchvision(), *sys.meta_path])
+    else:
+        monkeypatch.setitem(sys.modules, "torchvision", _fake_torchvision())
+    return request.param
+
+
+def test_torchvision_or_reason_names_each_state(torchvision_state: str) -> None:
+    tv, why = train_utils.torchvision_or_reason()
+    if torchvision_state == "present":
+        assert tv is sys.modules["torchvision"] and why == ""
+        return
+    assert tv is None
+    if torchvision_state == "absent":
+        assert why == "is not installed"
+    else:
+        assert why.startswith(f"is installed but does not import against torch {torch.__version__}")
+        assert "RuntimeError: operator torchvision::nms does not exist" in why
+    with pytest.raises(
+        ImportError,
+        match=r"model 'tv_resnet18' needs torchvision, which is .*--arch local_resnet18",
+    ):
+        models.build_model("tv_resnet18", 10)
+    with pytest.raises(FileNotFoundError, match=f"not found and torchvision {why[:20]}"):
+        data.load_cifar("cifar10", "/nonexistent", "test")
+
+
+def test_finetune_without_torchvision_runs_on_local_resnet18(
+    tmp_path: Path, torchvision_state: str
+) -> None:
+    root = _image_folder(tmp_path / "in30")
+    summary = finetune_imagenet30.main(
+        ["--data-root", str(root), "--weights", "none", "--lam", "1", "--max-steps", "1",
+         "--out-dir", str(tmp_path / "out"), *FT]
+    )  # fmt: skip
+    assert summary["steps"] == 1
+    if torchvision_state == "present":  # torchvision's ImageFolder when it works
+        assert sys.modules["torchvision"].calls == ["ImageFolder", "ImageFolder"]  # type: ignore[attr-defined]
+
+
+def test_finetune_default_arch_names_what_is_missing_and_the_flags_that_avoid_it(
+    tmp_path: Path, torchvision_state: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _image_folder(tmp_path / "in30")
+    argv = ["--data-root", str(root), "--lam", "1", "--max-steps", "1",
+            "--out-dir", str(tmp_path / "out"), *QUIET]  # fmt: skip
+    if torchvision_state == "present":  # the defaults: torchvision's ResNet-18, ImageNet weights
+        finetune_imagenet30.main([*argv, "--image-size", "48", "--batch-size", "4"])
+        calls = sys.modules["torchvision"].calls  # type: ignore[attr-defined]
+        assert "resnet(weights=IMAGENET1K_V1)" in calls
+        return
+    with pytest.raises(SystemExit):
+        finetune_imagenet30.main(argv)
+    err = capsys.readouterr().err
+    assert "--arch tv_resnet18 needs torchvision, which is" in err
+    assert "--arch local_resnet18 with --weights PATH" in err
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+@pytest.mark.parametrize("script", ["train_cifar", "finetune_imagenet30", "evaluate_ood", "demo"])
+def test_help_shows_each_default_once(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = capsys.readouterr().out.split("options:", 1)[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", text) if e.strip()]
+    twice = [e for e in entries if e.count("default") > 1]
+    assert not twice, twice
+    assert any("(default: " in e for e in entries)  # the defaults are still shown
+
+
+def test_finetune_has_threads() -> None:
+    argv = ["--data-root", "x", "--lam", "1", "--arch", "local_resnet18"]
+    assert finetune_imagenet30.parse_args([*argv, "--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        finetune_imagenet30.parse_args([*argv, "--threads", "0"])
+
+
+def test_hf_trainer_help_works_without_transformers() -> None:
+    # transformers blocked: `--help` prints, and a run names the extra that installs it.
+    code = (
+        "import runpy, sys; sys.modules['transformers'] = None; sys.argv[0] = 'hf_trainer.py'; "
+        f"sys.path.insert(0, {str(EXAMPLES)!r}); "
+        f"runpy.run_path({str(EXAMPLES / 'hf_trainer.py')!r}, run_name='__main__')"
+    )
+    for args, rc, stream, text in (
+        (["--help"], 0, "stdout", "--smoke"),
+        (["--smoke"], 2, "stderr", "needs transformers and accelerate: pip install -e '.[hf]'"),
+    ):
+        proc = subprocess.run([sys.executable, "-c", code, *args], env=_env(), capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == rc, proc.stderr
+        assert text in getattr(proc, stream)

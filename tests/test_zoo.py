@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _optional import import_or_skip
 from torch import Tensor, nn
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-transformers = pytest.importorskip("transformers")
+transformers = import_or_skip("transformers", probe="transformers.modeling_utils")
 
 from gq_loss import ODINDetector, gq_loss, odin_score  # noqa: E402
 
