@@ -91,9 +91,14 @@ def report(
     sets = list(any_run["ood"])
     real = [s for s in sets if s not in NOISE_SETS]
     st = any_run["settings"]
+    schedule = (
+        f"(the fast recipe of examples/fast_cifar.py, {st.get('precision', 'float32')})"
+        if st["arch"] == "fast_cnn"
+        else f"(OneCycle to lr {st['pretrain_lr']})"
+    )
     lines = [
         f"Model `{st['arch']}`; {st['pretrain_epochs']} CE epochs on the 50k training split "
-        f"(OneCycle to lr {st['pretrain_lr']}) shared by the arms of a seed; then each arm "
+        f"{schedule} shared by the arms of a seed; then each arm "
         f"fine-tunes for its number of steps (20 unless the name says `_s<steps>`), batch "
         f"{st['batch_size']}, cosine from lr {st['ft_lr']}, on the first steps × batch images of "
         "a seed-fixed permutation of the training split (cycled when 1600 steps need more than "
