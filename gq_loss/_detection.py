@@ -586,14 +586,17 @@ class Detector:
         batches.
 
         With ``n`` scores sorted in decreasing order and ``k = ceil(tpr · n)``, the threshold is
-        the ``k``-th score lowered by `CALIBRATION_MARGIN` (``1e-5``) times the range of the
-        scores (largest minus smallest). A sample's score changes in its last bits with the
-        batch it is scored in (measured: up to ``1.1e-6`` of the range for float32 models on
-        the CPU), and the margin keeps those changes from dropping it below the threshold:
-        on ``id_data`` itself at least ``k`` samples are accepted whatever ``batch_size`` or
-        batching `predict` uses, and more than ``k`` only where other scores lie within the
-        margin below the ``k``-th. Batch effects larger than the margin (half precision, TF32
-        convolutions, a model whose scores hardly vary) are not covered.
+        the ``k``-th score lowered by a margin: `CALIBRATION_MARGIN` (``1e-4``) times the median
+        distance of the scores to the ``k``-th (`calibration_margin`). A sample's score changes
+        in its last bits with the batch it is scored in (measured: up to ``8e-6`` of that
+        distance for float32 models on the CPU), and the margin keeps those changes from
+        dropping it below the threshold: on ``id_data`` itself at least ``k`` samples are
+        accepted whatever ``batch_size`` or batching `predict` uses, and more than ``k`` only
+        where other scores lie within the margin below the ``k``-th. A median cannot be moved
+        far by a few outliers (a corrupted image, a sample far out of range): fewer than half
+        of the scores cannot make the margin larger than the distance of the others to the
+        ``k``-th. Batch effects larger than the margin (half precision, TF32 convolutions, a
+        model whose scores hardly vary) are not covered.
 
         Args:
             id_data: In-distribution validation data, as for `score`.
@@ -644,10 +647,10 @@ BatchResult = tuple[Tensor, Tensor, int]
 #: Version of the `Detector.state_dict` format.
 STATE_VERSION = 1
 
-#: `Detector.calibrate` lowers the threshold by this share of the range of the calibration
-#: scores, so that the last-bit changes of a score with its batch cannot drop a calibration
-#: sample below it.
-CALIBRATION_MARGIN = 1e-5
+#: `Detector.calibrate` lowers the threshold by this share of the median distance of the
+#: calibration scores to the threshold's score (`calibration_margin`), so that the last-bit
+#: changes of a score with its batch cannot drop a calibration sample below it.
+CALIBRATION_MARGIN = 1e-4
 
 
 def scored_settings(cls: type) -> list[str]:
@@ -700,9 +703,23 @@ def check_scores(scores: Tensor, name: str, purpose: str) -> Tensor:
 
 def threshold_at(scores: Tensor, tpr: float, name: str) -> float:
     """The ``ceil(tpr · n)``-th largest of ``scores`` ``(n,)``, which must be finite, lowered by
-    `CALIBRATION_MARGIN` times their range."""
+    `calibration_margin`."""
     check_scores(scores, name, "calibrate on")
     k = max(1, math.ceil(tpr * scores.numel() - 1e-9))  # tolerance for tpr*n rounding up
-    ordered = torch.sort(scores.cpu(), descending=True).values
-    margin = CALIBRATION_MARGIN * float(ordered[0] - ordered[-1])
-    return float(ordered[k - 1]) - margin
+    ordered = torch.sort(float64(scores).cpu(), descending=True).values
+    return float(ordered[k - 1]) - calibration_margin(ordered, k)
+
+
+def calibration_margin(ordered: Tensor, k: int) -> float:
+    """How far below the ``k``-th of the scores ``ordered`` (float64, decreasing) the threshold
+    lies: `CALIBRATION_MARGIN` times the median of ``|s_i - s_k|`` over all scores.
+
+    The batch effect on a score is a share of how much the scores vary, so the margin is one
+    too; the median distance to the ``k``-th (unlike the range, which one corrupted sample can
+    make a million times larger) moves little when fewer than half of the scores are outliers.
+    Where more than half of them equal the ``k``-th exactly, that median is 0 and the range is
+    used instead (ties this exact are saturated scores, which batches do not change)."""
+    spread = float((ordered - ordered[k - 1]).abs().median())
+    if spread == 0.0:
+        spread = float(ordered[0] - ordered[-1])
+    return CALIBRATION_MARGIN * spread

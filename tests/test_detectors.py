@@ -262,6 +262,42 @@ def test_calibration_promise_holds_whatever_the_batch_size(make):
     assert changed > 0  # the batch effect is real here
 
 
+@pytest.mark.parametrize("corrupted", [0, 1, 20])
+def test_corrupted_samples_do_not_move_the_threshold(corrupted):
+    """Unscaled images (0-255 instead of 0-1) among 1,000 Mahalanobis calibration samples: their
+    scores are ~1e5 times lower. The margin used to be 1e-5 of the range, which they widen, so
+    `tpr=0.95` accepted 98 % of the clean data; it now scales with the median distance to the
+    threshold's score: exactly ``ceil(tpr · n)`` calibration samples are accepted, the accepted
+    share of the clean data agrees with scikit-learn's ROC curve, and the threshold stays
+    where the clean data put it."""
+    from sklearn.metrics import roc_curve
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 5))
+    train = (torch.rand(200, 3, 2, 2), torch.arange(200) % 5)
+    detector = MahalanobisDetector(model, layer="1", ridge=1e-6).fit(train)
+    clean = torch.rand(1000, 3, 2, 2)
+    x = torch.cat([clean, 255 * torch.rand(corrupted, 3, 2, 2)])
+    tpr, n = 0.95, len(x)
+    scores = detector.calibrate(x, tpr=tpr).score(x)
+    if corrupted:  # far out: the range is theirs
+        assert float(scores[1000:].max()) < 1e3 * float(scores[:1000].min())
+    k = math.ceil(tpr * n)
+    assert int((scores >= detector.threshold_).sum()) == k
+    clean_scores = scores[:1000].numpy()
+    negatives = [float(clean_scores.min()) - 1.0] * 1000  # below every ID score
+    fpr, tpr_curve, thresholds = roc_curve(
+        [1] * 1000 + [0] * 1000, list(clean_scores) + negatives, drop_intermediate=False
+    )
+    accepted = float(tpr_curve[thresholds >= detector.threshold_].max())
+    assert accepted == pytest.approx(float((scores[:1000] >= detector.threshold_).double().mean()))
+    assert accepted <= k / 1000  # the corrupted samples can only raise the threshold
+    clean_threshold = MahalanobisDetector(model, layer="1", ridge=1e-6).fit(train)
+    clean_threshold = clean_threshold.calibrate(clean, tpr=tpr).threshold_
+    spread = float((scores[:1000] - scores[:1000].quantile(0.05)).abs().median())
+    assert detector.threshold_ - clean_threshold < 0.1 * spread * (corrupted + 1)
+
+
 # --------------------------------------------------------------------------- model outputs
 
 
