@@ -294,11 +294,15 @@ class MahalanobisDetector(Detector):
 
         Returns:
             ``self``, fitted.
+
+        Raises:
+            ValueError: A batch gives non-finite features (a NaN image, a model that
+                overflowed), refused at that batch; a class has no samples; the data is empty.
         """
         self._invalidate()
         count = mean = scatter = None
-        for inputs, labels in _labelled_batches(id_train_data):
-            feats = self.features(inputs)
+        for index, (inputs, labels) in enumerate(_labelled_batches(id_train_data)):
+            feats = _check_finite(self.features(inputs), index)
             labels = _check_labels(labels, feats.shape[0]).to(feats.device)
             if feats.shape[0] == 0:
                 continue
@@ -376,6 +380,18 @@ class MahalanobisDetector(Detector):
                 f"`state_dict` must hold {list(names)} as float64 (C, D), (D, D), (D, D) and "
                 f"int64 (C,), got {[(str(t), s) for t, s in got]}"
             )
+        bad = [n for n, v in zip(names[:3], values[:3], strict=True) if not v.isfinite().all()]
+        if bad:
+            raise ValueError(
+                f"`state_dict` holds NaN or inf in {bad}: every distance would be NaN and "
+                "`predict` would reject every input; save the state of a detector fitted on "
+                "finite features"
+            )
+        if int(values[3].min()) < 1:
+            raise ValueError(
+                f"`state_dict['class_counts_']` must be >= 1 for every class (a fit needs samples "
+                f"of each), got {values[3].tolist()}"
+            )
         return {**checked, **{n: v.detach().clone() for n, v in zip(names, values, strict=True)}}
 
     def _score_batch(self, inputs: Tensor) -> BatchResult:
@@ -405,6 +421,21 @@ def _pinv_psd(covariance: Tensor, ridge: float) -> Tensor:
     keep = evals > PINV_RTOL * evals.max().clamp(min=0.0)
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
     return (evecs * inv) @ evecs.T
+
+
+def _check_finite(feats: Tensor, index: int) -> Tensor:
+    """``feats`` ``(B, D)`` of batch ``index`` of a fit, refused where one is NaN or inf: one
+    such sample would make the mean and covariance NaN, found only after the whole data."""
+    bad = ~feats.isfinite().all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise ValueError(
+            f"`id_train_data` batch {index} (counting from 0) gives non-finite features (NaN or "
+            f"inf) for {rows.numel()} of its {feats.shape[0]} samples, first at position "
+            f"{int(rows[0])}: the class means and covariance would be NaN; check those inputs "
+            "(a NaN or unscaled image) and the model's features for overflow"
+        )
+    return feats
 
 
 def _check_labels(labels: Any, batch: int) -> Tensor:

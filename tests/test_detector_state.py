@@ -277,6 +277,14 @@ def test_load_state_dict_refuses_what_it_cannot_load():
         target.load_state_dict({**state, "precision_": state["precision_"][:2]})
     with pytest.raises(ValueError, match=r"holds an invalid `ridge`: `ridge` must be finite"):
         target.load_state_dict({**state, "settings": {**state["settings"], "ridge": -1.0}})
+    for name in ("means_", "covariance_", "precision_"):  # predict would reject every input
+        for bad in (float("nan"), float("inf")):
+            broken = state[name].clone()
+            broken[0, -1] = bad
+            with pytest.raises(ValueError, match=rf"holds NaN or inf in \['{name}'\]"):
+                target.load_state_dict({**state, name: broken})
+    with pytest.raises(ValueError, match=r"`state_dict\['class_counts_'\]` must be >= 1"):
+        target.load_state_dict({**state, "class_counts_": state["class_counts_"] * 0})
     assert target.threshold_ is None and target.means_ is None  # nothing loaded
     # a state saved before fit and calibrate loads as not fitted
     empty = MAKERS["mahalanobis"](mlp()).state_dict()

@@ -360,3 +360,30 @@ def test_mahalanobis_and_logit_scores_on_cuda_match_cpu() -> None:
     logits = torch.randn(6, 4, dtype=torch.float64)
     for fn in (msp_score, energy_score):
         torch.testing.assert_close(fn(logits.cuda(), 2.0).cpu(), fn(logits, 2.0))
+
+
+def test_mahalanobis_fit_refuses_non_finite_features_at_their_batch() -> None:
+    """One NaN image used to be read with the rest of the data, and the fit then failed in the
+    eigendecomposition with torch's ``_LinAlgError``, also with ``ridge > 0``."""
+    x, y = _blobs()
+    seen: list[int] = []
+
+    def batches(bad: float):  # a generator: the batches after the bad one must not be read
+        for i in range(0, 60, 10):
+            seen.append(i)
+            xb = x[i : i + 10].clone()
+            if i == 20:
+                xb[3] = bad
+            yield xb, y[i : i + 10]
+
+    for bad in (float("nan"), float("inf")):
+        seen.clear()
+        maha = MahalanobisDetector(nn.Sequential(nn.Linear(4, 6)), layer="0", ridge=0.1)
+        with pytest.raises(
+            ValueError,
+            match=r"`id_train_data` batch 2 \(counting from 0\) gives non-finite features \(NaN "
+            r"or inf\) for 1 of its 10 samples, first at position 3",
+        ):
+            maha.fit(batches(bad))
+        assert seen == [0, 10, 20]  # refused where it appeared
+        assert maha.means_ is None and maha.precision_ is None
