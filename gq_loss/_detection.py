@@ -461,7 +461,9 @@ class Detector:
 
         The settings are **checked, not restored**: the state holds only for the settings it
         was calibrated with, so a detector whose settings that change scores differ from the
-        saved ones refuses it (build it with the saved settings). The model is not checked:
+        saved ones refuses it (build it with the saved settings). A callable setting is saved
+        by its name (``__qualname__``): one of another name is refused, and one of the same name
+        is trusted to be the same function (two lambdas of one scope cannot be told apart). The model is not checked:
         load into a detector around the same model. Nothing is changed when the state is
         refused.
 
@@ -505,7 +507,7 @@ class Detector:
         """Refuse a saved setting that differs from this detector's."""
         current = getattr(self, name)
         if isinstance(saved, Mapping) and set(saved) == {"callable"}:
-            same = callable(current)
+            same = callable(current) and _saved(current) == saved  # a function of that name
         else:
             descriptor: Setting[Any] = getattr(type(self), name)
             try:
@@ -514,7 +516,7 @@ class Detector:
                 raise ValueError(f"`state_dict` holds an invalid `{name}`: {err}") from err
             same = not callable(current) and same_setting(current, checked)
         if not same:
-            shown = _shown(saved) if not isinstance(saved, Mapping) else "a callable"
+            shown = _shown(saved)
             raise ValueError(
                 f"`state_dict` was saved with {name}={shown}, but this {type(self).__name__} "
                 f"has {name}={_shown(current)}: the saved calibration holds only for its own "
@@ -676,7 +678,12 @@ def _saved(value: Any) -> Any:
 
 
 def _shown(value: Any) -> str:
-    return "a callable" if callable(value) else repr(value)
+    """A setting in a message: its repr, or ``a callable 'name'`` (also as saved)."""
+    if callable(value):
+        value = _saved(value)
+    if isinstance(value, Mapping) and set(value) == {"callable"}:
+        return f"a callable {value['callable']!r}"
+    return repr(value)
 
 
 def _check_keys(name: str, mapping: Mapping[str, Any], expected: set[str]) -> None:

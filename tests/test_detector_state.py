@@ -4,6 +4,7 @@ the calibration saved without the model (`state_dict` / `load_state_dict`)."""
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import pytest
@@ -243,15 +244,40 @@ def test_a_state_saved_with_other_settings_is_refused(name):
     for setting, value in DIFFERENT[name].items():
         other = MAKERS[name](model, **{setting: value})
         saved = state["settings"][setting]
-        saved_text = "a callable" if isinstance(saved, dict) else repr(saved)
-        current = "a callable" if callable(value) else repr(value)
+        saved_text = f"a callable {saved['callable']!r}" if isinstance(saved, dict) else repr(saved)
+        current = f"a callable {value.__qualname__!r}" if callable(value) else repr(value)
         message = (
-            rf"`state_dict` was saved with {setting}={saved_text}, but this "
-            rf"{type(detector).__name__} has {setting}={current}: .*checked, not restored"
+            f"`state_dict` was saved with {setting}={saved_text}, but this "
+            f"{type(detector).__name__} has {setting}={current}: "
         )
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(ValueError, match=re.escape(message) + ".*checked, not restored"):
             other.load_state_dict(state)
         assert other.threshold_ is None  # nothing loaded
+
+
+def first(out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return out[0]
+
+
+def doubled(out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return 2 * out[1]
+
+
+@pytest.mark.parametrize("name", ["odin", "msp", "energy"])
+def test_a_state_saved_with_another_callable_output_is_refused(name):
+    """A callable is saved by its name: a state calibrated with ``output=first`` does not load
+    into a detector whose ``output`` is another function, whose scores differ."""
+    detector = MAKERS[name](TupleOut(), output=first).calibrate(X, tpr=0.8)
+    state = round_trip(detector.state_dict())
+    other = MAKERS[name](detector.model, output=doubled)
+    assert not torch.equal(other.score(X), detector.score(X))
+    with pytest.raises(
+        ValueError, match=r"saved with output=a callable 'first', but .* output=a callable 'doubled'"
+    ):
+        other.load_state_dict(state)
+    assert other.threshold_ is None
+    same = MAKERS[name](detector.model, output=first).load_state_dict(state)
+    assert same.threshold_ == detector.threshold_
 
 
 def test_load_state_dict_refuses_what_it_cannot_load():
