@@ -160,16 +160,28 @@ def eval_mode(model: Any) -> Iterator[None]:
     Safe across threads: the modes are counted per submodule, so the first caller saves a
     module's mode and the last one to leave restores it, and no thread's scoring runs in a mode
     that another thread restored meanwhile. Nested uses (ODIN inside a detector) count the same.
+
+    A module from ``torch.export`` (``ExportedProgram.module()``, also as a submodule) refuses
+    ``eval()``: its mode was fixed when it was exported. One exported in eval mode is scored as
+    it is (the flags of the modules around it are still set and restored); one exported in
+    train mode is refused (`check_exported`).
     """
     if not isinstance(model, nn.Module):
         yield
         return
     modules = list(model.modules())
+    exported = [m for m in modules if is_exported(m)]
+    for m in exported:
+        check_exported(m, model)
     with _EVAL_LOCK:
         for m in modules:
             _, holders, training = _EVAL_HOLDS.get(id(m), (m, 0, m.training))
             _EVAL_HOLDS[id(m)] = (m, holders + 1, training)
-        model.eval()
+        if exported:  # eval() would reach their refusing train(False): set the flags only
+            for m in modules:
+                m.training = False
+        else:
+            model.eval()
     try:
         yield
     finally:
@@ -181,6 +193,35 @@ def eval_mode(model: Any) -> Iterator[None]:
                     m.training = training
                 else:
                     _EVAL_HOLDS[id(m)] = (m, holders - 1, training)
+
+
+def is_exported(module: nn.Module) -> bool:
+    """Whether ``module`` comes from ``torch.export`` (``ExportedProgram.module()``): a
+    ``GraphModule`` whose ``train`` and ``eval`` torch replaced on the instance, to refuse."""
+    return isinstance(module, torch.fx.GraphModule) and "eval" in vars(module)
+
+
+def check_exported(module: nn.Module, model: nn.Module) -> None:
+    """Refuse a ``torch.export`` module that was exported in train mode: its graph runs an op
+    with ``train``/``training`` set (batch norm on batch statistics that also moves its running
+    statistics, dropout), and its mode cannot be changed after export."""
+    for node in module.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.name not in ("train", "training"):
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if value is True:
+                where = "`model`" if module is model else "a submodule of `model`"
+                raise ValueError(
+                    f"{where} is a torch.export module exported in train mode (its graph runs "
+                    f"{schema.name} with {arg.name}=True), and an exported module's mode cannot "
+                    "be changed (torch refuses its eval()): it would score with batch statistics, "
+                    "update its running statistics or apply dropout. Export it in eval mode: "
+                    "`torch.export.export(model.eval(), args).module()`"
+                )
 
 
 def check_batch(x: Any, name: str) -> Tensor:

@@ -21,6 +21,7 @@ from ._detection import (
     check_ood_label,
     eval_mode,
     float64,
+    is_exported,
 )
 from ._validation import (
     OutputSpec,
@@ -260,7 +261,15 @@ class MahalanobisDetector(Detector):
                     handle = module.register_forward_hook(record)
                     call_model(unwrap_ddp(model), inputs)
                     if not captured:
-                        raise RuntimeError(f"`layer` {layer!r} did not run in model(inputs)")
+                        hint = (
+                            ": a torch.export module runs its graph, not its submodules; pass "
+                            "`feature_fn` (e.g. an exported feature extractor)"
+                            if any(is_exported(m) for m in model.modules())
+                            else ""
+                        )
+                        raise RuntimeError(
+                            f"`layer` {layer!r} did not run in model(inputs){hint}"
+                        )
                     feats = captured[-1]
                 else:
                     assert self.feature_fn is not None

@@ -842,3 +842,65 @@ def test_one_vocabulary():
         with pytest.raises(TypeError, match="positional"):
             make(model).calibrate(x, 0.9)  # type: ignore[misc]
         assert make(model).fit(id_train_data=LABELLED).calibrate(x, tpr=0.9).threshold_ is not None
+
+
+# --------------------------------------------------------------------------- torch.export
+
+
+def test_an_exported_module_is_scored_as_it_was_exported():
+    """``ExportedProgram.module()`` refuses ``eval()`` ("Calling eval() is not supported yet"):
+    its mode was fixed at export. Exported in eval mode, every detector scores it as the eager
+    model in eval mode, also inside a wrapper, and the flags around it come back; exported in
+    train mode (batch statistics, dropout) it is refused with the way out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Tanh(),
+        nn.Linear(16, 5),
+    )  # fmt: skip
+    x = torch.randn(8, 3, 2, 2)
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},)).module()
+    model.train()
+    wrapper = nn.Sequential(exported, nn.Identity())  # train mode, as built
+    labelled = (x, torch.arange(8) % 2)
+    makers = {
+        "odin": lambda m: ODINDetector(m, temperature=10.0, epsilon=0.01),
+        "msp": MSPDetector,
+        "energy": EnergyDetector,
+        "mahalanobis": lambda m: MahalanobisDetector(m, feature_fn=m, ridge=1e-3).fit(labelled),
+    }
+    with eval_of(model):
+        want = {name: make(model).score(x) for name, make in makers.items()}
+        want_odin = odin_score(model, x, temperature=10.0, epsilon=0.01)
+    for target in (exported, wrapper):
+        for name, make in makers.items():
+            torch.testing.assert_close(make(target).score(x), want[name], rtol=1e-6, atol=1e-9)
+        detector = MSPDetector(target, batch_size=3).calibrate(x, tpr=0.75)
+        assert int((detector.predict(x) != -1).sum()) >= 6
+        torch.testing.assert_close(odin_score(target, x, temperature=10.0, epsilon=0.01), want_odin)
+    assert wrapper.training and all(m.training for m in wrapper.modules())
+    with pytest.raises(RuntimeError, match=r"'1' did not run.*torch.export module runs its graph"):
+        MahalanobisDetector(exported, layer="1").fit(labelled)
+
+    trained = torch.export.export(model.train(), (x,)).module()
+    for target, where in ((trained, "`model`"), (nn.Sequential(trained), "a submodule of `model`")):
+        for name, make in makers.items():
+            with pytest.raises(
+                ValueError,
+                match=rf"{where} is a torch.export module exported in train mode \(its graph "
+                r"runs aten::batch_norm with training=True\).*torch.export.export\(model.eval\(\)",
+            ):
+                make(target).score(x)
+
+
+class eval_of:
+    """``model`` in eval mode for the ``with`` block, its mode restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.mode = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.mode)
