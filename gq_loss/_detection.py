@@ -277,27 +277,56 @@ def length(data: Any) -> int | None:
 
 
 def batches(
-    inputs: Any, name: str, batch_size: int | None
+    inputs: Any, name: str, batch_size: int | None, input_key: str = "pixel_values"
 ) -> tuple[Iterable[Any], int | None, torch.device]:
-    """(batches, number of batches or None, device of the results) for a tensor or an iterable.
+    """(batches, number of batches or None, device of the results) for a tensor, a Mapping or
+    an iterable.
 
-    A tensor is split into ``batch_size`` chunks and its results stay on its device; an iterable
-    (a `DataLoader`, a generator; no length needed) yields tensors or tuples/lists whose first
-    element is the input, and its results are concatenated on the CPU.
+    A tensor (or a Mapping holding one under ``input_key``: one batch, e.g. a Hugging Face
+    ``BatchFeature``) is split into ``batch_size`` chunks and its results stay on its device;
+    an iterable (a `DataLoader`, a generator; no length needed) yields tensors, tuples/lists
+    whose first element is the input, or Mappings whose ``input_key`` entry is (a Hugging Face
+    image `DataLoader`'s ``{"pixel_values": ..., "labels": ...}``), and its results are
+    concatenated on the CPU.
     """
     if labelled_pair(inputs):
         inputs = inputs[0]
+    if isinstance(inputs, Mapping):
+        inputs = batch_input(inputs, input_key, name)
     if isinstance(inputs, Tensor):
         if inputs.ndim == 0:
             raise ValueError(f"`{name}` must have a batch dimension, got a 0-d tensor")
         chunks = inputs.split(batch_size or max(len(inputs), 1))
         return chunks, len(chunks), inputs.device
     if isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
-        items = (b[0] if isinstance(b, (tuple, list)) and len(b) > 0 else b for b in inputs)
+        items = (batch_input(b, input_key, name) for b in inputs)
         return items, length(inputs), torch.device("cpu")
     raise TypeError(
         f"`{name}` must be a tensor (B, ...) or an iterable of batches, got {type(inputs).__name__}"
     )
+
+
+def batch_input(batch: Any, input_key: str, name: str) -> Any:
+    """The input of one batch: the first element of a tuple/list, the ``input_key`` entry of a
+    Mapping, else the batch itself (checked by `check_batch`)."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 0:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        if input_key not in batch:
+            raise ValueError(
+                f"`{name}` gave a {type(batch).__name__} batch without the key "
+                f"`input_key`={input_key!r}, with keys {list(batch)[:8]}; set `input_key=` to "
+                "the key of the float inputs the model takes (text models: a tensor of input "
+                "embeddings, with a model that takes it)"
+            )
+        return batch[input_key]
+    return batch
+
+
+def check_key(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str (a key of dict batches), got {value!r}")
+    return value
 
 
 def progress(items: Iterable[Any], total: int | None, enabled: bool, desc: str) -> Iterable[Any]:
@@ -330,7 +359,7 @@ class Detector:
 
     * `score(inputs)`: scores ``(B,)``, **higher = more in-distribution**, over a tensor
       ``(B, ...)`` or an iterable of batches (a `DataLoader`, with or without labels, with or
-      without a length).
+      without a length; dict batches are read at `input_key`).
     * `fit(id_train_data)`: estimates what the score needs from labelled in-distribution data
       (Mahalanobis); a no-op returning ``self`` for the others.
     * `calibrate(id_data, *, tpr)`: sets `threshold_` so that a share ``tpr`` of ``id_data`` is
@@ -347,7 +376,7 @@ class Detector:
     state: the threshold, and for a detector with a `fit` its statistics, so `predict` raises
     [`NotFittedError`][gq_loss.NotFittedError] until the next `calibrate` (and `fit`); a second
     `fit` also drops the threshold. Assigning a setting the value it already has keeps
-    everything. ``ood_label``, ``batch_size`` and ``progress`` do not change scores and keep
+    everything. ``ood_label``, ``batch_size``, ``input_key`` and ``progress`` do not change scores and keep
     it. Fitted state follows scikit-learn's convention: its names end in ``_`` and are ``None``
     before the step that sets them. Changes made *inside* the model (training it further)
     cannot be seen: calibrate again after them.
@@ -371,6 +400,8 @@ class Detector:
         ood_label: Label `predict` returns for rejected inputs; it must not be a class of the
             model (``[0, N)`` is refused once ``N`` is known). Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
+        input_key: Key of the inputs in dict batches (a Hugging Face image `DataLoader` yields
+            ``{"pixel_values": ..., "labels": ...}``). Default: ``"pixel_values"``.
         progress: Show a tqdm progress bar over batches (needs tqdm; no total for an iterable
             without a length). Default: ``False``.
 
@@ -401,6 +432,7 @@ class Detector:
     output: Setting[OutputSpec | None] = Setting(check_output)
     ood_label: Setting[int] = Setting(check_int, invalidates=False)
     batch_size: Setting[int | None] = Setting(check_optional_int, invalidates=False)
+    input_key: Setting[str] = Setting(check_key, invalidates=False)
     progress: Setting[bool] = Setting(check_bool, invalidates=False)
 
     def __init__(
@@ -410,6 +442,7 @@ class Detector:
         output: OutputSpec | None = None,
         ood_label: int = -1,
         batch_size: int | None = None,
+        input_key: str = "pixel_values",
         progress: bool = False,
     ) -> None:
         self._invalidate()
@@ -417,6 +450,7 @@ class Detector:
         self.output = output
         self.ood_label = ood_label
         self.batch_size = batch_size
+        self.input_key = input_key
         self.progress = progress
 
     # ------------------------------------------------------------------ state
@@ -464,7 +498,7 @@ class Detector:
         ``covariance_``, ``precision_``, ``class_counts_`` where the detector has them) and the
         settings that change scores (``temperature``, ``epsilon``, ``output``, ``layer``, ...;
         a callable ``output`` or ``feature_fn`` only as ``{"callable": its name}``). The model,
-        ``ood_label``, ``batch_size`` and ``progress`` are not part of it. Tensors are returned
+        ``ood_label``, ``batch_size``, ``input_key`` and ``progress`` are not part of it. Tensors are returned
         as they are (detached, not copied).
 
         Returns:
@@ -582,7 +616,7 @@ class Detector:
         for empty inputs)."""
         self._check_fitted()
         fn = fn or self._score_batch
-        items, total, out_device = batches(inputs, name, self.batch_size)
+        items, total, out_device = batches(inputs, name, self.batch_size, self.input_key)
         scores, classes = [], []
         num_classes = None
         with eval_mode(self.model):
@@ -604,9 +638,11 @@ class Detector:
         """Scores ``(B,)``, float64, higher = more in-distribution; NaN where not computable.
 
         Args:
-            inputs: A float tensor ``(B, ...)``, an ``(inputs, labels)`` pair, or an iterable of
-                batches (e.g. a `DataLoader`, also over an `IterableDataset`) where a batch is a
-                tensor or a tuple/list whose first element is the input (labels are ignored).
+            inputs: A float tensor ``(B, ...)``, an ``(inputs, labels)`` pair, a dict holding
+                the inputs under `input_key`, or an iterable of batches (e.g. a `DataLoader`,
+                also over an `IterableDataset`) where a batch is a tensor, a tuple/list whose
+                first element is the input, or a dict holding it under `input_key` (a Hugging
+                Face image `DataLoader`); labels and other entries are ignored.
 
         Returns:
             Shape ``(B,)`` (total number of samples), detached. On the input's device for a

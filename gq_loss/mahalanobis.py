@@ -122,6 +122,8 @@ class MahalanobisDetector(Detector):
             Default: ``None`` (a tensor).
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
+        input_key: Key of the inputs in dict batches, as for [`Detector`][gq_loss.Detector].
+            Default: ``"pixel_values"``.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
 
     Attributes:
@@ -164,10 +166,16 @@ class MahalanobisDetector(Detector):
         output: OutputSpec | None = None,
         ood_label: int = -1,
         batch_size: int | None = None,
+        input_key: str = "pixel_values",
         progress: bool = False,
     ) -> None:
         super().__init__(
-            model, output=output, ood_label=ood_label, batch_size=batch_size, progress=progress
+            model,
+            output=output,
+            ood_label=ood_label,
+            batch_size=batch_size,
+            input_key=input_key,
+            progress=progress,
         )
         self.layer = layer
         self.feature_fn = feature_fn
@@ -299,7 +307,8 @@ class MahalanobisDetector(Detector):
         Args:
             id_train_data: ``(inputs, labels)`` with inputs ``(B, ...)`` and int labels
                 ``(B,)``, or an iterable of such batches (e.g. a `DataLoader`, with or without
-                a length).
+                a length); a batch may be a dict with the inputs at `input_key` and the labels
+                at ``"labels"`` (or ``"label"``), as a Hugging Face image `DataLoader` yields.
 
         Returns:
             ``self``, fitted.
@@ -310,7 +319,7 @@ class MahalanobisDetector(Detector):
         """
         self._invalidate()
         count = mean = scatter = None
-        for index, (inputs, labels) in enumerate(_labelled_batches(id_train_data)):
+        for index, (inputs, labels) in enumerate(_labelled_batches(id_train_data, self.input_key)):
             feats = _check_finite(self.features(inputs), index)
             labels = _check_labels(labels, feats.shape[0]).to(feats.device)
             if feats.shape[0] == 0:
@@ -460,20 +469,39 @@ def _check_labels(labels: Any, batch: int) -> Tensor:
     return labels.long()
 
 
-def _labelled_batches(data: Data) -> Iterator[tuple[Tensor, Any]]:
+#: Keys of the labels in dict batches, in the order they are looked for (Hugging Face's).
+LABEL_KEYS = ("labels", "label")
+
+
+def _labelled_batches(data: Data, input_key: str) -> Iterator[tuple[Tensor, Any]]:
+    """``(inputs, labels)`` of each batch: of a pair, of the batches of an iterable, or of dicts
+    (read at ``input_key`` and the first of `LABEL_KEYS` they hold)."""
     if isinstance(data, Tensor):
         raise TypeError("`id_train_data` needs labels: pass (inputs, labels) or batches of them")
-    if (
+    if isinstance(data, Mapping) or (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and all(isinstance(t, Tensor) for t in data)
-    ):  # one (inputs, labels) pair; its labels are checked by `_check_labels`
-        yield data[0], data[1]
+    ):  # one batch; its labels are checked by `_check_labels`
+        yield _labelled(data, input_key)
         return
     for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(
-                "each batch of `id_train_data` must be (inputs, labels, ...), got "
-                f"{type(batch).__name__}"
+        yield _labelled(batch, input_key)
+
+
+def _labelled(batch: Any, input_key: str) -> tuple[Tensor, Any]:
+    if isinstance(batch, Mapping):
+        label_key = next((k for k in LABEL_KEYS if k in batch), None)
+        if input_key not in batch or label_key is None:
+            raise ValueError(
+                f"a dict batch of `id_train_data` must hold the inputs at `input_key`="
+                f"{input_key!r} and the labels at 'labels' or 'label', got keys "
+                f"{list(batch)[:8]}; set `input_key=` to the key of the inputs"
             )
-        yield batch[0], batch[1]
+        return batch[input_key], batch[label_key]
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(
+            "each batch of `id_train_data` must be (inputs, labels, ...) or a dict with the "
+            f"inputs at `input_key` and 'labels', got {type(batch).__name__}"
+        )
+    return batch[0], batch[1]

@@ -84,10 +84,16 @@ class _LogitDetector(Detector):
         output: OutputSpec | None = None,
         ood_label: int = -1,
         batch_size: int | None = None,
+        input_key: str = "pixel_values",
         progress: bool = False,
     ) -> None:
         super().__init__(
-            model, output=output, ood_label=ood_label, batch_size=batch_size, progress=progress
+            model,
+            output=output,
+            ood_label=ood_label,
+            batch_size=batch_size,
+            input_key=input_key,
+            progress=progress,
         )
         self.temperature = temperature
 
@@ -111,6 +117,8 @@ class MSPDetector(_LogitDetector):
             [`odin_score`][gq_loss.odin_score]. Default: ``None``.
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
+        input_key: Key of the inputs in dict batches, as for [`Detector`][gq_loss.Detector].
+            Default: ``"pixel_values"``.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
 
     Examples:
@@ -136,6 +144,8 @@ class EnergyDetector(_LogitDetector):
             [`odin_score`][gq_loss.odin_score]. Default: ``None``.
         ood_label: Label `predict` returns for rejected inputs. Default: ``-1``.
         batch_size: Split tensor inputs into chunks of this many samples. Default: whole tensor.
+        input_key: Key of the inputs in dict batches, as for [`Detector`][gq_loss.Detector].
+            Default: ``"pixel_values"``.
         progress: Show a tqdm progress bar over batches (needs tqdm). Default: ``False``.
 
     Examples:

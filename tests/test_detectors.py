@@ -431,7 +431,7 @@ CHANGES = [
     ("feature_mahalanobis", "feature_fn", lambda t: t.flatten(1)[:, :6]),
 ]
 ALL_DETECTORS = {**DETECTORS, "feature_mahalanobis": feature_mahalanobis}
-KEEPS_SCORES = {"ood_label": 5, "batch_size": 3, "progress": False}
+KEEPS_SCORES = {"ood_label": 5, "batch_size": 3, "input_key": "x", "progress": False}
 
 
 @pytest.mark.parametrize(
@@ -904,3 +904,56 @@ class eval_of:
 
     def __exit__(self, *exc: object) -> None:
         self.model.train(self.mode)
+
+
+# --------------------------------------------------------------------------- dict batches
+
+
+def dict_loader(x: Tensor, y: Tensor, key: str = "pixel_values") -> DataLoader:
+    """A Hugging Face-style image `DataLoader`: batches ``{key: (B, ...), "labels": (B,)}``."""
+
+    def collate(items: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        return {key: torch.stack([i[0] for i in items]), "labels": torch.stack([i[1] for i in items])}
+
+    return DataLoader(TensorDataset(x, y), batch_size=7, collate_fn=collate)
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_dict_batches_are_read_at_input_key(name):
+    """Detectors used to refuse them ("batches must be tensors, got dict"); they are read at
+    ``input_key`` (default ``"pixel_values"``, Hugging Face's), and Mahalanobis fits from their
+    ``"labels"``."""
+    from transformers import BatchFeature
+
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(30, 3, 2, 2, dtype=torch.float64)
+    y = torch.arange(30) % 4
+    detector = DETECTORS[name](model)
+    want = detector.score(x)
+    for data in (dict_loader(x, y), BatchFeature({"pixel_values": x, "labels": y})):
+        torch.testing.assert_close(detector.score(data), want.to(torch.float64), rtol=0, atol=1e-12)
+    threshold = detector.calibrate(x, tpr=0.8).threshold_
+    assert detector.calibrate(dict_loader(x, y), tpr=0.8).threshold_ == pytest.approx(threshold)
+    assert torch.equal(detector.predict(dict_loader(x, y)), detector.predict(x))
+    detector.input_key = "image"  # keeps the threshold: it does not change scores
+    assert detector.threshold_ is not None
+    torch.testing.assert_close(detector.score(dict_loader(x, y, "image")), want, rtol=0, atol=1e-12)
+    with pytest.raises(
+        ValueError,
+        match=r"`inputs` gave a dict batch without the key `input_key`='image', with keys "
+        r"\['pixel_values', 'labels'\]; set `input_key=`",
+    ):
+        detector.score(dict_loader(x, y))
+    with pytest.raises(TypeError, match=r"`input_key` must be a str \(a key of dict batches\)"):
+        detector.input_key = 0
+    if name == "mahalanobis":
+        detector.input_key = "pixel_values"
+        fitted = MahalanobisDetector(model, layer="1", ridge=1e-3)
+        for data in (dict_loader(x, y), {"pixel_values": x, "label": y}):
+            fitted.fit(data)
+            torch.testing.assert_close(fitted.means_, MahalanobisDetector(
+                model, layer="1", ridge=1e-3).fit((x, y)).means_)
+        with pytest.raises(ValueError, match=r"must hold the inputs at `input_key`='pixel_values' "
+                           r"and the labels at 'labels' or 'label', got keys \['pixel_values'\]"):
+            fitted.fit([{"pixel_values": x}])
