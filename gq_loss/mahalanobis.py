@@ -87,8 +87,12 @@ class MahalanobisDetector(Detector):
 
     ``output`` names the features in what the layer (or ``feature_fn``) returns when that is not
     a tensor: a key, an attribute, a tuple index or a callable, as for
-    [`odin_score`][gq_loss.odin_score] (a Hugging Face encoder layer returns a tuple:
-    ``output=0``). The model's own output is not used.
+    [`odin_score`][gq_loss.odin_score]. The model's own output is not used. In transformers 5.x
+    (checked on 5.25) an encoder layer (``"vit.layers.0"``, ``"bert.encoder.layer.0"``) and the
+    final LayerNorm (``"vit.layernorm"``) return a tensor ``(B, L, D)``, which is flattened
+    (``output=lambda h: h[:, 0]`` keeps the class token); a base model or encoder (``"vit"``,
+    ``"bert.encoder"``) returns a ``ModelOutput``: name its field, e.g.
+    ``output="last_hidden_state"``; ``"bert.pooler"`` returns ``(B, D)``.
 
     When ``model`` is an ``nn.Module``, every call runs it in eval mode (each submodule's mode
     restored afterwards), and inputs are moved to the device and cast to the floating dtype of

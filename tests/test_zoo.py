@@ -22,7 +22,7 @@ from torch import Tensor, nn
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = import_or_skip("transformers", probe="transformers.modeling_utils")
 
-from gq_loss import ODINDetector, gq_loss, odin_score  # noqa: E402
+from gq_loss import MahalanobisDetector, ODINDetector, gq_loss, odin_score  # noqa: E402
 
 CLASSES = 3
 IMAGE = (3, 32, 32)
@@ -292,3 +292,35 @@ def test_hf_wav2vec2_train_mode_needs_freeze_feature_encoder() -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0, msg=method)
         for g, w in zip(torch.autograd.grad(got, params), want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=method)
+
+
+def test_mahalanobis_reads_hugging_face_layers_as_the_docstring_says() -> None:
+    """The outputs of transformers 5.x layers that `MahalanobisDetector`'s docstring states: an
+    encoder layer returns a tensor (it used to say "a tuple: use output=0"), a base model a
+    ``ModelOutput`` whose field ``output=`` names, the BERT pooler ``(B, D)``."""
+    vit, make = build("vit")
+    bert, make_text = build("bert")
+    x, y = make(8), torch.arange(8) % CLASSES
+    e = make_text(4)
+    TOKENS = (IMAGE[1] // VIT["patch_size"]) ** 2 + 1  # patches and the class token  # noqa: N806
+    # an encoder layer and the final LayerNorm: a tensor (B, L, D), flattened; a class token
+    for layer in ("vit.layers.0", "vit.layernorm"):
+        feats = MahalanobisDetector(vit, layer=layer).features(x)
+        assert feats.shape == (8, TOKENS * VIT["hidden_size"])
+    with pytest.raises(ValueError, match=r"`output`=0 is an index.*output is a tensor of shape"):
+        MahalanobisDetector(vit, layer="vit.layers.0", output=0).features(x)  # the old advice
+    cls_token = MahalanobisDetector(vit, layer="vit.layernorm", output=lambda h: h[:, 0])
+    with torch.no_grad():
+        want = vit.eval()(pixel_values=x, output_hidden_states=True)
+    norm = dict(vit.named_modules())["vit.layernorm"]
+    torch.testing.assert_close(
+        cls_token.features(x), norm(want.hidden_states[-1])[:, 0].double(), rtol=0, atol=0
+    )
+    # a base model: a ModelOutput, refused unnamed, read by its field
+    with pytest.raises(TypeError, match=r"`layer` 'vit' must produce a Tensor, got "):
+        MahalanobisDetector(vit, layer="vit").features(x)
+    named = MahalanobisDetector(vit, layer="vit", output="last_hidden_state").fit((x, y))
+    assert named.means_.shape == (CLASSES, TOKENS * VIT["hidden_size"])
+    layer = "model.bert.encoder.layer.0"
+    assert MahalanobisDetector(bert, layer=layer).features(e).shape == (4, 6 * BERT["hidden_size"])
+    assert MahalanobisDetector(bert, layer="model.bert.pooler").features(e).shape == (4, 32)
