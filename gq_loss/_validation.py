@@ -146,6 +146,18 @@ def _user_stacklevel() -> int:
 
 
 def check_inputs(inputs: Any) -> None:
+    if isinstance(inputs, Mapping) or (
+        isinstance(inputs, (tuple, list)) and any(isinstance(t, Tensor) for t in inputs)
+    ):
+        what = f"keys {list(inputs)[:8]}" if isinstance(inputs, Mapping) else f"{len(inputs)} entries"
+        raise TypeError(
+            f"`inputs` must be a torch.Tensor, got a {type(inputs).__name__} with {what}: GQ "
+            "differentiates one input tensor. Pass that tensor (a Hugging Face image batch: "
+            "`inputs['pixel_values']`), and for a model that takes several inputs a module that "
+            "takes it alone and holds the others, e.g. `class WithSecond(nn.Module): def "
+            "forward(self, x1): return model(x1, self.x2)` with `self.x2` set before each call "
+            "(docs/models.md, 'Models with several inputs')"
+        )
     if not isinstance(inputs, Tensor):
         raise TypeError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
     if not inputs.is_floating_point():

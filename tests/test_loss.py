@@ -1340,3 +1340,55 @@ def test_recompute_replays_under_the_callers_autocast() -> None:
             torch.testing.assert_close(value, want_value, rtol=1e-6, atol=0)
             relative = float((got - want).norm() / want.norm())
             assert relative <= tol, (method, chunk, around_backward, relative)
+
+
+class TwoInputs(nn.Module):
+    """A classifier of an image and a side vector: ``head(conv(x1) + proj(x2))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten())
+        self.proj = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.conv(x1) + self.proj(x2)))
+
+
+class WithSecond(nn.Module):
+    """The pattern the refusal gives: the differentiated input alone, the other one held."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.x2: Tensor | None = None
+
+    def forward(self, x1: Tensor) -> Tensor:
+        return self.model(x1, self.x2)
+
+
+@pytest.mark.parametrize("method", ["auto", "loop", "batched", "jacrev", "recompute"])
+def test_several_inputs_are_refused_with_the_wrapper_pattern_which_is_exact(method: str) -> None:
+    """``GQLoss()(model, (x1, x2), y)`` used to say only "got tuple"; it now names the pattern,
+    and that pattern equals a float64 brute force with the second input held per sample."""
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    x1, x2 = torch.randn(3, 2, 3, 3, dtype=F64), torch.randn(3, 4, dtype=F64)
+    y = torch.tensor([4, 0, 2])
+    for inputs in ((x1, x2), [x1, x2], {"pixel_values": x1, "extra": x2}):
+        with pytest.raises(
+            TypeError, match=r"`inputs` must be a torch.Tensor, got a (tuple|list|dict) with .*"
+            r"GQ differentiates one input tensor.*inputs\['pixel_values'\].*def forward\(self, x1\)"
+        ):
+            GQLoss()(model, inputs, y)  # type: ignore[arg-type]
+    wrapped = WithSecond(model)
+    wrapped.x2 = x2
+    got = GQLoss(method=method)(wrapped, x1, y)
+    want = torch.stack([
+        brute_gq(lambda xi, i=i: model(xi, x2[i : i + 1]), x1[i : i + 1], y[i : i + 1])[0]
+        for i in range(3)
+    ]).mean()  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    params = list(model.parameters())
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
