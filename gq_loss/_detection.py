@@ -9,7 +9,7 @@ import math
 import numbers
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeGuard, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -170,9 +170,9 @@ def eval_mode(model: Any) -> Iterator[None]:
         yield
         return
     modules = list(model.modules())
-    exported = [m for m in modules if is_exported(m)]
-    for m in exported:
-        check_exported(m, model)
+    exported = [module for module in modules if is_exported(module)]
+    for graph_module in exported:
+        check_exported(graph_module, model)
     with _EVAL_LOCK:
         for m in modules:
             _, holders, training = _EVAL_HOLDS.get(id(m), (m, 0, m.training))
@@ -195,13 +195,13 @@ def eval_mode(model: Any) -> Iterator[None]:
                     _EVAL_HOLDS[id(m)] = (m, holders - 1, training)
 
 
-def is_exported(module: nn.Module) -> bool:
+def is_exported(module: nn.Module) -> TypeGuard[torch.fx.GraphModule]:
     """Whether ``module`` comes from ``torch.export`` (``ExportedProgram.module()``): a
     ``GraphModule`` whose ``train`` and ``eval`` torch replaced on the instance, to refuse."""
     return isinstance(module, torch.fx.GraphModule) and "eval" in vars(module)
 
 
-def check_exported(module: nn.Module, model: nn.Module) -> None:
+def check_exported(module: torch.fx.GraphModule, model: nn.Module) -> None:
     """Refuse a ``torch.export`` module that was exported in train mode: its graph runs an op
     with ``train``/``training`` set (batch norm on batch statistics that also moves its running
     statistics, dropout), and its mode cannot be changed after export."""

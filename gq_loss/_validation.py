@@ -149,7 +149,9 @@ def check_inputs(inputs: Any) -> None:
     if isinstance(inputs, Mapping) or (
         isinstance(inputs, (tuple, list)) and any(isinstance(t, Tensor) for t in inputs)
     ):
-        what = f"keys {list(inputs)[:8]}" if isinstance(inputs, Mapping) else f"{len(inputs)} entries"
+        what = (
+            f"keys {list(inputs)[:8]}" if isinstance(inputs, Mapping) else f"{len(inputs)} entries"
+        )
         raise TypeError(
             f"`inputs` must be a torch.Tensor, got a {type(inputs).__name__} with {what}: GQ "
             "differentiates one input tensor. Pass that tensor (a Hugging Face image batch: "

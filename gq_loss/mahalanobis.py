@@ -279,9 +279,7 @@ class MahalanobisDetector(Detector):
                             if any(is_exported(m) for m in model.modules())
                             else ""
                         )
-                        raise RuntimeError(
-                            f"`layer` {layer!r} did not run in model(inputs){hint}"
-                        )
+                        raise RuntimeError(f"`layer` {layer!r} did not run in model(inputs){hint}")
                     feats = captured[-1]
                 else:
                     assert self.feature_fn is not None

@@ -272,7 +272,8 @@ def test_a_state_saved_with_another_callable_output_is_refused(name):
     other = MAKERS[name](detector.model, output=doubled)
     assert not torch.equal(other.score(X), detector.score(X))
     with pytest.raises(
-        ValueError, match=r"saved with output=a callable 'first', but .* output=a callable 'doubled'"
+        ValueError,
+        match=r"saved with output=a callable 'first', but .* output=a callable 'doubled'",
     ):
         other.load_state_dict(state)
     assert other.threshold_ is None

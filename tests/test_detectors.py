@@ -286,7 +286,7 @@ def test_corrupted_samples_do_not_move_the_threshold(corrupted):
     assert int((scores >= detector.threshold_).sum()) == k
     clean_scores = scores[:1000].numpy()
     negatives = [float(clean_scores.min()) - 1.0] * 1000  # below every ID score
-    fpr, tpr_curve, thresholds = roc_curve(
+    _, tpr_curve, thresholds = roc_curve(
         [1] * 1000 + [0] * 1000, list(clean_scores) + negatives, drop_intermediate=False
     )
     accepted = float(tpr_curve[thresholds >= detector.threshold_].max())
@@ -884,7 +884,7 @@ def test_an_exported_module_is_scored_as_it_was_exported():
 
     trained = torch.export.export(model.train(), (x,)).module()
     for target, where in ((trained, "`model`"), (nn.Sequential(trained), "a submodule of `model`")):
-        for name, make in makers.items():
+        for make in makers.values():
             with pytest.raises(
                 ValueError,
                 match=rf"{where} is a torch.export module exported in train mode \(its graph "
@@ -913,7 +913,10 @@ def dict_loader(x: Tensor, y: Tensor, key: str = "pixel_values") -> DataLoader:
     """A Hugging Face-style image `DataLoader`: batches ``{key: (B, ...), "labels": (B,)}``."""
 
     def collate(items: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-        return {key: torch.stack([i[0] for i in items]), "labels": torch.stack([i[1] for i in items])}
+        return {
+            key: torch.stack([i[0] for i in items]),
+            "labels": torch.stack([i[1] for i in items]),
+        }
 
     return DataLoader(TensorDataset(x, y), batch_size=7, collate_fn=collate)
 
@@ -952,8 +955,12 @@ def test_dict_batches_are_read_at_input_key(name):
         fitted = MahalanobisDetector(model, layer="1", ridge=1e-3)
         for data in (dict_loader(x, y), {"pixel_values": x, "label": y}):
             fitted.fit(data)
-            torch.testing.assert_close(fitted.means_, MahalanobisDetector(
-                model, layer="1", ridge=1e-3).fit((x, y)).means_)
-        with pytest.raises(ValueError, match=r"must hold the inputs at `input_key`='pixel_values' "
-                           r"and the labels at 'labels' or 'label', got keys \['pixel_values'\]"):
+            torch.testing.assert_close(
+                fitted.means_, MahalanobisDetector(model, layer="1", ridge=1e-3).fit((x, y)).means_
+            )
+        with pytest.raises(
+            ValueError,
+            match=r"must hold the inputs at `input_key`='pixel_values' "
+            r"and the labels at 'labels' or 'label', got keys \['pixel_values'\]",
+        ):
             fitted.fit([{"pixel_values": x}])

@@ -1377,8 +1377,9 @@ def test_several_inputs_are_refused_with_the_wrapper_pattern_which_is_exact(meth
     y = torch.tensor([4, 0, 2])
     for inputs in ((x1, x2), [x1, x2], {"pixel_values": x1, "extra": x2}):
         with pytest.raises(
-            TypeError, match=r"`inputs` must be a torch.Tensor, got a (tuple|list|dict) with .*"
-            r"GQ differentiates one input tensor.*inputs\['pixel_values'\].*def forward\(self, x1\)"
+            TypeError,
+            match=r"`inputs` must be a torch.Tensor, got a (tuple|list|dict) with .*"
+            r"GQ differentiates one input tensor.*inputs\['pixel_values'\].*def forward\(self, x1\)",
         ):
             GQLoss()(model, inputs, y)  # type: ignore[arg-type]
     wrapped = WithSecond(model)
@@ -1390,5 +1391,7 @@ def test_several_inputs_are_refused_with_the_wrapper_pattern_which_is_exact(meth
     ]).mean()  # fmt: skip
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     params = list(model.parameters())
-    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True):
+    for g, w in zip(
+        torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True
+    ):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)

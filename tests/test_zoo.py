@@ -302,11 +302,11 @@ def test_mahalanobis_reads_hugging_face_layers_as_the_docstring_says() -> None:
     bert, make_text = build("bert")
     x, y = make(8), torch.arange(8) % CLASSES
     e = make_text(4)
-    TOKENS = (IMAGE[1] // VIT["patch_size"]) ** 2 + 1  # patches and the class token  # noqa: N806
+    tokens = (IMAGE[1] // VIT["patch_size"]) ** 2 + 1  # patches and the class token
     # an encoder layer and the final LayerNorm: a tensor (B, L, D), flattened; a class token
     for layer in ("vit.layers.0", "vit.layernorm"):
         feats = MahalanobisDetector(vit, layer=layer).features(x)
-        assert feats.shape == (8, TOKENS * VIT["hidden_size"])
+        assert feats.shape == (8, tokens * VIT["hidden_size"])
     with pytest.raises(ValueError, match=r"`output`=0 is an index.*output is a tensor of shape"):
         MahalanobisDetector(vit, layer="vit.layers.0", output=0).features(x)  # the old advice
     cls_token = MahalanobisDetector(vit, layer="vit.layernorm", output=lambda h: h[:, 0])
@@ -320,7 +320,7 @@ def test_mahalanobis_reads_hugging_face_layers_as_the_docstring_says() -> None:
     with pytest.raises(TypeError, match=r"`layer` 'vit' must produce a Tensor, got "):
         MahalanobisDetector(vit, layer="vit").features(x)
     named = MahalanobisDetector(vit, layer="vit", output="last_hidden_state").fit((x, y))
-    assert named.means_.shape == (CLASSES, TOKENS * VIT["hidden_size"])
+    assert named.means_.shape == (CLASSES, tokens * VIT["hidden_size"])
     layer = "model.bert.encoder.layer.0"
     assert MahalanobisDetector(bert, layer=layer).features(e).shape == (4, 6 * BERT["hidden_size"])
     assert MahalanobisDetector(bert, layer="model.bert.pooler").features(e).shape == (4, 32)
