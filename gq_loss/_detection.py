@@ -801,8 +801,8 @@ def calibration_margin(ordered: Tensor, k: int) -> float:
     The batch effect on a score is a share of how much the scores vary, so the margin is one
     too; the median distance to the ``k``-th (unlike the range, which one corrupted sample can
     make a million times larger) moves little when fewer than half of the scores are outliers.
-    Where more than half of them equal the ``k``-th exactly, that median is 0 and the range is
-    used instead (ties this exact are saturated scores, which batches do not change)."""
+    Where more than half of them equal the ``k``-th exactly (saturated or identical scores),
+    that median is 0 and the range is used instead, the margin of earlier versions."""
     spread = float((ordered - ordered[k - 1]).abs().median())
     if spread == 0.0:
         spread = float(ordered[0] - ordered[-1])
