@@ -667,11 +667,11 @@ class Detector:
         With ``n`` scores sorted in decreasing order and ``k = ceil(tpr · n)``, the threshold is
         the ``k``-th score lowered by a margin: `CALIBRATION_MARGIN` (``1e-4``) times the median
         distance of the scores to the ``k``-th (`calibration_margin`). A sample's score changes
-        in its last bits with the batch it is scored in (measured: up to ``8e-6`` of that
-        distance for float32 models on the CPU), and the margin keeps those changes from
-        dropping it below the threshold: on ``id_data`` itself at least ``k`` samples are
-        accepted whatever ``batch_size`` or batching `predict` uses, and more than ``k`` only
-        where other scores lie within the margin below the ``k``-th. A median cannot be moved
+        in its last bits with the batch it is scored in (measured: up to ``8.4e-6`` of that
+        distance for float32 models on the CPU, ``benchmarks/calibration_margin.py``), and the
+        margin keeps those changes from dropping it below the threshold: on ``id_data`` itself
+        at least ``k`` samples are accepted whatever ``batch_size`` or batching `predict` uses,
+        and more than ``k`` only where other scores lie within the margin below the ``k``-th. A median cannot be moved
         far by a few outliers (a corrupted image, a sample far out of range): fewer than half
         of the scores cannot make the margin larger than the distance of the others to the
         ``k``-th. Batch effects larger than the margin (half precision, TF32 convolutions, a
