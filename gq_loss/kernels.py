@@ -390,9 +390,8 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
     """The one forward pass inside `torch.func.vjp`; keeps the pullback in `run.state`.
 
     Registered buffers are swapped for copies made inside the transformed function (a mutation of
-    a captured tensor is an error under `torch.func`); the copies that the forward changed
-    (those of train-mode submodules: BatchNorm statistics) are written back, so the buffers move
-    once, as with `loop`.
+    a captured tensor is an error under `torch.func`); the copies that the forward changed are
+    written back, so the buffers move once, as with `loop` (`_write_back`).
     """
     model = run.model
     named = (
@@ -401,8 +400,11 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         else []
     )
 
+    versions: dict[str, int] = {}  # of the scratch copies as made (aux outputs are tensors)
+
     def forward(x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         scratch = {name: buf.clone() for name, buf in named}
+        versions.update((name, buf._version) for name, buf in scratch.items())
         if scratch and isinstance(model, nn.Module):
             logits = call_model(
                 lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
@@ -419,18 +421,43 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         op, pullback, (logits, scratch) = torch.func.vjp(  # type: ignore[misc]
             forward, run.x, has_aux=True
         )
-    if named:
-        assert isinstance(model, nn.Module)  # `named` is empty for plain callables
-        with torch.no_grad():
-            # Only buffers of train-mode submodules can have moved (BatchNorm statistics); the
-            # others are left untouched, so graphs that saved an eval-mode buffer stay valid.
-            # Deciding by mode, not by comparing values, keeps the step free of device syncs.
-            for name, buf in named:
-                owner = model.get_submodule(name.rpartition(".")[0])
-                if owner.training and buf.numel():
-                    buf.copy_(scratch[name])
+    _write_back(named, scratch, versions)
     run.state = pullback
     return logits, op
+
+
+def _write_back(
+    named: list[tuple[str, Tensor]], scratch: dict[str, Tensor], versions: dict[str, int]
+) -> None:
+    """Writes the scratch buffers that `jacrev`'s forward changed into the model's buffers.
+
+    The write must do to each buffer what the same forward run eagerly (`loop`) does, since
+    graphs of the caller's own forward passes (a cross-entropy term on `model(x)`) may have saved
+    it: a buffer the forward left alone (a constant scale, Hugging Face's `position_ids`, a
+    buffer of an eval-mode module) is not touched; one it updated by an in-place op that bumps
+    the version counter (`num_batches_tracked += 1`) is copied back, bumping it once as that op
+    would; one a fused kernel updated without bumping it (BatchNorm's running statistics) is
+    copied back without bumping it, as that kernel does. One device sync per call finds the
+    latter by value.
+    """
+    if not named:
+        return
+    bumped = [
+        (buf, scratch[name]) for name, buf in named if scratch[name]._version != versions[name]
+    ]
+    unbumped = [
+        (buf, scratch[name])
+        for name, buf in named
+        if scratch[name]._version == versions[name] and buf.numel()
+    ]
+    with torch.no_grad():
+        for buf, new in bumped:
+            buf.copy_(new)
+        if unbumped:
+            differs = torch.stack([(buf != new).any().cpu() for buf, new in unbumped]).tolist()
+            for (buf, new), changed in zip(unbumped, differs, strict=True):
+                if changed:
+                    buf.data.copy_(new)  # `.data`: a fresh version counter, the buffer's unmoved
 
 
 # --------------------------------------------------------------------------- backends

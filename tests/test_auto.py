@@ -15,7 +15,15 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracles import F64, FirstOrderTanh, Flat, brute_gq, buffers, make_model
+from _oracles import (
+    F64,
+    FirstOrderTanh,
+    Flat,
+    batch_sum_norms,
+    brute_gq,
+    buffers,
+    make_model,
+)
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -387,3 +395,80 @@ def test_torchscript_models_get_loop_without_an_error(ranking: Callable[..., lis
     assert choice is not None and choice.method == "loop"
     assert all("TorchScript" in choice.excluded[m] for m in ("batched", "jacrev"))
     torch.testing.assert_close(got, brute_gq(model, X, Y).mean(), rtol=1e-9, atol=0)
+
+
+# --------------------------------------------------------------------------- the CE + GQ loop
+
+
+class PositionIds(nn.Module):
+    """A text model with Hugging Face's `position_ids` buffer (an index the embedding saves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("position_ids", torch.arange(6).expand((1, -1)), persistent=False)
+        self.positions, self.head = nn.Embedding(6, 3), nn.Linear(3, 4)
+
+    def forward(self, h: Tensor) -> Tensor:
+        length = h.shape[1]
+        hidden = torch.tanh(h + self.positions(self.position_ids[:, :length]))
+        return self.head(hidden.mean(dim=1))
+
+
+class LogitScale(nn.Module):
+    """A fixed logit scale held as a buffer (the product saves it for backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.7))
+        self.body = nn.Sequential(Flat(), nn.Linear(18, 6), nn.Tanh(), nn.Linear(6, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) * self.scale
+
+
+def ce_loop_model(kind: str) -> tuple[nn.Module, Tensor]:
+    """A train-mode float64 model with buffers and a batch for it."""
+    torch.manual_seed(6)
+    if kind == "batchnorm":
+        model, x = make_model("conv_bn", (2, 3, 3), 4), X
+    elif kind == "position_ids":
+        model, x = PositionIds(), torch.randn(4, 5, 3, dtype=F64)
+    else:
+        model, x = LogitScale(), X
+    return model.to(F64).train(), x
+
+
+def gq_oracle(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Mean Eq. 7 from the batch-sum norms of a float64 loop written out (`_oracles`)."""
+    n = batch_sum_norms(model, x)
+    target = n.gather(1, y[:, None]).squeeze(1)
+    return (target / (n.sum(dim=1) - target + 1e-12)).mean()
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "position_ids", "logit_scale"])
+@pytest.mark.parametrize(
+    "method",
+    ["loop", "batched", "jacrev", "recompute", "auto=loop", "auto=batched", "auto=jacrev"],
+)
+def test_every_method_runs_the_ce_plus_gq_loop(
+    ranking: Callable[..., list[str]], kind: str, method: str
+) -> None:
+    # loss = CE(model(x), y) + lam * GQ(model, x, y): the cross-entropy graph saved buffers (the
+    # running mean, position_ids, the scale) before GQ's forward ran; GQ must leave it valid and
+    # move the buffers as one more forward pass does.
+    model, x = ce_loop_model(kind)
+    twin = copy.deepcopy(model)
+    forced = method.removeprefix("auto=")
+    if method.startswith("auto="):
+        ranking(forced)
+    loss = F.cross_entropy(model(x), Y) + 0.5 * GQLoss(method=method.partition("=")[0])(model, x, Y)
+    loss.backward()
+    if method.startswith("auto="):
+        assert auto_choice(model).method == forced  # type: ignore[union-attr]
+    want = F.cross_entropy(twin(x), Y) + 0.5 * gq_oracle(twin, x, Y)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+    for (name, q), w in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, w.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for (name, a), b in zip(buffers(model).items(), buffers(twin).values(), strict=True):
+        assert torch.equal(a, b), name
