@@ -212,6 +212,29 @@ def once_differentiable_functions(graph: Tensor | None) -> list[str]:
     return found
 
 
+def torchscript_nodes(graph: Tensor | None) -> list[str]:
+    """Names of the TorchScript executor's nodes in `graph`'s autograd graph.
+
+    A `@torch.jit.script` or `torch.jit.trace` function (or module) called by the forward pass
+    runs its optimised graph from its second call on, recorded as one
+    `DifferentiableGraphBackward` node: `vmap` and `torch.func` cannot see into it, so the
+    vmapped methods would come back with a wrong parameter gradient or none.
+    """
+    found: list[str] = []
+    stack = [graph.grad_fn] if graph is not None else []
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = node.name()
+        if "torch::jit::" in name and name not in found:
+            found.append(name)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 # Models (by identity) whose second derivative `check_second_order` has taken, with weak
 # references to their modules at that time: a model whose modules changed is probed again.
 _PROBED: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], ...]] = weakref.WeakKeyDictionary()

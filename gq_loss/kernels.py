@@ -91,7 +91,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointFunction
 
-from ._auto import AutoChoice, auto_choice, auto_method
+from ._auto import AutoChoice, auto_choice, auto_method, refuse
 from ._autograd import (
     check_second_order,
     differentiable_forward,
@@ -100,6 +100,7 @@ from ._autograd import (
     operand_of,
     second_order_errors,
     selected,
+    torchscript_nodes,
     unwrap_ddp,
 )
 from ._fsdp import fsdp_modules, full_parameters
@@ -282,12 +283,38 @@ class GradientPass:
             inputs = inputs.clone()
         self.input_grad = inputs.requires_grad
         self.x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-        if method == "auto":
+        self.auto = method == "auto"
+        if self.auto:
             self.method = auto_method(self, chunk_size, width)
         self.backend = _BACKENDS[self.method]
         self.state: Any = None  # what the backend's forward keeps for its norms
         with second_order_errors(), differentiable_forward():
-            self.logits, self.op = self.backend.forward(self)
+            try:
+                self.logits, self.op = self.backend.forward(self)
+            except _TorchScriptInside as found:  # jacrev's forward, stopped before any effect
+                self._leave_for_loop(found.names)
+                self.logits, self.op = _plain_forward(self)
+        if self.method == "batched" and (names := torchscript_nodes(self.logits)):
+            self._leave_for_loop(names)
+
+    def _leave_for_loop(self, names: list[str]) -> None:
+        """A vmapped method found TorchScript code in the forward's graph (`names`): refused,
+        or, when `auto` chose it, replaced by `loop` for this call and the model's next ones."""
+        reason = (
+            f"the forward pass runs TorchScript code (a @torch.jit.script or torch.jit.trace "
+            f"function: {', '.join(n.rpartition('::')[2] for n in names)} in its autograd "
+            "graph), which vmap and torch.func cannot see into, so GQ's parameter gradient "
+            "would be wrong or missing"
+        )
+        if not self.auto:
+            raise TypeError(
+                f"method={self.method!r} cannot run this model: {reason}; use method='loop' "
+                "(or 'recompute'), which differentiate it exactly, or call the Python function "
+                "instead of its scripted version"
+            )
+        refuse(self.model, self.method, reason)
+        self.method = "loop"
+        self.backend = _BACKENDS["loop"]
 
     def operand_of(self, logits: Tensor) -> Tensor:
         """The operand of `logits` `(B, N)` at this pass's temperature."""
@@ -415,6 +442,8 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         else:
             logits = call_model(model, x, run.output)
         check_logits(logits, x.shape[0])
+        if names := torchscript_nodes(logits):  # before the buffers are written back
+            raise _TorchScriptInside(names)
         return run.operand_of(logits), (logits, scratch)
 
     with _func_errors("the forward pass"):
@@ -424,6 +453,14 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
     _write_back(named, scratch, versions)
     run.state = pullback
     return logits, op
+
+
+class _TorchScriptInside(Exception):
+    """`jacrev`'s forward found TorchScript nodes (`names`) in its graph."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.names = names
 
 
 def _write_back(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -27,7 +28,7 @@ from _oracles import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from gq_loss import GQLoss, _auto, class_gradient_norms, gq_loss
+from gq_loss import GQLoss, _auto, class_gradient_norms, gq_loss, kernels
 from gq_loss.kernels import auto_choice
 
 X = torch.randn(4, 2, 3, 3, dtype=F64)
@@ -271,8 +272,8 @@ def test_the_probe_leaves_no_trace(ranking: Callable[..., list[str]]) -> None:
     assert grads(model, gq_loss(model, model.stem(X), Y))[0].abs().sum() > 0  # reaches the stem
 
 
-def test_choice_is_cached_per_model_setup_and_shape_and_held_weakly(
-    ranking: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch
+def test_choice_is_cached_per_model_and_setup_and_held_weakly(
+    ranking: Callable[..., list[str]],
 ) -> None:
     ran = ranking("jacrev")
     model = make_model("conv_bn", (2, 3, 3), 4)
@@ -281,26 +282,78 @@ def test_choice_is_cached_per_model_setup_and_shape_and_held_weakly(
     probed = len(ran)
     gq_loss(model, X, Y)
     assert len(ran) == probed  # same model and set-up: looked up
-    gq_loss(model, X[:3], Y[:3])  # another batch shape
     with torch.no_grad():  # the value only (no double-backward graph): another set-up
         gq_loss(model, X, Y)
     model.train()  # another mode
     gq_loss(model, X, Y)
     other = make_model("conv_bn", (2, 3, 3), 4)
     gq_loss(other, X, Y)  # another model
-    assert len(ran) == 5 * probed
-    # After MAX_SHAPES shapes of one set-up, new shapes reuse the first one's choice.
-    monkeypatch.setattr(_auto, "MAX_SHAPES", 2)
-    gq_loss(other, X[:2], Y[:2])
-    assert len(ran) == 6 * probed
-    ranking("loop")
-    gq_loss(other, X[:1], Y[:1])
-    assert auto_choice(other).method == "jacrev"  # type: ignore[union-attr]
+    assert len(ran) == 4 * probed
     # The cache does not keep a model alive.
     ref = weakref.ref(model)
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_new_shapes_are_timed_within_a_budget_then_take_the_nearest_choice(
+    ranking: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dynamic padding gives a new shape every few batches. The fake clock says each step takes
+    # 1-1.5 s: the first shape is timed in extra rounds up to PROBE_SECONDS, later shapes in
+    # ROUNDS rounds while the set-up's probes took less than SHAPES_SECONDS, then none.
+    monkeypatch.setattr(_auto, "PROBE_SECONDS", 20.0)
+    monkeypatch.setattr(_auto, "SHAPES_SECONDS", 50.0)
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    ran = ranking("jacrev")
+    gq_loss(model, X, Y)  # a warm-up and 5 timed rounds of 4 fake seconds: 24 s
+    assert len(ran) == 3 * (1 + 5)
+    ran = ranking("batched")
+    gq_loss(model, X[:3], Y[:3])  # 24 s < 50 s: timed, in the fewest rounds (16 s)
+    assert len(ran) == 3 * (1 + _auto.ROUNDS)
+    assert auto_choice(model).method == "batched"  # type: ignore[union-attr]
+    ran = ranking("loop")
+    gq_loss(model, X[:1], Y[:1])  # 40 s < 50 s: timed
+    assert len(ran) == 3 * (1 + _auto.ROUNDS) and auto_choice(model).method == "loop"  # type: ignore[union-attr]
+    ran = ranking("jacrev")
+    gq_loss(model, X[:2], Y[:2])  # 56 s: not timed; nearest, (3, ...) and (1, ...): the first
+    assert ran == [] and auto_choice(model).method == "batched"  # type: ignore[union-attr]
+    gq_loss(model, torch.cat([X, X]), torch.cat([Y, Y]))  # nearest (4, ...): jacrev
+    assert ran == [] and auto_choice(model).method == "jacrev"  # type: ignore[union-attr]
+    # At most MAX_SHAPES shapes are timed per set-up, whatever the budget.
+    monkeypatch.setattr(_auto, "SHAPES_SECONDS", 1e9)
+    monkeypatch.setattr(_auto, "MAX_SHAPES", 3)
+    gq_loss(model, X[:2], Y[:2])
+    assert ran == []
+
+
+def test_the_cache_records_which_modules_train_and_which_dropout_draws(
+    ranking: Callable[..., list[str]],
+) -> None:
+    # Two models' worth of modes with the same number of training modules are two set-ups; so
+    # are a Dropout at p = 0 (draws nothing: jacrev may run) and at p = 0.5 (scheduled dropout).
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        Flat(), nn.Linear(18, 8), nn.BatchNorm1d(8), nn.Dropout(0.0), nn.Tanh(), nn.Linear(8, 4)
+    ).to(F64)
+    model.train()
+    model[2].eval()
+    ran = ranking("jacrev")
+    gq_loss(model, X, Y)
+    probed = len(ran)
+    assert auto_choice(model).method == "jacrev"  # type: ignore[union-attr]
+    model[2].train()
+    model[1].eval()  # as many training modules as before, others
+    gq_loss(model, X, Y)
+    assert len(ran) == 2 * probed
+    model[3].p = 0.5
+    gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method != "jacrev"
+    assert "random numbers" in choice.excluded["jacrev"]
+    model[3].p = 0.3  # another p that draws: the same set-up
+    gq_loss(model, X, Y)
+    assert auto_choice(model) is choice
 
 
 def test_a_model_every_method_refuses_gets_the_usual_error(
@@ -472,3 +525,105 @@ def test_every_method_runs_the_ce_plus_gq_loop(
         torch.testing.assert_close(q.grad, w.grad, rtol=1e-9, atol=1e-12, msg=name)
     for (name, a), b in zip(buffers(model).items(), buffers(twin).values(), strict=True):
         assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------- TorchScript functions
+
+
+def _bent(h: Tensor) -> Tensor:
+    return torch.tanh(h) + 0.5 * h * h
+
+
+with warnings.catch_warnings():  # torch.jit is deprecated
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _scripted_bent = torch.jit.script(_bent)
+
+
+class ScriptedActivation(nn.Module):
+    """Calls a @torch.jit.script *function* (no ScriptModule anywhere), or its Python original
+    (`scripted=False`: the brute-force twin)."""
+
+    def __init__(self, scripted: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.a, self.b = nn.Linear(18, 5), nn.Linear(5, 4)
+        self.scripted = scripted
+        self.to(F64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bent = _scripted_bent if self.scripted else _bent
+        return self.b(bent(self.a(x.flatten(1))))
+
+
+def _warm_scripted() -> None:
+    """The TorchScript executor records its one-node graph from a function's second call on."""
+    for _ in range(3):
+        _scripted_bent(torch.randn(2, 5, dtype=F64, requires_grad=True)).sum().backward()
+
+
+@pytest.mark.parametrize("method", ["batched", "jacrev"])
+def test_vmapped_methods_refuse_torchscript_functions(method: str) -> None:
+    _warm_scripted()
+    with pytest.raises(TypeError, match=rf"method='{method}' cannot run .* TorchScript .*'loop'"):
+        gq_loss(ScriptedActivation(), X, Y, method=method)
+
+
+@pytest.mark.parametrize("method", ["loop", "recompute", "auto"])
+def test_torchscript_functions_are_exact_with_loop_recompute_and_auto(method: str) -> None:
+    _warm_scripted()
+    model, twin = ScriptedActivation(), ScriptedActivation(scripted=False)
+    got = gq_loss(model, X, Y, method=method)
+    want = brute_gq(twin, X, Y).mean()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    for g, w in zip(grads(model, got), grads(twin, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    if method == "auto":
+        choice = auto_choice(model)
+        assert choice is not None and choice.method == "loop"
+        assert all("TorchScript" in choice.excluded[m] for m in ("batched", "jacrev"))
+
+
+@pytest.mark.parametrize("chosen", ["batched", "jacrev"])
+def test_a_cached_vmapped_choice_that_meets_torchscript_falls_back_to_loop(
+    ranking: Callable[..., list[str]], chosen: str
+) -> None:
+    # The choice was made while the model ran no TorchScript; a later call of the same set-up
+    # that does is run by loop (exactly), and auto_choice says why.
+    _warm_scripted()
+    model, twin = ScriptedActivation(scripted=False), ScriptedActivation(scripted=False)
+    ranking(chosen)
+    gq_loss(model, X, Y)
+    assert auto_choice(model).method == chosen  # type: ignore[union-attr]
+    model.scripted = True
+    got = gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert (
+        choice is not None and choice.method == "loop" and "TorchScript" in choice.excluded[chosen]
+    )
+    want = brute_gq(twin, X, Y).mean()
+    for g, w in zip(grads(model, got), grads(twin, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    gq_loss(model, X, Y)  # later calls: loop from the start
+    assert auto_choice(model).method == "loop"  # type: ignore[union-attr]
+
+
+def test_the_probe_leaves_out_a_method_that_disagrees_with_loop(
+    ranking: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second line of defence: with the TorchScript check switched off, jacrev runs this
+    # model and comes back with a wrong parameter gradient (two of four parameters get none);
+    # the probe checks every run against loop's on the probe batch and leaves it out, so auto
+    # stays exact.
+    _warm_scripted()
+    monkeypatch.setattr(kernels, "torchscript_nodes", lambda graph: [])
+    ran = ranking("jacrev", "loop")
+    model, twin = ScriptedActivation(), ScriptedActivation(scripted=False)
+    got = gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop" and ran.count("jacrev") == 1
+    assert choice.excluded["jacrev"].startswith(
+        "disagreed with loop on the probe batch (relative error of the parameter gradient"
+    )
+    want = brute_gq(twin, X, Y).mean()
+    for g, w in zip(grads(model, got), grads(twin, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
