@@ -627,3 +627,114 @@ def test_the_probe_leaves_out_a_method_that_disagrees_with_loop(
     want = brute_gq(twin, X, Y).mean()
     for g, w in zip(grads(model, got), grads(twin, want), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the probe's traces
+
+
+class OwnNoise(nn.Module):
+    """Train-mode noise drawn from the model's own generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.generator = torch.Generator().manual_seed(11)
+        self.body, self.head = nn.Linear(18, 6), nn.Linear(6, 4)
+        self.to(F64).train()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x.flatten(1))
+        noise = torch.randn(h.shape, generator=self.generator, dtype=h.dtype)
+        return self.head(torch.tanh(h + 0.3 * noise))
+
+
+def test_the_probe_leaves_the_models_own_generator_where_it_was(
+    ranking: Callable[..., list[str]],
+) -> None:
+    model, twin = OwnNoise(), OwnNoise()
+    ranking("jacrev", "batched", "loop")
+    got = gq_loss(model, X, Y)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "batched"
+    assert "random numbers" in choice.excluded["jacrev"]
+    assert torch.equal(model.generator.get_state(), _advanced(OwnNoise().generator, 24))
+    want = gq_oracle(twin, X, Y)  # one forward pass, the same draws
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for g, w in zip(grads(model, got), grads(twin, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert torch.equal(model.generator.get_state(), twin.generator.get_state())
+
+
+def _advanced(generator: torch.Generator, count: int) -> Tensor:
+    torch.randn(count, generator=generator, dtype=F64)
+    return generator.get_state()
+
+
+def lazy_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        Flat(),
+        nn.LazyLinear(6, dtype=F64),
+        nn.LazyBatchNorm1d(dtype=F64),
+        nn.Tanh(),
+        nn.Linear(6, 4, dtype=F64),
+    ).train()
+
+
+def test_lazy_modules_run_loop_first_and_the_rng_is_as_after_loop(
+    ranking: Callable[..., list[str]],
+) -> None:
+    # The probe would initialise LazyLinear (drawing its weights from the RNG) and cannot copy
+    # LazyBatchNorm1d's uninitialised buffers: the first call is loop, untimed, and the next
+    # one (initialised) is timed.
+    model, twin = lazy_model(), lazy_model()
+    ran = ranking("jacrev")
+    torch.manual_seed(5)
+    got = gq_loss(model, X, Y)
+    after = torch.rand(3)
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop" and ran == []
+    assert "lazy modules" in choice.excluded["jacrev"]
+    torch.manual_seed(5)
+    twin(X)  # initialises it, as the call did
+    assert torch.equal(after, torch.rand(3))
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    want = gq_oracle(twin, X, Y)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for g, w in zip(grads(model, got), grads(twin, want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    gq_loss(model, X, Y)
+    assert ran and auto_choice(model).method == "jacrev"  # type: ignore[union-attr]
+
+
+def adapted_head(model: nn.Module) -> Tensor:
+    """One MAML-style inner step on the head only (ANIL): the head's parameters become
+    `w - 0.1 * grad`, tensors with a graph back to every parameter; returns the inner loss."""
+    inner = F.cross_entropy(model(X), Y)
+    head = model[3]
+    names = list(head._parameters)
+    steps = torch.autograd.grad(inner, [head._parameters[n] for n in names], create_graph=True)
+    for name, step in zip(names, steps, strict=True):
+        head._parameters[name] = head._parameters[name] - 0.1 * step
+    return inner
+
+
+def test_fast_weights_run_loop_and_keep_the_callers_graph(
+    ranking: Callable[..., list[str]],
+) -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(Flat(), nn.Linear(18, 6), nn.Tanh(), nn.Linear(6, 4)).to(F64)
+    twin = copy.deepcopy(model)
+    leaves, twin_leaves = list(model.parameters()), list(twin.parameters())
+    ran = ranking("jacrev")
+    adapted_head(model)
+    outer = F.cross_entropy(model(X), Y) + gq_loss(model, X, Y)
+    outer.backward()  # needs the inner step's graph
+    choice = auto_choice(model)
+    assert choice is not None and choice.method == "loop" and ran == []
+    assert "fast weights" in choice.excluded["jacrev"]
+    adapted_head(twin)
+    (F.cross_entropy(twin(X), Y) + brute_gq(twin, X, Y).mean()).backward()
+    for a, b in zip(leaves, twin_leaves, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
