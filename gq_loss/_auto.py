@@ -283,9 +283,9 @@ def _probe(
     statistics do not move), with the global RNG and every generator the forward pass draws
     from restored after it (the caller's next random numbers are those it would have drawn
     anyway), and takes the parameter gradient with `torch.autograd.grad` (no `.grad` is
-    written). Every step starts from the same buffers and random state, so each candidate's
-    norms and parameter gradient in the warm-up are checked against `loop`'s (`_disagreement`):
-    a method that disagrees is wrong for this model and left out. Warnings raised inside are
+    written). Every step starts from the same buffers and random state, so each run of a
+    candidate is checked against `loop`'s warm-up norms and parameter gradient
+    (`_disagreement`): a method that disagrees is wrong for this model and left out. Warnings raised inside are
     not shown; the real call shows its own. Methods in `refused` are not timed. `seconds`: time
     extra rounds until the timed runs took that long (`PROBE_SECONDS`, or 0).
     """

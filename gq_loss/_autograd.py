@@ -68,7 +68,9 @@ def differentiable_forward() -> Iterator[None]:
     computes the same attention. `torch.compile`'s graphs have no double backward either: with
     `torch._dynamo` loaded (nothing can be compiled without it, and importing it costs seconds),
     compiled code runs eagerly here, on the same parameters. Only code inside this context is
-    affected; the caller's other forward passes keep their kernels. Non-reentrant checkpointed
+    affected; the caller's other forward passes keep their kernels. Both switches are
+    process-wide (PyTorch keeps them so): other threads' forward passes are affected while the
+    context is open (documented in `docs/models.md`, "Known limits"). Non-reentrant checkpointed
     regions entered here are recomputed in this context too, even in the caller's `backward()`.
     """
     with contextlib.ExitStack() as stack:

@@ -26,17 +26,27 @@ iteration in train mode) is replayed as the same function):
 
 `method="auto"` (the default) takes the fastest of `loop`, `batched` and `jacrev` for the model,
 as `torch.backends.cudnn.benchmark` does for convolutions: the first call for a model and
-set-up (the same model object, input shape, dtype, device, train/eval modes, autocast state,
-training or value only, operand, `p` and classes per sample) times them on that call's batch
-(a warm-up, then at least 3 rounds: forward pass, norms and, when training, their parameter
-gradient) and keeps the fastest; later calls look it up.
+set-up (the same model object, input shape, dtype, device, which modules train and which
+Dropout layers draw, autocast state, training or value only, operand, `p` and classes per
+sample) times them on that call's batch (a warm-up, then at least 3 rounds: forward pass, norms
+and, when training, their parameter gradient) and keeps the fastest; later calls look it up.
+Every run in the probe starts from the same buffers and random state, and a method whose norms
+or parameter gradient disagree with `loop`'s beyond the square root of the machine epsilon is
+left out (it cannot differentiate this model exactly). A new input shape of a set-up is timed
+in the fewest rounds while the set-up's probes took less than `SHAPES_SECONDS` (1 s) in all;
+later shapes take the nearest probed shape's choice. Each probe is logged at INFO level on the
+`"gq_loss"` logger (the choice and the time it took); an explicit `method` skips it.
 [`auto_choice`][gq_loss.kernels.auto_choice] reads the choice back, with the times and why a
 method was left out. The one-time probe costs about 15-20 GQ steps, and about half a second on
 models whose step takes milliseconds. It leaves no trace: it works on
 the batch detached from the caller's graph, on scratch copies of the buffers (BatchNorm
-statistics move once, in the real call), with the RNG forked (the caller's next random numbers
-do not change) and with `torch.autograd.grad` (no `.grad`); the model's hooks do run in it.
-A method that fails or is refused in the probe is left out, and the user sees nothing of it.
+statistics move once, in the real call), with the global RNG and every `torch.Generator` the
+forward draws from restored (the caller's next random numbers do not change) and with
+`torch.autograd.grad` (no `.grad`); the model's hooks do run in it. Where it could not leave
+no trace it does not time, runs `loop` and says why in `auto_choice`: lazy modules not yet
+initialised (timed on the next call) and parameters computed from the caller's graph
+(MAML-style fast weights). A method that fails or is refused in the probe is left out, and the
+user sees nothing of it.
 `auto` never times:
 
 - with `chunk_size`: it is `recompute`, the method that bounds memory;
@@ -62,16 +72,24 @@ torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there (and 
 `jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
 run the model it raises a `RuntimeError` that names `method='loop'`; it never falls back silently.
-It does not take a DistributedDataParallel-wrapped model.
+It does not take a DistributedDataParallel-wrapped model. Its forward runs on copies of the
+buffers; those the forward changed are written back as the eager forward changes them (a buffer
+it left alone is not touched, so a graph of the caller's own forward that saved it, such as a
+cross-entropy term on `model(x)`, stays valid).
 
 TorchScript modules (`torch.jit.script`, `torch.jit.trace`) run with `loop` only; a model with
-TorchScript submodules also runs with `recompute`. The other methods raise a `TypeError` that
-names `loop` (`jacrev` would return GQ without a gradient, silently).
+TorchScript submodules, or one that calls a scripted or traced *function*, also runs with
+`recompute`. The other methods raise a `TypeError` that names `loop` (they would return GQ with
+a wrong gradient or none, silently); a function is found by the TorchScript executor's node in
+the forward's autograd graph, on every call, and where `auto` had chosen such a method the call
+runs `loop` instead (for this model from then on, said in `auto_choice`).
 
 Every method's forward pass (and `recompute`'s replay) runs PyTorch's attention on its math
 backend and compiled code eagerly, since fused attention kernels and compiled graphs have no
 double backward; on CUDA that replaces flash/memory-efficient attention inside these passes
-(more memory and time for long sequences), and nothing changes outside them. An operation that
+(more memory and time for long sequences), and nothing changes outside them in this thread
+(PyTorch's attention flags are process-wide: other threads' attention runs on the math backend
+while a GQ pass runs; `docs/models.md`, "Known limits"). An operation that
 cannot be switched (a custom kernel, an `autograd.Function` marked `@once_differentiable`) is
 found at the training call, before `backward()`, and named in a `RuntimeError`. `recompute`
 replays under the RNG and autocast state of the original forward, like
