@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import warnings
 import weakref
 from collections.abc import Callable
@@ -738,3 +739,19 @@ def test_fast_weights_run_loop_and_keep_the_callers_graph(
     (F.cross_entropy(twin(X), Y) + brute_gq(twin, X, Y).mean()).backward()
     for a, b in zip(leaves, twin_leaves, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_each_probe_is_logged_once_with_the_choice_and_its_time(
+    ranking: Callable[..., list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_model("conv_bn", (2, 3, 3), 4)
+    ranking("batched")
+    with caplog.at_level(logging.INFO, logger="gq_loss"):
+        gq_loss(model, X, Y)
+        gq_loss(model, X, Y)  # looked up: not logged again
+        gq_loss(model, X, Y, method="loop")  # an explicit method: no probe
+    (record,) = caplog.records
+    assert record.name == "gq_loss" and record.levelno == logging.INFO
+    message = record.getMessage()
+    assert "chose 'batched' for Sequential with inputs (4, 2, 3, 3) in " in message
+    assert "batched 1e+03 ms" in message and "explicit method" in message
