@@ -68,7 +68,9 @@ def differentiable_forward() -> Iterator[None]:
     computes the same attention. `torch.compile`'s graphs have no double backward either: with
     `torch._dynamo` loaded (nothing can be compiled without it, and importing it costs seconds),
     compiled code runs eagerly here, on the same parameters. Only code inside this context is
-    affected; the caller's other forward passes keep their kernels. Non-reentrant checkpointed
+    affected; the caller's other forward passes keep their kernels. Both switches are
+    process-wide (PyTorch keeps them so): other threads' forward passes are affected while the
+    context is open (documented in `docs/models.md`, "Known limits"). Non-reentrant checkpointed
     regions entered here are recomputed in this context too, even in the caller's `backward()`.
     """
     with contextlib.ExitStack() as stack:
@@ -207,6 +209,29 @@ def once_differentiable_functions(graph: Tensor | None) -> list[str]:
         code = getattr(getattr(cls, "backward", None), "__code__", None)
         name = getattr(cls, "__name__", "")
         if code is _ONCE_DIFFERENTIABLE and name not in found:
+            found.append(name)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def torchscript_nodes(graph: Tensor | None) -> list[str]:
+    """Names of the TorchScript executor's nodes in `graph`'s autograd graph.
+
+    A `@torch.jit.script` or `torch.jit.trace` function (or module) called by the forward pass
+    runs its optimised graph from its second call on, recorded as one
+    `DifferentiableGraphBackward` node: `vmap` and `torch.func` cannot see into it, so the
+    vmapped methods would come back with a wrong parameter gradient or none.
+    """
+    found: list[str] = []
+    stack = [graph.grad_fn] if graph is not None else []
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = node.name()
+        if "torch::jit::" in name and name not in found:
             found.append(name)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found

@@ -26,17 +26,27 @@ iteration in train mode) is replayed as the same function):
 
 `method="auto"` (the default) takes the fastest of `loop`, `batched` and `jacrev` for the model,
 as `torch.backends.cudnn.benchmark` does for convolutions: the first call for a model and
-set-up (the same model object, input shape, dtype, device, train/eval modes, autocast state,
-training or value only, operand, `p` and classes per sample) times them on that call's batch
-(a warm-up, then at least 3 rounds: forward pass, norms and, when training, their parameter
-gradient) and keeps the fastest; later calls look it up.
+set-up (the same model object, input shape, dtype, device, which modules train and which
+Dropout layers draw, autocast state, training or value only, operand, `p` and classes per
+sample) times them on that call's batch (a warm-up, then at least 3 rounds: forward pass, norms
+and, when training, their parameter gradient) and keeps the fastest; later calls look it up.
+Every run in the probe starts from the same buffers and random state, and a method whose norms
+or parameter gradient disagree with `loop`'s beyond the square root of the machine epsilon is
+left out (it cannot differentiate this model exactly). A new input shape of a set-up is timed
+in the fewest rounds while the set-up's probes took less than `SHAPES_SECONDS` (1 s) in all;
+later shapes take the nearest probed shape's choice. Each probe is logged at INFO level on the
+`"gq_loss"` logger (the choice and the time it took); an explicit `method` skips it.
 [`auto_choice`][gq_loss.kernels.auto_choice] reads the choice back, with the times and why a
 method was left out. The one-time probe costs about 15-20 GQ steps, and about half a second on
 models whose step takes milliseconds. It leaves no trace: it works on
 the batch detached from the caller's graph, on scratch copies of the buffers (BatchNorm
-statistics move once, in the real call), with the RNG forked (the caller's next random numbers
-do not change) and with `torch.autograd.grad` (no `.grad`); the model's hooks do run in it.
-A method that fails or is refused in the probe is left out, and the user sees nothing of it.
+statistics move once, in the real call), with the global RNG and every `torch.Generator` the
+forward draws from restored (the caller's next random numbers do not change) and with
+`torch.autograd.grad` (no `.grad`); the model's hooks do run in it. Where it could not leave
+no trace it does not time, runs `loop` and says why in `auto_choice`: lazy modules not yet
+initialised (timed on the next call) and parameters computed from the caller's graph
+(MAML-style fast weights). A method that fails or is refused in the probe is left out, and the
+user sees nothing of it.
 `auto` never times:
 
 - with `chunk_size`: it is `recompute`, the method that bounds memory;
@@ -62,16 +72,24 @@ torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there (and 
 `jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
 run the model it raises a `RuntimeError` that names `method='loop'`; it never falls back silently.
-It does not take a DistributedDataParallel-wrapped model.
+It does not take a DistributedDataParallel-wrapped model. Its forward runs on copies of the
+buffers; those the forward changed are written back as the eager forward changes them (a buffer
+it left alone is not touched, so a graph of the caller's own forward that saved it, such as a
+cross-entropy term on `model(x)`, stays valid).
 
 TorchScript modules (`torch.jit.script`, `torch.jit.trace`) run with `loop` only; a model with
-TorchScript submodules also runs with `recompute`. The other methods raise a `TypeError` that
-names `loop` (`jacrev` would return GQ without a gradient, silently).
+TorchScript submodules, or one that calls a scripted or traced *function*, also runs with
+`recompute`. The other methods raise a `TypeError` that names `loop` (they would return GQ with
+a wrong gradient or none, silently); a function is found by the TorchScript executor's node in
+the forward's autograd graph, on every call, and where `auto` had chosen such a method the call
+runs `loop` instead (for this model from then on, said in `auto_choice`).
 
 Every method's forward pass (and `recompute`'s replay) runs PyTorch's attention on its math
 backend and compiled code eagerly, since fused attention kernels and compiled graphs have no
 double backward; on CUDA that replaces flash/memory-efficient attention inside these passes
-(more memory and time for long sequences), and nothing changes outside them. An operation that
+(more memory and time for long sequences), and nothing changes outside them in this thread
+(PyTorch's attention flags are process-wide: other threads' attention runs on the math backend
+while a GQ pass runs; `docs/models.md`, "Known limits"). An operation that
 cannot be switched (a custom kernel, an `autograd.Function` marked `@once_differentiable`) is
 found at the training call, before `backward()`, and named in a `RuntimeError`. `recompute`
 replays under the RNG and autocast state of the original forward, like
@@ -91,7 +109,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointFunction
 
-from ._auto import AutoChoice, auto_choice, auto_method
+from ._auto import AutoChoice, auto_choice, auto_method, refuse
 from ._autograd import (
     check_second_order,
     differentiable_forward,
@@ -100,6 +118,7 @@ from ._autograd import (
     operand_of,
     second_order_errors,
     selected,
+    torchscript_nodes,
     unwrap_ddp,
 )
 from ._fsdp import fsdp_modules, full_parameters
@@ -282,12 +301,38 @@ class GradientPass:
             inputs = inputs.clone()
         self.input_grad = inputs.requires_grad
         self.x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-        if method == "auto":
+        self.auto = method == "auto"
+        if self.auto:
             self.method = auto_method(self, chunk_size, width)
         self.backend = _BACKENDS[self.method]
         self.state: Any = None  # what the backend's forward keeps for its norms
         with second_order_errors(), differentiable_forward():
-            self.logits, self.op = self.backend.forward(self)
+            try:
+                self.logits, self.op = self.backend.forward(self)
+            except _TorchScriptInside as found:  # jacrev's forward, stopped before any effect
+                self._leave_for_loop(found.names)
+                self.logits, self.op = _plain_forward(self)
+        if self.method == "batched" and (names := torchscript_nodes(self.logits)):
+            self._leave_for_loop(names)
+
+    def _leave_for_loop(self, names: list[str]) -> None:
+        """A vmapped method found TorchScript code in the forward's graph (`names`): refused,
+        or, when `auto` chose it, replaced by `loop` for this call and the model's next ones."""
+        reason = (
+            f"the forward pass runs TorchScript code (a @torch.jit.script or torch.jit.trace "
+            f"function: {', '.join(n.rpartition('::')[2] for n in names)} in its autograd "
+            "graph), which vmap and torch.func cannot see into, so GQ's parameter gradient "
+            "would be wrong or missing"
+        )
+        if not self.auto:
+            raise TypeError(
+                f"method={self.method!r} cannot run this model: {reason}; use method='loop' "
+                "(or 'recompute'), which differentiate it exactly, or call the Python function "
+                "instead of its scripted version"
+            )
+        refuse(self.model, self.method, reason)
+        self.method = "loop"
+        self.backend = _BACKENDS["loop"]
 
     def operand_of(self, logits: Tensor) -> Tensor:
         """The operand of `logits` `(B, N)` at this pass's temperature."""
@@ -390,9 +435,8 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
     """The one forward pass inside `torch.func.vjp`; keeps the pullback in `run.state`.
 
     Registered buffers are swapped for copies made inside the transformed function (a mutation of
-    a captured tensor is an error under `torch.func`); the copies that the forward changed
-    (those of train-mode submodules: BatchNorm statistics) are written back, so the buffers move
-    once, as with `loop`.
+    a captured tensor is an error under `torch.func`); the copies that the forward changed are
+    written back, so the buffers move once, as with `loop` (`_write_back`).
     """
     model = run.model
     named = (
@@ -401,8 +445,11 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         else []
     )
 
+    versions: dict[str, int] = {}  # of the scratch copies as made (aux outputs are tensors)
+
     def forward(x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         scratch = {name: buf.clone() for name, buf in named}
+        versions.update((name, buf._version) for name, buf in scratch.items())
         if scratch and isinstance(model, nn.Module):
             logits = call_model(
                 lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
@@ -413,24 +460,59 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         else:
             logits = call_model(model, x, run.output)
         check_logits(logits, x.shape[0])
+        if names := torchscript_nodes(logits):  # before the buffers are written back
+            raise _TorchScriptInside(names)
         return run.operand_of(logits), (logits, scratch)
 
     with _func_errors("the forward pass"):
         op, pullback, (logits, scratch) = torch.func.vjp(  # type: ignore[misc]
             forward, run.x, has_aux=True
         )
-    if named:
-        assert isinstance(model, nn.Module)  # `named` is empty for plain callables
-        with torch.no_grad():
-            # Only buffers of train-mode submodules can have moved (BatchNorm statistics); the
-            # others are left untouched, so graphs that saved an eval-mode buffer stay valid.
-            # Deciding by mode, not by comparing values, keeps the step free of device syncs.
-            for name, buf in named:
-                owner = model.get_submodule(name.rpartition(".")[0])
-                if owner.training and buf.numel():
-                    buf.copy_(scratch[name])
+    _write_back(named, scratch, versions)
     run.state = pullback
     return logits, op
+
+
+class _TorchScriptInside(Exception):
+    """`jacrev`'s forward found TorchScript nodes (`names`) in its graph."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.names = names
+
+
+def _write_back(
+    named: list[tuple[str, Tensor]], scratch: dict[str, Tensor], versions: dict[str, int]
+) -> None:
+    """Writes the scratch buffers that `jacrev`'s forward changed into the model's buffers.
+
+    The write must do to each buffer what the same forward run eagerly (`loop`) does, since
+    graphs of the caller's own forward passes (a cross-entropy term on `model(x)`) may have saved
+    it: a buffer the forward left alone (a constant scale, Hugging Face's `position_ids`, a
+    buffer of an eval-mode module) is not touched; one it updated by an in-place op that bumps
+    the version counter (`num_batches_tracked += 1`) is copied back, bumping it once as that op
+    would; one a fused kernel updated without bumping it (BatchNorm's running statistics) is
+    copied back without bumping it, as that kernel does. One device sync per call finds the
+    latter by value.
+    """
+    if not named:
+        return
+    bumped = [
+        (buf, scratch[name]) for name, buf in named if scratch[name]._version != versions[name]
+    ]
+    unbumped = [
+        (buf, scratch[name])
+        for name, buf in named
+        if scratch[name]._version == versions[name] and buf.numel()
+    ]
+    with torch.no_grad():
+        for buf, new in bumped:
+            buf.copy_(new)
+        if unbumped:
+            differs = torch.stack([(buf != new).any().cpu() for buf, new in unbumped]).tolist()
+            for (buf, new), changed in zip(unbumped, differs, strict=True):
+                if changed:
+                    buf.data.copy_(new)  # `.data`: a fresh version counter, the buffer's unmoved
 
 
 # --------------------------------------------------------------------------- backends

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from typing import Any
 
 import pytest
@@ -242,6 +243,52 @@ def test_nonreentrant_checkpoint_around_sdpa_equals_no_checkpoint(
     # The recomputation is redirected for regions entered inside GQ's passes only.
     assert torch.utils.checkpoint._checkpoint_without_reentrant_generator is original
     F.cross_entropy(model(x), Y).backward()  # the caller's own forward keeps its fused kernel
+
+
+def test_the_math_switch_is_process_wide_while_a_gq_call_runs() -> None:
+    # The documented limit (docs/models.md, "Threads"): PyTorch's SDPA backend flags are
+    # process-wide, so while one thread is inside a GQ call, another thread's attention runs on
+    # the math backend; its checkpointed regions entered then are recomputed on it too (so they
+    # stay consistent), but a region entered before the call and recomputed during it fails.
+    inside, release = threading.Event(), threading.Event()
+
+    class Waiting(Attention):
+        def forward(self, x: Tensor) -> Tensor:
+            inside.set()
+            release.wait(30)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    other, plain = CheckpointedAttention().train(), Attention().train()
+    plain.load_state_dict(other.state_dict())
+    x = torch.randn(3, 4, 6)
+    entered_before = F.cross_entropy(other(x), Y)
+    errors: list[BaseException] = []
+
+    def gq_step() -> None:
+        try:
+            gq_loss(Waiting().eval(), x, Y, method="loop").backward()
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    worker = threading.Thread(target=gq_step)
+    worker.start()
+    try:
+        assert inside.wait(30)
+        plain.flash_seen.clear()
+        entered_during = F.cross_entropy(other(x), Y)
+        plain(x)
+        assert plain.flash_seen == [False]  # this thread's forward: math, during the call
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            entered_before.backward()
+    finally:
+        release.set()
+        worker.join(60)
+    assert not errors
+    got = param_grads(other, entered_during)  # recomputed after the call, on math as entered
+    plain.flash_seen.clear()
+    assert_same(got, param_grads(plain, F.cross_entropy(plain(x), Y)), rtol=1e-5)
+    assert plain.flash_seen == [True]  # after the call: the fused kernel again
 
 
 # --------------------------------------------------------------------------- torch.compile
