@@ -425,8 +425,6 @@ def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
             before = PreForwardBuffers(unwrap_ddp(run.model))
         run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device), before
     logits = call_model(run.model, run.x, run.output)
-    if before is not None:
-        before.keep_changed()
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
 
