@@ -180,7 +180,7 @@ class RecomputeNorms(torch.autograd.Function):
                 )
                 logits = select_output(logits, job.output)
                 sel = selected(operand_of(logits, job.operand, job.temperature), job.columns)
-            with second_order_errors(logits):
+            with second_order_errors(logits, xr):
                 targets = ([xr] if job.input_grad else []) + list(params)
                 width = sel.shape[1]
                 step = job.chunk_size or max(width, 1)
@@ -191,7 +191,7 @@ class RecomputeNorms(torch.autograd.Function):
                         for k in range(start, min(start + step, width))
                     ]
                     if start == 0:  # a missing second derivative would be dropped, not raised
-                        check_second_order(job.model, logits, terms[0], None)
+                        check_second_order(job.model, logits, terms[0], xr, probe=False)
                     grads = torch.autograd.grad(
                         torch.stack(terms).sum(), targets, retain_graph=True, allow_unused=True
                     )

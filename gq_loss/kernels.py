@@ -340,7 +340,7 @@ class GradientPass:
 
     def norms(self, columns: Tensor | None = None) -> Tensor:
         """Norms `(B, K)` of the operand columns `columns` `(B, K)` (all N when None)."""
-        with second_order_errors(self.logits):
+        with second_order_errors(self.logits, self.x):
             norms = self.backend.norms(self, columns)
             if self.create_graph and self.method != "recompute":
                 probe_second_order(self, norms)

@@ -282,7 +282,7 @@ def gq_loss(
         check_class_indices("targets", targets, batch, num_classes, ndim=1)
         targets = targets.to(logits.device)
         if formulation == "reference":
-            with second_order_errors(logits):
+            with second_order_errors(logits, run.x):
                 value = _reference_ratio(run.op, run.x, targets, run.p, eps, tracking)
                 if tracking:
                     probe_second_order(run, value)
