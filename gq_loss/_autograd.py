@@ -209,7 +209,7 @@ def once_differentiable_functions(graph: Tensor | None, x: Tensor | None) -> lis
         return []
     nodes: list[Any] = []  # every node once, parents before children
     seen: set[Any] = set()
-    stack = [graph.grad_fn]
+    stack: list[Any] = [graph.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
