@@ -7,9 +7,12 @@ breaks two of these rules: it uses the gathered parameters again after FSDP has 
 its parameter gradients come out of the double-backward graph in no order FSDP knows. So, under
 FSDP2, one GQ call
 
-1. keeps every gathered parameter allocated until the call ends (`full_parameters`): resharding
-   after backward is off during the call, so once GQ's first backward pass has gathered a
-   module's parameters (FSDP's own hooks do that), they stay;
+1. gathers every module's parameters right after GQ's forward pass (`gather_parameters`) and
+   keeps them allocated until the call ends (`full_parameters`: resharding after backward is
+   off during the call). FSDP's own hooks would gather only the modules that GQ's input
+   gradient passes through; a module whose output does not depend on the input (learned
+   position embeddings, a prompt) is reached by GQ's parameter gradient only, which must find
+   its gathered parameters, the tensors its forward used;
 2. takes GQ's parameter (and input) gradient within the call, while every parameter is there
    (`FullParameters.hand_over`), and returns the value through a node whose backward hands that
    gradient, times the incoming one, to the gathered parameters. The node also feeds the logits
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FullParameters", "fsdp_modules", "full_parameters"]
+__all__ = ["FullParameters", "fsdp_modules", "full_parameters", "gather_parameters"]
 
 
 def fsdp_modules(model: Any) -> list[nn.Module]:
@@ -43,6 +46,17 @@ def fsdp_modules(model: Any) -> list[nn.Module]:
     if fsdp is None or not isinstance(model, nn.Module):
         return []
     return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
+
+
+def gather_parameters(model: Any) -> None:
+    """All-gathers the parameters of every FSDP2 module of `model` that are sharded now.
+
+    Collective: every process calls it at the same point of the same GQ call. The modules'
+    registered parameters are then the gathered tensors (the ones their forward used), also for
+    modules that GQ's passes never run a backward through. No-op without FSDP2 modules.
+    """
+    for module in fsdp_modules(model):
+        module.unshard()  # type: ignore[operator]
 
 
 def _groups(module: nn.Module) -> list[Any]:

@@ -121,7 +121,7 @@ from ._autograd import (
     torchscript_nodes,
     unwrap_ddp,
 )
-from ._fsdp import fsdp_modules, full_parameters
+from ._fsdp import fsdp_modules, full_parameters, gather_parameters
 from ._recompute import (
     PreForwardBuffers,
     RecomputeNorms,
@@ -314,6 +314,8 @@ class GradientPass:
                 self.logits, self.op = _plain_forward(self)
         if self.method == "batched" and (names := torchscript_nodes(self.logits)):
             self._leave_for_loop(names)
+        # FSDP2: every parameter gathered for GQ's passes, also where its input gradient never goes
+        gather_parameters(model)
 
     def _leave_for_loop(self, names: list[str]) -> None:
         """A vmapped method found TorchScript code in the forward's graph (`names`): refused,
