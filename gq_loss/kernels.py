@@ -290,6 +290,7 @@ class GradientPass:
         self.p = check_norm_order(p)
         self.method = resolve_method(method, chunk_size, model)
         _check_torchscript(self.method, model)
+        _check_static_graph(model)
         self.chunk_size = chunk_size
         self.create_graph = create_graph
         self.model = model
@@ -415,6 +416,34 @@ def _check_torchscript(method: str, model: Any) -> None:
         f"torch.jit.trace): {reason}; use method='loop' (no chunk_size), which runs it, or pass "
         "the eager module"
     )
+
+
+def _check_static_graph(model: Any) -> None:
+    """Refuses a model that runs DistributedDataParallel with `static_graph=True`.
+
+    On its first iteration such a DDP queues its one-time graph bookkeeping (and the
+    gradients' all-reduce) from the first backward pass through its output; GQ's own backward
+    passes inside the call are that pass, before any gradient exists, and the processes'
+    gradients were then never all-reduced (measured: ranks 2.2 apart after one step). A DDP
+    that runs inside the model's forward (Lightning's Trainer, which hands GQ the
+    LightningModule's network) is not in `model.modules()` and not affected.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    static = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.parallel.DistributedDataParallel) and getattr(m, "static_graph", False)
+    ]
+    if static:
+        raise ValueError(
+            "gq_loss cannot run a DistributedDataParallel model built with static_graph=True: "
+            "GQ's own backward passes inside the call would trigger DDP's one-time static-graph "
+            "bookkeeping before any gradient exists, and the processes' gradients would never be "
+            "all-reduced; build it with static_graph=False (the default; Fabric: "
+            "DDPStrategy(static_graph=False)). For GQ's value alone, under torch.no_grad(), pass "
+            "the wrapped module (model.module)"
+        )
 
 
 # --------------------------------------------------------------------------- forward passes
