@@ -6,7 +6,7 @@ import contextlib
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -319,3 +319,56 @@ def check_second_order(
     torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
     if key is not None:
         _PROBED[key] = modules
+
+
+def hand_over(
+    value: Tensor,
+    logits: Tensor,
+    targets: Sequence[Tensor],
+    check: Callable[[Sequence[Tensor | None]], None] | None = None,
+) -> Tensor:
+    """`value` (a scalar with GQ's graph) with its gradient w.r.t. `targets` taken now.
+
+    Returns a node, equal to `value`, whose backward hands `grad * d value / d target` to every
+    target; `check` (when given) sees those gradients first and may raise. `logits` is an input
+    of the node only so that the forward graph (and FSDP's gradient hooks in it) runs after it.
+    Used under FSDP2 (`_fsdp`) and for float16 models, whose GQ gradient is checked for
+    overflow before it can reach `.grad` (`loss.py`).
+    """
+    if not value.requires_grad:  # nothing to train
+        return value
+    grads = torch.autograd.grad(value, list(targets), retain_graph=True, allow_unused=True)
+    if check is not None:
+        check(grads)
+    out: Tensor = _HandOver.apply(value.detach(), grads, logits, *targets)
+    return out
+
+
+class _HandOver(torch.autograd.Function):
+    """Identity on GQ's value; backward returns `grad * d value/d target` for every target.
+
+    `logits` is an input only so that the forward graph runs after this node; it gets no
+    gradient from here.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        value: Tensor,
+        grads: Sequence[Tensor | None],
+        logits: Tensor,
+        *targets: Tensor,
+    ) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gq_loss: GQ's gradient was taken within the call (FSDP2 or a float16 model) and "
+                "is first-order only, got a backward with create_graph=True; call backward() "
+                "without it"
+            )
+        grad = grad.detach()
+        return (None, None, None, *(None if g is None else grad * g for g in ctx.grads))

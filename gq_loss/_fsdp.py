@@ -30,12 +30,13 @@ read here (torch 2.13): `FSDPModule._get_fsdp_state()._fsdp_param_groups` and, o
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from ._autograd import hand_over
 
 __all__ = ["FullParameters", "fsdp_modules", "full_parameters", "gather_parameters"]
 
@@ -72,19 +73,18 @@ class FullParameters:
         self.modules = modules
         self.groups = [g for m in modules for g in _groups(m)]
 
-    def hand_over(self, value: Tensor, logits: Tensor, x: Tensor | None) -> Tensor:
+    def hand_over(
+        self, value: Tensor, logits: Tensor, x: Tensor | None, check: Any = None
+    ) -> Tensor:
         """`value` (a scalar with GQ's graph) as a node that hands its gradient to FSDP.
 
         The parameter gradient (and, for inputs that require grad, the input gradient `x`'s) is
-        taken now; `backward()` scales it by the incoming gradient. See the module docstring.
+        taken now (`_autograd.hand_over`, which calls `check` on it); `backward()` scales it by
+        the incoming gradient. See the module docstring.
         """
-        if not value.requires_grad:  # nothing to train
-            return value
         params = [q for q in self.model.parameters() if q.requires_grad]
         targets = ([x] if x is not None else []) + params
-        grads = torch.autograd.grad(value, targets, retain_graph=True, allow_unused=True)
-        out: Tensor = _HandOver.apply(value.detach(), grads, logits, *targets)
-        return out
+        return hand_over(value, logits, targets, check)
 
 
 @contextmanager
@@ -111,32 +111,3 @@ def full_parameters(model: Any) -> Iterator[FullParameters | None]:
         for module in modules:
             if any(g._reshard_after_forward for g in _groups(module)):
                 module.reshard()  # type: ignore[operator]
-
-
-class _HandOver(torch.autograd.Function):
-    """Identity on GQ's value; backward returns `grad * d value/d target` for every target.
-
-    `logits` is an input only so that the forward graph (and FSDP's gradient hooks in it) runs
-    after this node; it gets no gradient from here.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        value: Tensor,
-        grads: Sequence[Tensor | None],
-        logits: Tensor,
-        *targets: Tensor,
-    ) -> Tensor:
-        ctx.grads = grads
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "gq_loss: under FSDP2 GQ's gradient is first-order only, got a backward with "
-                "create_graph=True; call backward() without it"
-            )
-        grad = grad.detach()
-        return (None, None, None, *(None if g is None else grad * g for g in ctx.grads))

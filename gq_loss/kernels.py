@@ -201,8 +201,9 @@ def class_gradient_norms(
             bf16 or fp16 model's input gradients are accumulated in float32).
 
     Raises:
-        ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`, or
-            `create_graph=True` under FSDP2 (train with `gq_loss` there).
+        ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`,
+            `create_graph=True` under FSDP2 (train with `gq_loss` there), or a
+            DistributedDataParallel model built with `static_graph=True`.
         TypeError: A model output with no logits found (the message shows `output=`), inputs
             that are not a floating tensor, a plain function with `method="recompute"`, or
             `method="jacrev"` with DistributedDataParallel or FSDP2.

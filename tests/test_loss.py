@@ -1437,3 +1437,74 @@ def test_several_inputs_are_refused_with_the_wrapper_pattern_which_is_exact(meth
         torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True
     ):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- float16 models
+
+
+def test_float16_overflow_in_the_double_backward_is_an_error() -> None:
+    # A float16 Hugging Face ConvNext (random weights from a config): GQ's value was fine but its
+    # parameter gradient had NaN in 7,504 of 16,346 entries, written to .grad with no warning.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(
+        num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], drop_path_rate=0.0, num_labels=10
+    )
+    model = transformers.ConvNextForImageClassification(config).half()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    message = (
+        r"^gq_loss: GQ's parameter gradient overflowed float16 in its second backward pass .* "
+        r"\d+ of \d+ entries are not finite, and nothing was written to .grad.*keep the weights "
+        r"in float32 \(model.float\(\)\).*bfloat16"
+    )
+    for method in ("loop", "recompute"):
+        with pytest.raises(RuntimeError, match=message):
+            gq, logits = gq_loss(model, x, y, method=method, return_logits=True)
+            (F.cross_entropy(logits.float(), y) + gq).backward()
+        assert all(q.grad is None for q in model.parameters())
+    with torch.no_grad():  # the value alone is finite
+        assert torch.isfinite(gq_loss(model, x, y))
+
+
+class Steep(nn.Module):
+    """`head(tanh(lin(x)))` whose input gradient overflows float16 while its logits do not."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.lin.weight.mul_(scale)
+            self.head.weight.mul_(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(x)))  # type: ignore[no-any-return]
+
+
+def test_float16_gq_is_float64s_or_an_error_naming_the_pass() -> None:
+    torch.manual_seed(0)
+    x, y = 1e-3 * torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    base = Steep(1.0)
+    # A float16 model within float16's range: its GQ gradient (taken within the call and
+    # checked) is float64's to float16 precision.
+    oracle = copy.deepcopy(base).to(F64)
+    want = brute_gq(oracle, x.to(F64), y).mean()
+    want_grads = named_grads(oracle, want)
+    for method in ("loop", "recompute", "batched", "jacrev"):
+        model = copy.deepcopy(base).half()
+        gq, logits = gq_loss(model, x, y, method=method, return_logits=True)
+        torch.testing.assert_close(gq.double(), want, rtol=1e-2, atol=0)
+        gq.backward()
+        for name, param in model.named_parameters():
+            assert param.grad is not None and param.grad.dtype == torch.float16
+            torch.testing.assert_close(param.grad.double(), want_grads[name], rtol=3e-2, atol=1e-3)
+    # Its input gradient on the logits overflows with steeper weights (logits still finite): the value is
+    # refused, naming the pass, in training and for the value alone.
+    steep = Steep(2000.0).half()
+    assert bool(torch.isfinite(steep(x.half())).all())
+    message = r"^gq_loss: GQ's value is not finite .* per-class input-gradient pass overflowed"
+    with pytest.raises(RuntimeError, match=message):
+        gq_loss(steep, x, y, operand="logits")
+    with pytest.raises(RuntimeError, match=message), torch.no_grad():
+        gq_loss(steep, x, y, operand="logits")
+    with pytest.raises(ValueError, match=r"reduction='none' cannot be trained with float16"):
+        gq_loss(steep, x, y, reduction="none")
