@@ -170,8 +170,8 @@ def test_text_recipe_on_a_decoder_only_classifier(side: str) -> None:
             values.append(norms[int(y[i])] / (sum(norms) - norms[int(y[i])] + 1e-12))
         oracle = torch.stack(values).mean()
         oracle_grads = torch.autograd.grad(oracle, params, allow_unused=True)
-    # batched and jacrev: 8e-8 off relative to the largest entry here (vmapped double
-    # backward through Llama's float32 rotary embeddings), loop and recompute: 6e-16.
+    # batched and jacrev (vmapped backward passes) were 8e-8 off relative to the largest entry
+    # here, loop and recompute 6e-16; the cause of the former is not known yet.
     for method, rtol in (
         ("loop", 1e-10),
         ("recompute", 1e-10),
