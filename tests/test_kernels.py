@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gq_loss.kernels
-from gq_loss import class_gradient_norms, gq_loss
+from gq_loss import class_gradient_norms
 from gq_loss.kernels import GRADIENT_METHODS, OPERANDS, auto_choice
 
 
@@ -794,7 +794,7 @@ class _Step(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        gq, logits = gq_loss(self.net, x, y, return_logits=True)
+        gq, logits = gq_loss.gq_loss(self.net, x, y, return_logits=True)
         return torch.nn.functional.cross_entropy(logits, y) + gq
 
 
@@ -809,13 +809,15 @@ def test_ddp_static_graph_is_refused_where_gq_sees_it(one_process_group: object)
     fabric_like = nn.ModuleDict({"forward_module": static})  # a wrapper holding the DDP
     for model in (static, fabric_like):
         with pytest.raises(ValueError, match=message):
-            gq_loss(model, x, y)
+            gq_loss.gq_loss(model, x, y)
         with pytest.raises(ValueError, match=message), torch.no_grad():
             class_gradient_norms(model, x)
     # The default DDP runs, equal to its module (one process: nothing to average)
     inner = make_model("mlp_gelu", (4,), 3)
     plain = DDP(copy.deepcopy(inner))
-    torch.testing.assert_close(gq_loss(plain, x, y), gq_loss(inner, x, y), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        gq_loss.gq_loss(plain, x, y), gq_loss.gq_loss(inner, x, y), rtol=1e-12, atol=0
+    )
     # ...and so does a DDP with a static graph around a module that runs GQ inside its own
     # forward, as Lightning's Trainer does: GQ's passes end before DDP's output exists.
     step = DDP(_Step(copy.deepcopy(inner)), static_graph=True)
