@@ -37,17 +37,44 @@ else:
 class FromEmbeddings(nn.Module):
     """A text classifier as a function of its input embeddings ``(B, L, D)``.
 
-    Set `attention_mask` (``(B, L)``, the batch's) before each call: a module, unlike a lambda,
-    keeps GQ's `method="recompute"`, the detectors' eval mode and the input placement.
+    Set `input_ids` and `attention_mask` (``(B, L)``, the batch's) before each call: a module,
+    unlike a lambda, keeps GQ's `method="recompute"`, the detectors' eval mode and the input
+    placement. The model is called with the token ids, as without the wrapper, and the output of
+    its input-embedding layer is replaced by the embeddings given (they are what GQ and ODIN
+    differentiate and perturb). So the model finds its padding from the ids as it does
+    normally: a decoder-only classifier (Llama, Mistral, GPT-2, ...) pools its last non-pad
+    token, which it cannot find from `inputs_embeds` (it would pool the last position, a pad
+    token under right padding).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, embedding_layer: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        inner = getattr(model, "module", model)  # DistributedDataParallel's wrapped model
+        self.embedding_layer = embedding_layer or inner.get_input_embeddings()
+        self.input_ids: Tensor | None = None
         self.attention_mask: Tensor | None = None
 
     def forward(self, embeddings: Tensor) -> Any:
-        return self.model(inputs_embeds=embeddings, attention_mask=self.attention_mask)
+        if self.input_ids is None:
+            raise ValueError(
+                "FromEmbeddings needs the batch's `input_ids` (set text.input_ids before the call): "
+                "the model finds its padding from them"
+            )
+
+        def swap(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            if output.shape != embeddings.shape:
+                raise ValueError(
+                    f"the embeddings {tuple(embeddings.shape)} do not match the input_ids' "
+                    f"embeddings {tuple(output.shape)}; set the batch's input_ids"
+                )
+            return embeddings
+
+        handle = self.embedding_layer.register_forward_hook(swap)
+        try:
+            return self.model(input_ids=self.input_ids, attention_mask=self.attention_mask)
+        finally:
+            handle.remove()
 
 
 class GQTrainer(Trainer):
@@ -75,9 +102,10 @@ class GQTrainer(Trainer):
             # positional: the first argument of Hugging Face image classifiers
             gq, logits = self.criterion(model, inputs["pixel_values"], labels, return_logits=True)
         else:
-            text = FromEmbeddings(model)
-            text.attention_mask = inputs.get("attention_mask")
             embed = self.accelerator.unwrap_model(model).get_input_embeddings()
+            text = FromEmbeddings(model, embed)
+            text.input_ids = inputs["input_ids"]
+            text.attention_mask = inputs.get("attention_mask")
             # The embeddings keep their graph: CE and GQ both reach the embedding table.
             gq, logits = self.criterion(
                 text, embed(inputs["input_ids"]), labels, return_logits=True
@@ -103,7 +131,7 @@ def odin_on_text(
     embed = model.get_input_embeddings()
     scores = []
     for batch in batches:
-        text.attention_mask = batch["attention_mask"]
+        text.input_ids, text.attention_mask = batch["input_ids"], batch["attention_mask"]
         with torch.no_grad():  # the embeddings are a fixed input here
             embeddings = embed(batch["input_ids"])
         scores.append(detector.score(embeddings))

@@ -6,7 +6,7 @@ import contextlib
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -145,11 +145,12 @@ _NO_SECOND_ORDER = (
 
 
 @contextmanager
-def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
+def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) -> Iterator[None]:
     """Re-raises the model's refusals of GQ's (double) backward with what to do instead.
 
     `graph` (the logits) is searched, on error only, for custom `autograd.Function`s marked
-    `@once_differentiable`, whose names PyTorch's own message leaves out.
+    `@once_differentiable` between it and the inputs `x`, whose names PyTorch's own message
+    leaves out.
     """
     try:
         yield
@@ -178,7 +179,7 @@ def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
                 "(or 'recompute'), which run them one class at a time"
             ) from err
         if any(marker in text for marker in _NO_SECOND_ORDER):
-            names = once_differentiable_functions(graph)
+            names = once_differentiable_functions(graph, x)
             which = (
                 f"; custom autograd.Functions marked @once_differentiable: {names}" if names else ""
             )
@@ -195,23 +196,69 @@ def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
         raise
 
 
-def once_differentiable_functions(graph: Tensor | None) -> list[str]:
-    """Names of the custom `autograd.Function`s marked `@once_differentiable` in `graph`'s graph."""
-    found: list[str] = []
-    stack = [graph.grad_fn] if graph is not None else []
+def once_differentiable_functions(graph: Tensor | None, x: Tensor | None) -> list[str]:
+    """Names of the custom `autograd.Function`s marked `@once_differentiable` that GQ would
+    differentiate twice: those in `graph`'s graph that lie on a path to the inputs `x`.
+
+    GQ's input gradient runs the backward of every node between the logits and `x`, and its
+    parameter gradient differentiates those backwards again. A node with no path to `x` (a
+    straight-through estimator on the weights, say) is reached by the parameter gradient only,
+    once, as in any training step. Without `x` every marked Function in the graph is named.
+    """
+    if graph is None or graph.grad_fn is None:
+        return []
+    nodes: list[Any] = []  # every node once, parents before children
     seen: set[Any] = set()
+    stack: list[Any] = [graph.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        cls = getattr(node, "_forward_cls", None)
-        code = getattr(getattr(cls, "backward", None), "__code__", None)
-        name = getattr(cls, "__name__", "")
-        if code is _ONCE_DIFFERENTIABLE and name not in found:
-            found.append(name)
+        nodes.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+    marked = [node for node in nodes if _is_once_differentiable(node)]
+    if marked and x is not None:
+        reaches = _nodes_reaching(nodes, x)
+        marked = [node for node in marked if node in reaches]
+    return list(dict.fromkeys(node._forward_cls.__name__ for node in marked))
+
+
+def _is_once_differentiable(node: Any) -> bool:
+    cls = getattr(node, "_forward_cls", None)
+    return getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE
+
+
+def _nodes_reaching(nodes: list[Any], x: Tensor) -> set[Any]:
+    """The nodes among `nodes` (a whole graph) from which the backward pass reaches `x`: its
+    `grad_fn`, or the node that accumulates its gradient when it is a leaf."""
+
+    def is_input(node: Any) -> bool:
+        return node is x.grad_fn if x.grad_fn is not None else getattr(node, "variable", None) is x
+
+    reaches: set[Any] = set()
+    pending = [(nodes[0], False)] if nodes else []
+    done: set[Any] = set()
+    while pending:  # iterative post-order: a node is decided after all of its children
+        node, children_done = pending.pop()
+        if node in done:
+            continue
+        if is_input(node):
+            reaches.add(node)  # GQ's input gradient stops here: nothing beyond is twice
+            done.add(node)
+            continue
+        if not children_done:
+            pending.append((node, True))
+            pending.extend(
+                (child, False)
+                for child, _ in node.next_functions
+                if child is not None and child not in done
+            )
+            continue
+        done.add(node)
+        if any(child in reaches for child, _ in node.next_functions):
+            reaches.add(node)
+    return reaches
 
 
 def torchscript_nodes(graph: Tensor | None) -> list[str]:
@@ -243,21 +290,24 @@ _PROBED: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], ...]] = weakref.
 _ONCE_TEXT = "trying to differentiate twice a function that was marked with @once_differentiable"
 
 
-def check_second_order(model: Any, logits: Tensor, value: Tensor, x: Tensor | None) -> None:
+def check_second_order(
+    model: Any, logits: Tensor, value: Tensor, x: Tensor, *, probe: bool = True
+) -> None:
     """Raises now what GQ's parameter gradient through `value` would raise later, or drop.
 
     Two kinds of operation have no second derivative. Custom Functions marked
     `@once_differentiable` fail only in a full `backward()`, or not at all under `vmap` (their
     terms would be dropped), so the forward graph of `logits` is searched for them on every
-    call: it is this call's graph, whatever changed in the model. Those whose double backward
-    is missing (fused kernels, `torch.cdist`) fail when it runs: `x` given, one second
-    derivative of `value` w.r.t. `x` is taken (every double backward between the inputs and the
-    logits; for one class, about 1/N of a GQ backward), once per model and again after its
-    modules change (a swapped submodule). Call inside `second_order_errors`.
+    call, between the logits and the inputs `x` (only there does GQ differentiate twice): it is
+    this call's graph, whatever changed in the model. Those whose double backward is missing
+    (fused kernels, `torch.cdist`) fail when it runs: with `probe`, one second derivative of
+    `value` w.r.t. `x` is taken (every double backward between the inputs and the logits; for
+    one class, about 1/N of a GQ backward), once per model and again after its modules change
+    (a swapped submodule). Call inside `second_order_errors`.
     """
-    if once_differentiable_functions(logits):
+    if once_differentiable_functions(logits, x):
         raise RuntimeError(_ONCE_TEXT)
-    if x is None or not value.requires_grad:
+    if not probe or not value.requires_grad:
         return
     key = unwrap_ddp(model)
     modules = tuple(weakref.ref(m) for m in key.modules()) if isinstance(key, nn.Module) else ()
@@ -269,3 +319,56 @@ def check_second_order(model: Any, logits: Tensor, value: Tensor, x: Tensor | No
     torch.autograd.grad(value.sum(), x, retain_graph=True, allow_unused=True)
     if key is not None:
         _PROBED[key] = modules
+
+
+def hand_over(
+    value: Tensor,
+    logits: Tensor,
+    targets: Sequence[Tensor],
+    check: Callable[[Sequence[Tensor | None]], None] | None = None,
+) -> Tensor:
+    """`value` (a scalar with GQ's graph) with its gradient w.r.t. `targets` taken now.
+
+    Returns a node, equal to `value`, whose backward hands `grad * d value / d target` to every
+    target; `check` (when given) sees those gradients first and may raise. `logits` is an input
+    of the node only so that the forward graph (and FSDP's gradient hooks in it) runs after it.
+    Used under FSDP2 (`_fsdp`) and for float16 models, whose GQ gradient is checked for
+    overflow before it can reach `.grad` (`loss.py`).
+    """
+    if not value.requires_grad:  # nothing to train
+        return value
+    grads = torch.autograd.grad(value, list(targets), retain_graph=True, allow_unused=True)
+    if check is not None:
+        check(grads)
+    out: Tensor = _HandOver.apply(value.detach(), grads, logits, *targets)
+    return out
+
+
+class _HandOver(torch.autograd.Function):
+    """Identity on GQ's value; backward returns `grad * d value/d target` for every target.
+
+    `logits` is an input only so that the forward graph runs after this node; it gets no
+    gradient from here.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        value: Tensor,
+        grads: Sequence[Tensor | None],
+        logits: Tensor,
+        *targets: Tensor,
+    ) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gq_loss: GQ's gradient was taken within the call (FSDP2 or a float16 model) and "
+                "is first-order only, got a backward with create_graph=True; call backward() "
+                "without it"
+            )
+        grad = grad.detach()
+        return (None, None, None, *(None if g is None else grad * g for g in ctx.grads))

@@ -7,9 +7,12 @@ breaks two of these rules: it uses the gathered parameters again after FSDP has 
 its parameter gradients come out of the double-backward graph in no order FSDP knows. So, under
 FSDP2, one GQ call
 
-1. keeps every gathered parameter allocated until the call ends (`full_parameters`): resharding
-   after backward is off during the call, so once GQ's first backward pass has gathered a
-   module's parameters (FSDP's own hooks do that), they stay;
+1. gathers every module's parameters right after GQ's forward pass (`gather_parameters`) and
+   keeps them allocated until the call ends (`full_parameters`: resharding after backward is
+   off during the call). FSDP's own hooks would gather only the modules that GQ's input
+   gradient passes through; a module whose output does not depend on the input (learned
+   position embeddings, a prompt) is reached by GQ's parameter gradient only, which must find
+   its gathered parameters, the tensors its forward used;
 2. takes GQ's parameter (and input) gradient within the call, while every parameter is there
    (`FullParameters.hand_over`), and returns the value through a node whose backward hands that
    gradient, times the incoming one, to the gathered parameters. The node also feeds the logits
@@ -27,14 +30,15 @@ read here (torch 2.13): `FSDPModule._get_fsdp_state()._fsdp_param_groups` and, o
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-__all__ = ["FullParameters", "fsdp_modules", "full_parameters"]
+from ._autograd import hand_over
+
+__all__ = ["FullParameters", "fsdp_modules", "full_parameters", "gather_parameters"]
 
 
 def fsdp_modules(model: Any) -> list[nn.Module]:
@@ -43,6 +47,17 @@ def fsdp_modules(model: Any) -> list[nn.Module]:
     if fsdp is None or not isinstance(model, nn.Module):
         return []
     return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
+
+
+def gather_parameters(model: Any) -> None:
+    """All-gathers the parameters of every FSDP2 module of `model` that are sharded now.
+
+    Collective: every process calls it at the same point of the same GQ call. The modules'
+    registered parameters are then the gathered tensors (the ones their forward used), also for
+    modules that GQ's passes never run a backward through. No-op without FSDP2 modules.
+    """
+    for module in fsdp_modules(model):
+        module.unshard()  # type: ignore[operator]
 
 
 def _groups(module: nn.Module) -> list[Any]:
@@ -58,19 +73,18 @@ class FullParameters:
         self.modules = modules
         self.groups = [g for m in modules for g in _groups(m)]
 
-    def hand_over(self, value: Tensor, logits: Tensor, x: Tensor | None) -> Tensor:
+    def hand_over(
+        self, value: Tensor, logits: Tensor, x: Tensor | None, check: Any = None
+    ) -> Tensor:
         """`value` (a scalar with GQ's graph) as a node that hands its gradient to FSDP.
 
         The parameter gradient (and, for inputs that require grad, the input gradient `x`'s) is
-        taken now; `backward()` scales it by the incoming gradient. See the module docstring.
+        taken now (`_autograd.hand_over`, which calls `check` on it); `backward()` scales it by
+        the incoming gradient. See the module docstring.
         """
-        if not value.requires_grad:  # nothing to train
-            return value
         params = [q for q in self.model.parameters() if q.requires_grad]
         targets = ([x] if x is not None else []) + params
-        grads = torch.autograd.grad(value, targets, retain_graph=True, allow_unused=True)
-        out: Tensor = _HandOver.apply(value.detach(), grads, logits, *targets)
-        return out
+        return hand_over(value, logits, targets, check)
 
 
 @contextmanager
@@ -97,32 +111,3 @@ def full_parameters(model: Any) -> Iterator[FullParameters | None]:
         for module in modules:
             if any(g._reshard_after_forward for g in _groups(module)):
                 module.reshard()  # type: ignore[operator]
-
-
-class _HandOver(torch.autograd.Function):
-    """Identity on GQ's value; backward returns `grad * d value/d target` for every target.
-
-    `logits` is an input only so that the forward graph (and FSDP's gradient hooks in it) runs
-    after this node; it gets no gradient from here.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        value: Tensor,
-        grads: Sequence[Tensor | None],
-        logits: Tensor,
-        *targets: Tensor,
-    ) -> Tensor:
-        ctx.grads = grads
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "gq_loss: under FSDP2 GQ's gradient is first-order only, got a backward with "
-                "create_graph=True; call backward() without it"
-            )
-        grad = grad.detach()
-        return (None, None, None, *(None if g is None else grad * g for g in ctx.grads))

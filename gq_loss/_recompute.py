@@ -76,28 +76,21 @@ def autocast_as(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
 
 
 class PreForwardBuffers:
-    """The buffers that the original forward pass changed, as they were before it.
+    """Every buffer of the model as it was before the original forward pass (a copy of each).
 
-    Built just before that forward (a copy of every buffer, with its version counter);
-    `keep_changed` right after it drops the copies of the buffers the forward left alone, so
-    only those it changed in place or replaced (spectral_norm's power iteration in train mode,
-    BatchNorm statistics, any buffer a forward updates) are kept for the replay.
+    Built just before that forward. The replay starts from these copies, whatever the buffers'
+    version counters say: a forward can change a buffer without bumping its version (an update
+    through `.data`, the EMA idiom; fused ops such as `torch.ao`'s fake-quant observers), and a
+    buffer it did not change equals its copy anyway.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.copies: dict[tuple[nn.Module, str], Tensor] = {}
-        self._seen = [
-            (module, name, buf, buf._version, buf.clone())
+        self.copies: dict[tuple[nn.Module, str], Tensor] = {
+            (module, name): buf.clone()
             for module in model.modules()
             for name, buf in module._buffers.items()
             if buf is not None
-        ]
-
-    def keep_changed(self) -> None:
-        for module, name, buf, version, copy in self._seen:
-            if module._buffers.get(name) is not buf or buf._version != version:
-                self.copies[module, name] = copy
-        self._seen = []
+        }
 
 
 def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -114,8 +107,8 @@ def replay(
 ) -> Iterator[None]:
     """Same RNG draws as the original forward, from the same buffers, on scratch copies.
 
-    The replay must compute the function the original forward computed, so the buffers that
-    forward changed start from their state before it (`before`). It must not update the
+    The replay must compute the function the original forward computed, so every buffer starts
+    from its state before that forward (`before`). It must not update the
     model's buffers a second time (BatchNorm statistics, spectral_norm's vectors), nor bump the
     version of buffers the original graph saved, so it runs on clones of every buffer.
     """
@@ -187,7 +180,7 @@ class RecomputeNorms(torch.autograd.Function):
                 )
                 logits = select_output(logits, job.output)
                 sel = selected(operand_of(logits, job.operand, job.temperature), job.columns)
-            with second_order_errors(logits):
+            with second_order_errors(logits, xr):
                 targets = ([xr] if job.input_grad else []) + list(params)
                 width = sel.shape[1]
                 step = job.chunk_size or max(width, 1)
@@ -198,7 +191,7 @@ class RecomputeNorms(torch.autograd.Function):
                         for k in range(start, min(start + step, width))
                     ]
                     if start == 0:  # a missing second derivative would be dropped, not raised
-                        check_second_order(job.model, logits, terms[0], None)
+                        check_second_order(job.model, logits, terms[0], xr, probe=False)
                     grads = torch.autograd.grad(
                         torch.stack(terms).sum(), targets, retain_graph=True, allow_unused=True
                     )

@@ -121,7 +121,7 @@ from ._autograd import (
     torchscript_nodes,
     unwrap_ddp,
 )
-from ._fsdp import fsdp_modules, full_parameters
+from ._fsdp import fsdp_modules, full_parameters, gather_parameters
 from ._recompute import (
     PreForwardBuffers,
     RecomputeNorms,
@@ -201,8 +201,9 @@ def class_gradient_norms(
             bf16 or fp16 model's input gradients are accumulated in float32).
 
     Raises:
-        ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`, or
-            `create_graph=True` under FSDP2 (train with `gq_loss` there).
+        ValueError: A bad option, a model output that is not logits `(B, N)`, `N >= 2`,
+            `create_graph=True` under FSDP2 (train with `gq_loss` there), or a
+            DistributedDataParallel model built with `static_graph=True`.
         TypeError: A model output with no logits found (the message shows `output=`), inputs
             that are not a floating tensor, a plain function with `method="recompute"`, or
             `method="jacrev"` with DistributedDataParallel or FSDP2.
@@ -290,6 +291,7 @@ class GradientPass:
         self.p = check_norm_order(p)
         self.method = resolve_method(method, chunk_size, model)
         _check_torchscript(self.method, model)
+        _check_static_graph(model)
         self.chunk_size = chunk_size
         self.create_graph = create_graph
         self.model = model
@@ -314,6 +316,8 @@ class GradientPass:
                 self.logits, self.op = _plain_forward(self)
         if self.method == "batched" and (names := torchscript_nodes(self.logits)):
             self._leave_for_loop(names)
+        # FSDP2: every parameter gathered for GQ's passes, also where its input gradient never goes
+        gather_parameters(model)
 
     def _leave_for_loop(self, names: list[str]) -> None:
         """A vmapped method found TorchScript code in the forward's graph (`names`): refused,
@@ -340,7 +344,7 @@ class GradientPass:
 
     def norms(self, columns: Tensor | None = None) -> Tensor:
         """Norms `(B, K)` of the operand columns `columns` `(B, K)` (all N when None)."""
-        with second_order_errors(self.logits):
+        with second_order_errors(self.logits, self.x):
             norms = self.backend.norms(self, columns)
             if self.create_graph and self.method != "recompute":
                 probe_second_order(self, norms)
@@ -415,6 +419,34 @@ def _check_torchscript(method: str, model: Any) -> None:
     )
 
 
+def _check_static_graph(model: Any) -> None:
+    """Refuses a model that runs DistributedDataParallel with `static_graph=True`.
+
+    On its first iteration such a DDP queues its one-time graph bookkeeping (and the
+    gradients' all-reduce) from the first backward pass through its output; GQ's own backward
+    passes inside the call are that pass, before any gradient exists, and the processes'
+    gradients were then never all-reduced (measured: ranks 2.2 apart after one step). A DDP
+    that runs inside the model's forward (Lightning's Trainer, which hands GQ the
+    LightningModule's network) is not in `model.modules()` and not affected.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    static = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.parallel.DistributedDataParallel) and getattr(m, "static_graph", False)
+    ]
+    if static:
+        raise ValueError(
+            "gq_loss cannot run a DistributedDataParallel model built with static_graph=True: "
+            "GQ's own backward passes inside the call would trigger DDP's one-time static-graph "
+            "bookkeeping before any gradient exists, and the processes' gradients would never be "
+            "all-reduced; build it with static_graph=False (the default; Fabric: "
+            "DDPStrategy(static_graph=False)). For GQ's value alone, under torch.no_grad(), pass "
+            "the wrapped module (model.module)"
+        )
+
+
 # --------------------------------------------------------------------------- forward passes
 
 
@@ -425,8 +457,6 @@ def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
             before = PreForwardBuffers(unwrap_ddp(run.model))
         run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device), before
     logits = call_model(run.model, run.x, run.output)
-    if before is not None:
-        before.keep_changed()
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
 

@@ -14,13 +14,13 @@ refused there. With $N = 2$ classes Eq. 7 on softmax is identically 1 as well
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 
-from ._autograd import norm_rows, second_order_errors
+from ._autograd import hand_over, norm_rows, second_order_errors
 from ._detection import float64
 from ._fsdp import full_parameters
 from ._validation import (
@@ -221,14 +221,16 @@ def gq_loss(
 
     Raises:
         ValueError: A bad option (the message names it), a model output that is not logits
-            `(B, N)` with `N >= 2`, `N = 2` with the paper formulation on softmax, or
-            `reduction="none"` in training under FSDP2.
+            `(B, N)` with `N >= 2`, `N = 2` with the paper formulation on softmax,
+            `reduction="none"` in training under FSDP2 or with float16 weights, or a
+            DistributedDataParallel model built with `static_graph=True`.
         TypeError: Bad `inputs`/`targets`/`output` types, or a model output with no logits
             found (the message shows `output=`).
         RuntimeError: A model with an operation that has no second derivative, with
             reentrant checkpointing, or one that sets `requires_grad` on a tensor computed from
-            its inputs (Hugging Face audio models in train mode); the message says what to use
-            instead.
+            its inputs (Hugging Face audio models in train mode); a float16 model whose GQ value
+            or parameter gradient overflowed (checked within the call, before anything reaches
+            `.grad`; the message names the pass); the message says what to use instead.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -263,6 +265,12 @@ def gq_loss(
                 "parameter gradient taken within the call, which needs a scalar loss; use "
                 "reduction='mean' or 'sum' (or call it under torch.no_grad() for the values)"
             )
+        if tracking and reduction == "none" and _float16(model, inputs):
+            raise ValueError(
+                "reduction='none' cannot be trained with float16 weights: GQ checks its float16 "
+                "parameter gradient for overflow within the call, which needs a scalar loss; use "
+                "reduction='mean' or 'sum' (or call it under torch.no_grad() for the values)"
+            )
         run = GradientPass(
             model,
             inputs,
@@ -282,7 +290,7 @@ def gq_loss(
         check_class_indices("targets", targets, batch, num_classes, ndim=1)
         targets = targets.to(logits.device)
         if formulation == "reference":
-            with second_order_errors(logits):
+            with second_order_errors(logits, run.x):
                 value = _reference_ratio(run.op, run.x, targets, run.p, eps, tracking)
                 if tracking:
                     probe_second_order(run, value)
@@ -293,8 +301,17 @@ def gq_loss(
             )
             value = _quotient(run.norms(columns), targets, weights, eps)
         value = _reduce(value, reduction, logits)
+        half = _float16(model, run.x)
+        if half:
+            _check_float16_value(value, logits)
+        check = _check_float16_gradient if half else None
+        x_grad = run.x if run.input_grad else None
         if fsdp is not None and tracking:
-            value = fsdp.hand_over(value, logits, run.x if run.input_grad else None)
+            value = fsdp.hand_over(value, logits, x_grad, check)
+        elif half and tracking and isinstance(model, nn.Module):
+            wrt = [] if x_grad is None else [x_grad]
+            wrt += [q for q in model.parameters() if q.requires_grad]
+            value = hand_over(value, logits, wrt, check)
     if not tracking:
         value, logits = value.detach(), logits.detach()
     return (value, logits) if return_logits else value
@@ -657,6 +674,53 @@ def _reference_ratio(
         for s in (target_sum, other_sum)
     )
     return numerator / (denominator + eps)
+
+
+def _float16(model: Any, x: Tensor) -> bool:
+    """Whether GQ runs in float16: a module with float16 trainable parameters, or float16 inputs
+    of a plain callable."""
+    if isinstance(model, nn.Module):
+        return any(q.dtype == torch.float16 for q in model.parameters() if q.requires_grad)
+    return x.dtype == torch.float16
+
+
+_FLOAT16_FIX = (
+    "keep the weights in float32 (model.float()), optionally under torch.autocast(..., "
+    "dtype=torch.bfloat16), whose range is float32's (float16 autocast overflowed the same way on "
+    "the models measured, a Hugging Face ConvNext)"
+)
+
+
+def _check_float16_value(value: Tensor, logits: Tensor) -> None:
+    """A float16 model's GQ value must be finite; the error names the pass that overflowed."""
+    if bool(torch.isfinite(value).all()):
+        return
+    where = (
+        "its forward pass (the logits are not finite)"
+        if not bool(torch.isfinite(logits.detach()).all())
+        else "its per-class input-gradient pass"
+    )
+    raise RuntimeError(
+        f"gq_loss: GQ's value is not finite for this float16 model: {where} overflowed float16; "
+        + _FLOAT16_FIX
+    )
+
+
+def _check_float16_gradient(grads: Sequence[Tensor | None]) -> None:
+    """A float16 model's GQ gradient, taken within the call, must be finite before any of it
+    reaches `.grad` (`_autograd.hand_over`); the error says which pass overflowed."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return
+    bad = int(torch.stack([(~torch.isfinite(g)).sum() for g in present]).sum())
+    if bad:
+        total = sum(g.numel() for g in present)
+        raise RuntimeError(
+            "gq_loss: GQ's parameter gradient overflowed float16 in its second backward pass "
+            f"(through the model's input gradients): {bad} of {total} entries are not finite, "
+            "and nothing was written to .grad. GQ's double backward needs more range than "
+            "float16 has; " + _FLOAT16_FIX
+        )
 
 
 def _reduce(value: Tensor, reduction: str, logits: Tensor) -> Tensor:

@@ -40,16 +40,22 @@ class Block(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Tokens `(B, 5, 6)` -> logits `(B, 4)`: an embedding, two attention blocks, a head."""
+    """Tokens `(B, 5, 6)` -> logits `(B, 4)`: an embedding plus learned position embeddings, two
+    attention blocks, a head.
+
+    The position embeddings (sharded on their own) do not depend on the input: GQ's input
+    gradient never reaches them, only its parameter gradient does.
+    """
 
     def __init__(self, dim: int = 8) -> None:
         super().__init__()
         self.embed = nn.Linear(6, dim)
+        self.pos = nn.Embedding(5, dim)
         self.blocks = nn.ModuleList([Block(dim), Block(dim)])
         self.head = nn.Linear(dim, CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.embed(x)
+        hidden = self.embed(x) + self.pos(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks:
             hidden = block(hidden)
         return self.head(hidden.mean(dim=1))
@@ -61,13 +67,13 @@ def make_data() -> tuple[Classifier, Tensor, Tensor]:
     return model, torch.randn(8, 5, 6, dtype=F64), torch.randint(0, CLASSES, (8,))
 
 
-def full_grads(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter's gradient, gathered; zeros where none arrived."""
-    out = {}
+def full_grads(model: nn.Module) -> dict[str, Tensor | None]:
+    """Every parameter's gradient, gathered; None where none arrived."""
+    out: dict[str, Tensor | None] = {}
     for name, param in model.named_parameters():
-        grad: Any = torch.zeros_like(param) if param.grad is None else param.grad
+        grad: Any = param.grad
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-        out[name] = grad.detach().clone()
+        out[name] = None if grad is None else grad.detach().clone()
     return out
 
 
@@ -89,12 +95,13 @@ def main(path: str, rank: int) -> None:
     def sharded(**options: Any) -> nn.Module:
         model = Classifier().to(F64)
         model.load_state_dict(base.state_dict())
+        fully_shard(model.pos, **options)
         for block in model.blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
         return model
 
-    def step(model: nn.Module, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(model: nn.Module, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor | None]]:
         model.zero_grad()
         gq, logits = gq_loss(model, x, y, return_logits=True, **kwargs)
         (F.cross_entropy(logits, y) + gq).backward()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from _oracles import F64, VARIANTS, FirstOrderTanh, brute_gq
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from gq_loss import GQLoss, gq_loss
@@ -181,6 +182,65 @@ def test_operation_without_second_derivative_says_so(op: str, names: str, method
     with pytest.raises(RuntimeError, match=message):
         # the probe raises at the call, before backward(); recompute raises in backward()
         gq_loss(model, x, Y, method=method).backward()
+
+
+class RoundedSTE(torch.autograd.Function):
+    """Weights rounded to quarters, straight-through backward (QAT): first-order only."""
+
+    @staticmethod
+    def forward(w: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.round(4 * w) / 4
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+class QuantLinear(nn.Linear):
+    """A linear layer on rounded weights: `@once_differentiable` STE or the `.detach()` one."""
+
+    def __init__(self, *args: Any, ste: str) -> None:
+        super().__init__(*args)
+        self.ste = ste
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.ste == "once":
+            w = RoundedSTE.apply(w)
+        else:
+            w = w + (torch.round(4 * w) / 4 - w).detach()
+        return F.linear(x, w, self.bias)
+
+
+@pytest.mark.parametrize(("method", "chunk"), VARIANTS)
+def test_once_differentiable_on_the_weights_is_not_refused(method: str, chunk: int | None) -> None:
+    # GQ differentiates twice only the nodes between the logits and the inputs; a
+    # straight-through estimator on the weights is differentiated once (by backward()), yet all
+    # methods refused it as having no second derivative.
+    def net(ste: str) -> nn.Module:
+        torch.manual_seed(0)
+        layers = [QuantLinear(4, 6, ste=ste), nn.Tanh(), QuantLinear(6, 3, ste=ste)]
+        return nn.Sequential(*layers).to(F64)
+
+    x = torch.randn(5, 4, dtype=F64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    model = net("once")
+    want = brute_gq(model, x, y).mean()  # an independent double backprop, in float64
+    want_grads = param_grads(model, want)
+    detached = net("detach")  # the same model with a .detach() STE
+    assert_same(param_grads(detached, brute_gq(detached, x, y).mean()), want_grads, rtol=1e-12)
+    gq, logits = gq_loss(model, x, y, method=method, chunk_size=chunk, return_logits=True)
+    torch.testing.assert_close(gq, want, rtol=1e-10, atol=0)
+    got = torch.autograd.grad(gq, list(model.parameters()), retain_graph=True)
+    assert_same(list(got), want_grads)
+    # ...and it trains with cross-entropy from the same forward
+    (F.cross_entropy(logits, y) + gq).backward()
+    assert all(q.grad is not None and bool(q.grad.abs().sum() > 0) for q in model.parameters())
 
 
 @pytest.mark.parametrize("method", ["loop", "recompute", "batched", "jacrev"])

@@ -51,7 +51,9 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
-def one_process(ce: bool = True, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def one_process(
+    ce: bool = True, **kwargs: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """GQ (and CE) on all 8 samples in this process: the value and the parameter gradients."""
     model, x, y = make_data()
     gq, logits = gq_loss(model, x, y, return_logits=True, **kwargs)
@@ -59,8 +61,12 @@ def one_process(ce: bool = True, **kwargs: Any) -> tuple[torch.Tensor, dict[str,
     return gq.detach(), full_grads(model)
 
 
-def assert_grads_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def assert_grads_equal(
+    got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor | None]
+) -> None:
+    """Equal gradients, and a gradient for every parameter that one process gives one."""
     assert got.keys() == want.keys()
+    assert [n for n, g in got.items() if g is None] == [n for n, g in want.items() if g is None]
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-9, atol=1e-12, msg=name)
 

@@ -773,3 +773,57 @@ def test_jacrev_under_cpu_bf16_autocast_is_right_or_refused() -> None:
             assert "method='jacrev' could not run" in str(err) and "method='loop'" in str(err)
             return
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+
+
+@pytest.fixture
+def one_process_group() -> object:
+    """A gloo process group of one process (a real DistributedDataParallel can be built)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+class _Step(nn.Module):
+    """A LightningModule's shape: the DDP-wrapped module whose forward runs GQ on its network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        gq, logits = gq_loss.gq_loss(self.net, x, y, return_logits=True)
+        return torch.nn.functional.cross_entropy(logits, y) + gq
+
+
+def test_ddp_static_graph_is_refused_where_gq_sees_it(one_process_group: object) -> None:
+    # With static_graph=True, GQ's own backward passes inside the call set off DDP's one-time
+    # static-graph bookkeeping before any gradient exists: the processes' gradients were never
+    # all-reduced, silently (ranks 2.2 apart after one step on two processes).
+    DDP = nn.parallel.DistributedDataParallel
+    x, y = torch.randn(4, 4, dtype=F64), torch.tensor([0, 1, 2, 0])
+    message = r"static_graph=True.*never be all-reduced; build it with static_graph=False"
+    static = DDP(make_model("mlp_gelu", (4,), 3), static_graph=True)
+    fabric_like = nn.ModuleDict({"forward_module": static})  # a wrapper holding the DDP
+    for model in (static, fabric_like):
+        with pytest.raises(ValueError, match=message):
+            gq_loss.gq_loss(model, x, y)
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            class_gradient_norms(model, x)
+    # The default DDP runs, equal to its module (one process: nothing to average)
+    inner = make_model("mlp_gelu", (4,), 3)
+    plain = DDP(copy.deepcopy(inner))
+    torch.testing.assert_close(
+        gq_loss.gq_loss(plain, x, y), gq_loss.gq_loss(inner, x, y), rtol=1e-12, atol=0
+    )
+    # ...and so does a DDP with a static graph around a module that runs GQ inside its own
+    # forward, as Lightning's Trainer does: GQ's passes end before DDP's output exists.
+    step = DDP(_Step(copy.deepcopy(inner)), static_graph=True)
+    reference = _Step(copy.deepcopy(inner))
+    for _ in range(2):
+        step(x, y).backward()
+        reference(x, y).backward()
+    for got, want in zip(step.module.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)

@@ -482,22 +482,33 @@ def test_spectral_norm_in_train_mode(method: str, chunk: int | None) -> None:
 
 
 class Decaying(nn.Module):
-    """A forward that updates a buffer its output depends on (any buffer a forward mutates)."""
+    """A forward that updates a buffer its output depends on (any buffer a forward mutates).
 
-    def __init__(self) -> None:
+    `update="data"` writes through `.data`, the EMA idiom, which does not bump the buffer's
+    version counter.
+    """
+
+    def __init__(self, update: str = "in place") -> None:
         super().__init__()
+        self.update = update
         self.lin = nn.Linear(4, 3).to(F64)
         self.register_buffer("scale", torch.ones((), dtype=F64))
 
     def forward(self, x: Tensor) -> Tensor:
-        self.scale.mul_(0.5)
+        if self.update == "data":
+            self.scale.data.mul_(0.5)
+        else:
+            self.scale.mul_(0.5)
         return torch.tanh(self.lin(x)) * self.scale
 
 
+@pytest.mark.parametrize("update", ["in place", "data"])
 @pytest.mark.parametrize(("method", "chunk"), VARIANTS)
-def test_forward_that_mutates_a_buffer(method: str, chunk: int | None) -> None:
+def test_forward_that_mutates_a_buffer(method: str, chunk: int | None, update: str) -> None:
+    # recompute used to replay from the pre-forward copies of the buffers whose version moved
+    # only, so a `.data` update was replayed from the updated value (relative error 0.5).
     torch.manual_seed(1)
-    base = Decaying()
+    base = Decaying(update)
     x, y = torch.randn(5, 4, dtype=F64), torch.tensor([0, 1, 2, 1, 0])
     want = brute_gq(lambda t: torch.tanh(base.lin(t)) * 0.5, x, y).mean()  # scale 1 -> 0.5
     want_grads = named_grads(base, want)
@@ -506,6 +517,37 @@ def test_forward_that_mutates_a_buffer(method: str, chunk: int | None) -> None:
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     torch.testing.assert_close(named_grads(model, got), want_grads, rtol=1e-9, atol=1e-12)
     assert model.scale.item() == 0.5  # one forward's update, not two
+
+
+@pytest.mark.parametrize(
+    ("method", "chunk"), [("loop", None), ("recompute", None), ("recompute", 2)]
+)
+def test_qat_observers_that_do_not_bump_versions(method: str, chunk: int | None) -> None:
+    # torch.ao's fused fake-quant updates its observer's min/max, scale and zero point in place
+    # without bumping their version counters; recompute replayed from the updated ones (relative
+    # gradient error 5e-3 here). Oracle: the function of the one forward, i.e. the fake-quant
+    # with the observer state after one update from the state before the call, observer off.
+    from torch.ao.quantization import FusedMovingAvgObsFakeQuantize
+
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Linear(4, 8), FusedMovingAvgObsFakeQuantize(), nn.Tanh(), nn.Linear(8, 3)
+    )
+    with torch.no_grad():
+        base(torch.randn(6, 4))  # an observer that has seen data
+    x, y = 3 * torch.randn(6, 4), torch.tensor([0, 1, 2, 1, 0, 2])
+    oracle = copy.deepcopy(base)
+    with torch.no_grad():
+        oracle(x)
+    oracle[1].disable_observer()
+    want = brute_gq(oracle, x, y).mean()
+    want_grads = named_grads(oracle, want)
+    model = copy.deepcopy(base)
+    got = gq_loss(model, x, y, method=method, chunk_size=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(named_grads(model, got), want_grads, rtol=1e-5, atol=1e-7)
+    for (name, buf), once in zip(model.named_buffers(), oracle.buffers(), strict=True):
+        assert torch.equal(buf, once) or name.endswith("observer_enabled"), name
 
 
 class FirstOrder(nn.Module):
@@ -1395,3 +1437,74 @@ def test_several_inputs_are_refused_with_the_wrapper_pattern_which_is_exact(meth
         torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True
     ):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- float16 models
+
+
+def test_float16_overflow_in_the_double_backward_is_an_error() -> None:
+    # A float16 Hugging Face ConvNext (random weights from a config): GQ's value was fine but its
+    # parameter gradient had NaN in 7,504 of 16,346 entries, written to .grad with no warning.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(
+        num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], drop_path_rate=0.0, num_labels=10
+    )
+    model = transformers.ConvNextForImageClassification(config).half()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    message = (
+        r"^gq_loss: GQ's parameter gradient overflowed float16 in its second backward pass .* "
+        r"\d+ of \d+ entries are not finite, and nothing was written to .grad.*keep the weights "
+        r"in float32 \(model.float\(\)\).*bfloat16"
+    )
+    for method in ("loop", "recompute"):
+        with pytest.raises(RuntimeError, match=message):
+            gq, logits = gq_loss(model, x, y, method=method, return_logits=True)
+            (F.cross_entropy(logits.float(), y) + gq).backward()
+        assert all(q.grad is None for q in model.parameters())
+    with torch.no_grad():  # the value alone is finite
+        assert torch.isfinite(gq_loss(model, x, y))
+
+
+class Steep(nn.Module):
+    """`head(tanh(lin(x)))` whose input gradient overflows float16 while its logits do not."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.lin.weight.mul_(scale)
+            self.head.weight.mul_(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(x)))  # type: ignore[no-any-return]
+
+
+def test_float16_gq_is_float64s_or_an_error_naming_the_pass() -> None:
+    torch.manual_seed(0)
+    x, y = 1e-3 * torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    base = Steep(1.0)
+    # A float16 model within float16's range: its GQ gradient (taken within the call and
+    # checked) is float64's to float16 precision.
+    oracle = copy.deepcopy(base).to(F64)
+    want = brute_gq(oracle, x.to(F64), y).mean()
+    want_grads = named_grads(oracle, want)
+    for method in ("loop", "recompute", "batched", "jacrev"):
+        model = copy.deepcopy(base).half()
+        gq = gq_loss(model, x, y, method=method)
+        torch.testing.assert_close(gq.double(), want, rtol=1e-2, atol=0)
+        gq.backward()
+        for name, param in model.named_parameters():
+            assert param.grad is not None and param.grad.dtype == torch.float16
+            torch.testing.assert_close(param.grad.double(), want_grads[name], rtol=3e-2, atol=1e-3)
+    # Its input gradient on the logits overflows with steeper weights (logits still finite): the value is
+    # refused, naming the pass, in training and for the value alone.
+    steep = Steep(2000.0).half()
+    assert bool(torch.isfinite(steep(x.half())).all())
+    message = r"^gq_loss: GQ's value is not finite .* per-class input-gradient pass overflowed"
+    with pytest.raises(RuntimeError, match=message):
+        gq_loss(steep, x, y, operand="logits")
+    with pytest.raises(RuntimeError, match=message), torch.no_grad():
+        gq_loss(steep, x, y, operand="logits")
+    with pytest.raises(ValueError, match=r"reduction='none' cannot be trained with float16"):
+        gq_loss(steep, x, y, reduction="none")
