@@ -54,6 +54,17 @@ def input_grad(out: Tensor, x: Tensor, create_graph: bool) -> Tensor:
     return grad
 
 
+@contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Autocast off on every device type that has it (the CPU, CUDA and any other backend)."""
+    kinds = ["cpu", "cuda", "xpu", "mps", "hpu"]
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
+
+
 def unwrap_ddp(model: Any) -> Any:
     # Recomputing through a DistributedDataParallel wrapper would re-enter its reducer.
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

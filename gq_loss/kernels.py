@@ -55,9 +55,10 @@ free on the device. Measured on CPU (`docs/models.md`), `auto` was within 1.1x o
 exact method on the eleven Hugging Face models of the test zoo (it took `jacrev` or `batched`,
 up to 2.6x faster than `loop`) and on the example CNNs (`loop`; `jacrev` on ResNet-18).
 
-`jacrev` under CPU bf16 autocast fails on BatchNorm and LayerNorm (so on transformers too:
-torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there (and `auto` leaves
-`jacrev` out).
+Every method runs under `torch.autocast` (bf16 and fp16, CPU and CUDA): the forward passes in
+the autocast dtype, the backward passes under the same autocast state, the norms accumulated in
+float32. Where torch 2.13's vmapped BatchNorm backward rejects autocast's mixed dtypes,
+`jacrev` runs its pullback one class at a time and `batched` takes the other vmap.
 
 `jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
@@ -555,15 +556,27 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
         (grad,) = pullback(cotangent)
         return norm_rows(grad, run.p)
 
-    # Autocast covers forward passes only: the pullback replays recorded dtypes (under autocast
-    # its vmapped backward would mix bfloat16 and float32 operands).
-    no_autocast = torch.autocast(run.x.device.type, enabled=False)
-    # Without create_graph the outer autograd records nothing (the pullback's own level still
-    # differentiates: torch.func transforms ignore an outer no_grad).
+    # The pullback runs under the autocast state of the forward pass (the caller's), as `loop`'s
+    # backward passes do. Without create_graph the outer autograd records nothing (the
+    # pullback's own level still differentiates: torch.func ignores an outer no_grad).
+    device = run.x.device.type
+    mixed = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     outer = contextlib.nullcontext() if run.create_graph else torch.no_grad()
-    with _func_errors("the per-class backward passes", any_error=True), no_autocast, outer:
-        norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+    with _func_errors("the per-class backward passes", any_error=True), outer:
+        try:
+            norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+        except RuntimeError as err:
+            # Under autocast, torch 2.13's batching rule of the BatchNorm backward multiplies
+            # the half-precision gradient by the float32 weight and hands the float32 product
+            # to a kernel that wants the input's dtype. The same pullback, one class at a time,
+            # runs the unbatched kernel, which takes mixed dtypes.
+            if not (mixed and _MIXED_DTYPES in str(err)):
+                raise
+            norms = torch.stack([row_norms(c) for c in basis], dim=1)
     return norms if run.create_graph else norms.detach()
+
+
+_MIXED_DTYPES = "expected scalar type"
 
 
 @contextmanager
