@@ -96,6 +96,7 @@ from ._auto import AutoChoice, auto_choice, auto_method
 from ._autograd import (
     check_second_order,
     differentiable_forward,
+    eager_under_compile,
     input_grad,
     norm_rows,
     operand_of,
@@ -132,6 +133,7 @@ Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
 OPERANDS: tuple[str, ...] = ("softmax", "log_softmax", "logits")
 
 
+@eager_under_compile
 def class_gradient_norms(
     model: Callable[[Tensor], Tensor],
     inputs: Tensor,

@@ -21,7 +21,12 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from ._autograd import autocast_disabled, norm_rows, second_order_errors
+from ._autograd import (
+    autocast_disabled,
+    eager_under_compile,
+    norm_rows,
+    second_order_errors,
+)
 from ._detection import float64
 from ._fsdp import full_parameters
 from ._validation import (
@@ -124,6 +129,7 @@ def gq_loss(
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
+@eager_under_compile
 def gq_loss(
     model: Callable[[Tensor], Any],
     inputs: Tensor,
