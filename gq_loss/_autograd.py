@@ -239,6 +239,23 @@ def second_order_errors(graph: Tensor | None = None) -> Iterator[None]:
         raise
 
 
+def graph_leaves(graph: Tensor) -> set[int]:
+    """Ids of the leaf tensors (parameters, inputs) that `graph`'s autograd graph reaches."""
+    found: set[int] = set()
+    stack = [graph.grad_fn]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad
+        if leaf is not None:
+            found.add(id(leaf))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def once_differentiable_functions(graph: Tensor | None) -> list[str]:
     """Names of the custom `autograd.Function`s marked `@once_differentiable` in `graph`'s graph."""
     found: list[str] = []

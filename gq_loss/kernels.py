@@ -97,6 +97,7 @@ from ._autograd import (
     check_second_order,
     differentiable_forward,
     eager_under_compile,
+    graph_leaves,
     input_grad,
     norm_rows,
     operand_of,
@@ -274,6 +275,7 @@ class GradientPass:
         self.p = check_norm_order(p)
         self.method = resolve_method(method, chunk_size, model)
         _check_torchscript(self.method, model)
+        check_fabric(model)
         self.chunk_size = chunk_size
         self.create_graph = create_graph
         self.model = model
@@ -327,6 +329,13 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
         )
     if method == "recompute" and not isinstance(model, nn.Module):
         raise TypeError(f"method='recompute' needs an nn.Module model, got {type(model).__name__}")
+    if method in ("recompute", "jacrev") and isinstance(model, nn.DataParallel):
+        raise TypeError(
+            f"method={method!r} cannot run an nn.DataParallel-wrapped model: it calls the model "
+            "through torch.func.functional_call, which DataParallel refuses; use method='loop' "
+            "(or 'batched') with DataParallel, or DistributedDataParallel, which PyTorch "
+            "recommends instead and with which 'recompute' runs"
+        )
     if method == "jacrev" and isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError(
             "method='jacrev' cannot run a DistributedDataParallel-wrapped model (its forward "
@@ -339,6 +348,21 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
             "'recompute' or 'batched'"
         )
     return str(method)
+
+
+def check_fabric(model: Any) -> None:
+    """Refuses a Lightning Fabric-wrapped model (`fabric.setup(model)`), whose outputs refuse
+    every backward pass but `fabric.backward(loss)`, with the pattern that works."""
+    cls = type(model)
+    if cls.__name__ == "_FabricModule" and cls.__module__.startswith(("lightning", "lightning_fabric")):
+        raise TypeError(
+            "GQ cannot take its input gradients through a Lightning Fabric-wrapped model "
+            "(fabric.setup(model)): Fabric lets its outputs be differentiated only by "
+            "fabric.backward(loss). Pass the wrapped model's `.module` inside `fabric.autocast()` "
+            "(Fabric's precision): `with fabric.autocast(): gq, logits = gq_loss(model.module, x, "
+            "y, return_logits=True)`, then `fabric.backward(F.cross_entropy(logits, y) + lam * "
+            "gq)` (docs/examples.md, 'Lightning Fabric')"
+        )
 
 
 def _check_torchscript(method: str, model: Any) -> None:
@@ -474,7 +498,15 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
         run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, rng_state,
         run.input_grad, autocast, run.output, before,
     )  # fmt: skip
-    named = [(n, q) for n, q in unwrap_ddp(run.model).named_parameters() if q.requires_grad]
+    # Only the parameters the forward pass used: the norms depend on no other, and handing an
+    # unused one to the Function would give it a gradient event that DistributedDataParallel
+    # (find_unused_parameters=True) already counted as unused ("marked ready twice").
+    used = graph_leaves(run.logits)
+    named = [
+        (n, q)
+        for n, q in unwrap_ddp(run.model).named_parameters()
+        if q.requires_grad and id(q) in used
+    ]
     out: Tensor = RecomputeNorms.apply(
         norms, job, [n for n, _ in named], run.x, *(q for _, q in named)
     )
