@@ -161,23 +161,19 @@ def main(argv: list[str] | None = None) -> int:
                 refs[label] = (value.detach(), flat_grad(wide, value))
         for setting in SETTINGS:
             if "autocast=False" not in setting:
-                ce_rows.append(
-                    (name, setting, errors(*run_setting(
-                        setting, model, x, lambda m, t: F.cross_entropy(m(t), y)
-                    ), ce_ref))
-                )  # fmt: skip
+                got = run_setting(setting, model, x, lambda m, t, y=y: F.cross_entropy(m(t), y))
+                ce_rows.append((name, setting, errors(*got, ce_ref)))
             off = {"autocast": False} if "autocast=False" in setting else {}
             for method in METHODS:
+                options = {"method": method, **off}
                 got = run_setting(
-                    setting, model, x, lambda m, t: gq_loss(m, t, y, method=method, **off)
+                    setting, model, x, lambda m, t, y=y, o=options: gq_loss(m, t, y, **o)
                 )
                 by_method.append((name, setting, method, errors(*got, refs["softmax, L1"])))
             for label, operand, p in OPERANDS[1:]:
+                options = {"method": "loop", "operand": operand, "p": p, **off}
                 got = run_setting(
-                    setting,
-                    model,
-                    x,
-                    lambda m, t: gq_loss(m, t, y, method="loop", operand=operand, p=p, **off),
+                    setting, model, x, lambda m, t, y=y, o=options: gq_loss(m, t, y, **o)
                 )
                 by_operand.append((name, setting, label, errors(*got, refs[label])))
         print(f"# {name} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
@@ -203,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {setting} | {pct(e['value'])} | {pct(e['grad'])} | {e['cos']:.4f} |")
     table("GQ by method (softmax, L1: the default)", by_method, "method")
     table("GQ by operand (method loop)", by_operand, "operand")
-    assert all(math.isfinite(e["grad"]) for *_, e in by_method + by_operand)
+    broken = sorted(
+        {(n, s) for n, s, _, e in by_method + by_operand if not math.isfinite(e["grad"])}
+    )
+    if broken:
+        print(f"\nNon-finite GQ gradients (NaN or inf) in: {broken}")
     return 0
 
 

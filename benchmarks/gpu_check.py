@@ -346,7 +346,9 @@ def amp_step(
     device = x.device.type
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if dtype == torch.float16 else None
-    for attempt in range(1, 17 if scaler is not None else 2):
+    attempt = 0
+    while attempt < (16 if scaler is not None else 1):
+        attempt += 1
         opt.zero_grad(set_to_none=True)
         generator = torch.Generator(device).manual_seed(0) if "estimator" in options else None
         with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):

@@ -64,7 +64,9 @@ def hf_vit() -> tuple[nn.Module, Tensor]:
         intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         num_labels=CLASSES,
     )  # fmt: skip
-    return HFLogits(transformers.ViTForImageClassification(config)).eval(), torch.randn(6, 3, 16, 16)
+    return HFLogits(transformers.ViTForImageClassification(config)).eval(), torch.randn(
+        6, 3, 16, 16
+    )
 
 
 def hf_bert() -> tuple[nn.Module, Tensor]:
@@ -90,7 +92,10 @@ def flat_grad(model: nn.Module, value: Tensor) -> Tensor:
     params = [q for q in model.parameters() if q.requires_grad]
     grads = torch.autograd.grad(value, params, allow_unused=True)
     return torch.cat(
-        [(torch.zeros_like(q) if g is None else g).double().flatten() for q, g in zip(params, grads)]
+        [
+            (torch.zeros_like(q) if g is None else g).double().flatten()
+            for q, g in zip(params, grads, strict=True)
+        ]
     )
 
 
@@ -175,7 +180,7 @@ def test_jacrev_runs_under_autocast_with_train_mode_batchnorm() -> None:
 def test_autocast_false_keeps_gq_in_float32_inside_autocast(
     case: tuple[str, nn.Module, Tensor, Tensor, Tensor, Tensor], dtype: torch.dtype
 ) -> None:
-    name, model, x, y, want, want_grad = case
+    name, model, x, y, _, want_grad = case
     plain = gq_loss(model, x, y, method="loop")
     plain_grad = flat_grad(model, plain)
     for method in METHODS:

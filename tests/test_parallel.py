@@ -54,7 +54,9 @@ def test_ddp_find_unused_parameters_with_recompute(
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     for _ in range(2):  # DDP's bookkeeping must hold over steps
         model.zero_grad(set_to_none=True)
-        gq, logits = gq_loss(ddp, X, Y, method="recompute", chunk_size=chunk_size, return_logits=True)
+        gq, logits = gq_loss(
+            ddp, X, Y, method="recompute", chunk_size=chunk_size, return_logits=True
+        )
         (F.cross_entropy(logits, Y) + gq).backward()
     want = F.cross_entropy(wide(X.to(F64)), Y) + brute_gq(wide, X.to(F64), Y).mean()
     want.backward()
@@ -72,7 +74,9 @@ def test_data_parallel_refuses_the_methods_that_cannot_run_it(method: str) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DataParallel without GPUs
         wrapped = nn.DataParallel(model)
-    with pytest.raises(TypeError, match=rf"method='{method}' cannot run an nn.DataParallel.*'loop'"):
+    with pytest.raises(
+        TypeError, match=rf"method='{method}' cannot run an nn.DataParallel.*'loop'"
+    ):
         gq_loss(wrapped, X, Y, method=method)
     if method == "recompute":  # auto with chunk_size is recompute
         with pytest.raises(TypeError, match=r"DistributedDataParallel"):
