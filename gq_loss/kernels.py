@@ -354,9 +354,7 @@ def check_fabric(model: Any) -> None:
     """Refuses a Lightning Fabric-wrapped model (`fabric.setup(model)`), whose outputs refuse
     every backward pass but `fabric.backward(loss)`, with the pattern that works."""
     cls = type(model)
-    if cls.__name__ == "_FabricModule" and cls.__module__.startswith(
-        ("lightning", "lightning_fabric")
-    ):
+    if cls.__name__ == "_FabricModule" and cls.__module__.startswith("lightning"):
         raise TypeError(
             "GQ cannot take its input gradients through a Lightning Fabric-wrapped model "
             "(fabric.setup(model)): Fabric lets its outputs be differentiated only by "
