@@ -9,6 +9,7 @@ another row), medians. One thread.
     python benchmarks/bench_amp.py --profile loop       # where one bf16 loop step spends its time
     python benchmarks/bench_amp.py --compiled           # a torch.compile'd step against eager
     python benchmarks/bench_amp.py --contiguous --rows ce loop   # the same net, not channels_last
+    python benchmarks/bench_amp.py --sum-check          # BatchNorm's double-backward reduction
 
 Rows: ``ce``; exact GQ by ``auto``, ``loop``, ``batched``, ``jacrev``; ``sampled_k1``
 (``estimator="sampled", num_sampled=1``); ``loop_gq_fp32``: the bf16 step with GQ's own passes in
@@ -125,8 +126,14 @@ def table(args: argparse.Namespace) -> None:
         ratio = ""
         if all((k, b) in med and ("ce", b) in med for b in (False, True)):
             ratio = f"{(med[k, True] / med['ce', True]) / (med[k, False] / med['ce', False]):.2f}"
-        name = f"{k} (auto chose {chose.get(False, '?')} / {chose.get(True, '?')})" if k == "auto" else k
-        print(f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} | {ratio} |")
+        name = (
+            f"{k} (auto chose {chose.get(False, '?')} / {chose.get(True, '?')})"
+            if k == "auto"
+            else k
+        )
+        print(
+            f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} | {ratio} |"
+        )
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -156,7 +163,7 @@ def compiled(args: argparse.Namespace) -> None:
             f"{args.compiled_row} eager": step, f"{args.compiled_row} compiled": compiled_step}  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in rows}
     start = time.perf_counter()
-    for k, fn in rows.items():  # warm-up: compiles
+    for fn in rows.values():  # warm-up: compiles
         once(fn, model, x, y, False)
     print(f"# compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     order = list(rows)
@@ -171,6 +178,25 @@ def compiled(args: argparse.Namespace) -> None:
         print(f"| {k} | {1e3 * statistics.median(ts):.0f} | {statistics.median(ts) / ce:.2f}x |")
 
 
+def sum_check(args: argparse.Namespace) -> None:
+    """`t.sum(0, keepdim=True)`, the reduction that BatchNorm's train-mode double backward runs
+    9 times per class and layer (`sum_exclude_dim1` in torch's FunctionsManual.cpp), on an
+    activation of the net, by memory format and dtype."""
+    print("| tensor | dtype | contiguous ms | channels_last ms |")
+    print("|---|---|---|---|")
+    for shape in ((args.batch, 64, 32, 32), (args.batch, 256, 16, 16)):
+        for dtype in (torch.float32, torch.bfloat16):
+            cells = []
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                t = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+                t.sum(0, keepdim=True)
+                start = time.perf_counter()
+                for _ in range(20):
+                    t.sum(0, keepdim=True)
+                cells.append(f"{(time.perf_counter() - start) / 20 * 1e3:.2f}")
+            print(f"| {tuple(shape)} | {str(dtype)[6:]} | {cells[0]} | {cells[1]} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -181,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--compiled", action="store_true")
     parser.add_argument("--contiguous", action="store_true", help="not channels_last")
+    parser.add_argument("--sum-check", action="store_true", help="time BatchNorm's reduction")
     parser.add_argument("--compiled-row", default="loop")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    if args.profile:
+    if args.sum_check:
+        sum_check(args)
+    elif args.profile:
         profile(args)
     elif args.compiled:
         compiled(args)
