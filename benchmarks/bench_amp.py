@@ -15,8 +15,10 @@ Rows: ``ce``; exact GQ by ``auto``, ``loop``, ``batched``, ``jacrev``; ``sampled
 (``estimator="sampled", num_sampled=1``); ``loop_gq_fp32``: the bf16 step with GQ's own passes in
 float32 (``autocast=False``; in the float32 column it is plain ``loop``).
 
-Model ``wide_bn``: ``examples/models.py``'s ``SmallCNN`` at widths 64/256/256 (3 conv-BatchNorm-
-ReLU-maxpool stages), train mode, channels_last, 32x32 inputs, N = 10.
+Model ``wide_bn`` (default): ``examples/models.py``'s ``SmallCNN`` at widths 64/256/256 (3
+conv-BatchNorm-ReLU-maxpool stages); ``--model NAME`` takes a network of ``examples/models.py``
+(``fast_cnn``: the study's airbench-style net, BatchNorm and GELU). Train mode, channels_last
+(``--contiguous``: not), 32x32 inputs, N = 10.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import _examples_path  # noqa: F401  (puts examples/ on sys.path)
 import torch
 import torch.nn.functional as F
-from models import SmallCNN
+from models import SmallCNN, build_model
 from torch import Tensor, nn
 
 from gq_loss import gq_loss
@@ -41,10 +43,17 @@ from gq_loss.kernels import auto_choice
 Step = Callable[[nn.Module, Tensor, Tensor], None]
 
 
-def build(batch: int, classes: int, contiguous: bool = False) -> tuple[nn.Module, Tensor, Tensor]:
+def build(
+    batch: int, classes: int, contiguous: bool = False, name: str = "wide_bn"
+) -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
     fmt = torch.contiguous_format if contiguous else torch.channels_last
-    model = SmallCNN(classes, widths=(64, 256, 256)).train().to(memory_format=fmt)
+    net = (
+        SmallCNN(classes, widths=(64, 256, 256))
+        if name == "wide_bn"
+        else build_model(name, classes)
+    )
+    model = net.train().to(memory_format=fmt)
     x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=fmt)
     return model, x, torch.randint(0, classes, (batch,))
 
@@ -84,7 +93,7 @@ def once(step: Step, model: nn.Module, x: Tensor, y: Tensor, bf16: bool) -> floa
 
 
 def table(args: argparse.Namespace) -> None:
-    model, x, y = build(args.batch, args.classes, args.contiguous)
+    model, x, y = build(args.batch, args.classes, args.contiguous, args.model)
     steps = make_steps()
     rows = [(k, bf16) for bf16 in (False, True) for k in steps if k in args.rows]
     times: dict[tuple[str, bool], list[float]] = {r: [] for r in rows}
@@ -107,7 +116,7 @@ def table(args: argparse.Namespace) -> None:
         print(f"# round {r} done", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     print(
-        f"wide_bn (SmallCNN 64/256/256, {'contiguous' if args.contiguous else 'channels_last'}, "
+        f"{args.model} ({'contiguous' if args.contiguous else 'channels_last'}, "
         f"train mode), batch {args.batch}, "
         f"N = {args.classes}, 1 thread, {args.repeats} rounds, torch {torch.__version__}\n"
     )
@@ -138,7 +147,7 @@ def table(args: argparse.Namespace) -> None:
 
 def profile(args: argparse.Namespace) -> None:
     """The ops of one bf16 (and one float32) step of `args.profile`, by self CPU time."""
-    model, x, y = build(args.batch, args.classes, args.contiguous)
+    model, x, y = build(args.batch, args.classes, args.contiguous, args.model)
     step = make_steps()[args.profile]
     for bf16 in (False, True):
         once(step, model, x, y, bf16)  # warm-up
@@ -154,7 +163,7 @@ def profile(args: argparse.Namespace) -> None:
 
 def compiled(args: argparse.Namespace) -> None:
     """A compiled CE + GQ step (GQ is a graph break: it runs eagerly) against the eager step."""
-    model, x, y = build(args.batch, args.classes, args.contiguous)
+    model, x, y = build(args.batch, args.classes, args.contiguous, args.model)
     steps = make_steps()
     step = steps[args.compiled_row]
     compiled_step = torch.compile(step)
@@ -200,6 +209,9 @@ def sum_check(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--model", default="wide_bn", help="wide_bn, or a name of examples/models.py"
+    )
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", nargs="+", default=list(make_steps()))
