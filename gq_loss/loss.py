@@ -242,8 +242,10 @@ def gq_loss(
         ValueError: A bad option (the message names it), a model output that is not logits
             `(B, N)` with `N >= 2`, `N = 2` with the paper formulation on softmax, or
             `reduction="none"` in training under FSDP2.
-        TypeError: Bad `inputs`/`targets`/`output` types, or a model output with no logits
-            found (the message shows `output=`).
+        TypeError: Bad `inputs`/`targets`/`output`/`autocast` types, a model output with no
+            logits found (the message shows `output=`), a Lightning Fabric-wrapped model (the
+            message gives the pattern that works), or `method` `"recompute"`/`"jacrev"` with
+            `nn.DataParallel`.
         RuntimeError: A model with an operation that has no second derivative, with
             reentrant checkpointing, or one that sets `requires_grad` on a tensor computed from
             its inputs (Hugging Face audio models in train mode); the message says what to use
