@@ -134,6 +134,7 @@ def test_fabric_bf16_mixed_refuses_the_wrapped_model_and_its_pattern_works(metho
     from lightning.fabric import Fabric
 
     from gq_loss import gq_loss
+    from gq_loss.kernels import auto_choice
 
     fabric = Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
     torch.manual_seed(0)
@@ -149,9 +150,12 @@ def test_fabric_bf16_mixed_refuses_the_wrapped_model_and_its_pattern_works(metho
         gq, logits = gq_loss(wrapped.module, x, y, method=method, return_logits=True)
     assert logits.dtype == torch.bfloat16  # Fabric's precision reached GQ's forward
     fabric.backward(F.cross_entropy(logits, y) + gq)
-    # the same step as plain torch bf16 autocast
+    # the same step as plain torch bf16 autocast, by the same method (auto: the one it chose;
+    # two methods add bf16 terms in different orders)
+    chosen = auto_choice(model)
+    same = chosen.method if method == "auto" and chosen is not None else method
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want, want_logits = gq_loss(reference, x, y, method=method, return_logits=True)
+        want, want_logits = gq_loss(reference, x, y, method=same, return_logits=True)
     (F.cross_entropy(want_logits, y) + want).backward()
     torch.testing.assert_close(gq, want, rtol=1e-6, atol=0)
     for got_p, want_p in zip(model.parameters(), reference.parameters(), strict=True):
