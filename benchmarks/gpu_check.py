@@ -23,6 +23,12 @@ allowance is stopped and recorded as ``stopped: budget``):
    stay finite, and the GQ of the trained model under bf16 autocast must agree with float32
    within ``--bf16-rtol``.
 
+5. AMP training steps: every method (``loop``, ``batched``, ``jacrev``, ``recompute``, ``auto``)
+   and the sampled estimator (K = 1), one CE + GQ step each on the ViT and the CNN, under bf16
+   autocast and under fp16 autocast with ``torch.amp.GradScaler``: GQ and the unscaled
+   gradients must be finite and the GQ value within ``--bf16-rtol`` of float32 (the dry run
+   does the same under CPU autocast, where fp16 runs too).
+
 The report ends with the fastest exact method per setting and what ``method="auto"`` chose
 there (its one-time timing probe runs on the GPU in the warm-up of its row), with its time over
 the fastest's.
@@ -45,7 +51,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, ROOT]  # this checkout's gq_loss, installed or not
 import bench_gq  # noqa: E402  (puts examples/ on the path too)
 from models import build_model  # noqa: E402
 
@@ -58,8 +64,17 @@ EXACT = ("loop", "batched", "jacrev", "recompute_c10")
 
 # (seconds allowed per stage) on a GPU and in the dry run; the sum stays under the 8-minute cap.
 # "vit" is the attention model's share, spent inside the kernel stage before the ResNet rows.
-BUDGET = {"pytest": 90, "vit": 45, "kernels": 185, "odin": 40, "train": 105}
-DRY_BUDGET = {"pytest": 20, "vit": 15, "kernels": 35, "odin": 25, "train": 30}
+BUDGET = {"pytest": 90, "vit": 45, "kernels": 160, "odin": 40, "train": 100, "amp": 30}
+DRY_BUDGET = {"pytest": 20, "vit": 15, "kernels": 35, "odin": 25, "train": 30, "amp": 20}
+#: The steps of the AMP stage: every method and the sampled estimator.
+AMP_STEPS: dict[str, dict[str, Any]] = {
+    "loop": {"method": "loop"},
+    "batched": {"method": "batched"},
+    "jacrev": {"method": "jacrev"},
+    "recompute_c5": {"method": "recompute", "chunk_size": 5},
+    "auto": {},
+    "sampled_k1": {"estimator": "sampled", "num_sampled": 1},
+}
 
 
 class Check:
@@ -90,6 +105,7 @@ class Check:
 def run_subprocess(cmd: list[str], allowance: float, threads: int | None = None) -> dict:
     """Runs ``cmd`` from the repository root; stops it when ``allowance`` seconds are spent."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
     if threads is not None:  # tiny CPU work: one thread avoids oversubscription on a shared CPU
         env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
@@ -315,6 +331,75 @@ def stage_train(check: Check, allowance: float, args: argparse.Namespace) -> Non
     check.record("train_amp", result)
 
 
+# --------------------------------------------------------------------------- stage 5
+
+
+def amp_step(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """One CE + GQ step under autocast `dtype` (`None`: float32). fp16 runs with a GradScaler,
+    as AMP training does: a step whose scaled gradients overflow is skipped and the scale
+    halved, up to 16 times from 2**10 (GradScaler's default start, 2**16, is halved to such
+    values in a run's first steps); `finite` says the last step's loss and unscaled gradients
+    were finite. The parameters stay put (lr 0)."""
+    device = x.device.type
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if dtype == torch.float16 else None
+    attempt = 0
+    while attempt < (16 if scaler is not None else 1):
+        attempt += 1
+        opt.zero_grad(set_to_none=True)
+        generator = torch.Generator(device).manual_seed(0) if "estimator" in options else None
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            gq, logits = gq_loss(model, x, y, return_logits=True, generator=generator, **options)
+            loss = torch.nn.functional.cross_entropy(logits, y) + gq
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        grads = [q.grad for q in model.parameters() if q.grad is not None]
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+        if finite:
+            break
+    result = {"gq": float(gq.detach()), "finite": finite and bool(grads), "attempts": attempt}
+    if scaler is not None:
+        result["scale"] = scale
+    return result
+
+
+def stage_amp(check: Check, allowance: float, args: argparse.Namespace) -> None:
+    deadline = time.perf_counter() + allowance
+    device = "cpu" if check.dry_run else "cuda"
+    batch = 4 if check.dry_run else 32
+    rows: list[dict] = []
+    for name in (args.vit_model, args.model):
+        model, x, y = bench_gq.setup(name, 10, batch, device)
+        for step, options in AMP_STEPS.items():
+            if time.perf_counter() > deadline:
+                rows.append(dict(model=name, step=step, status="skipped: budget"))
+                continue
+            try:
+                fp32 = amp_step(model, x, y, None, options)["gq"]
+                for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+                    got = amp_step(model, x, y, dtype, options)
+                    gap = abs(got["gq"] - fp32) / abs(fp32)
+                    ok = got["finite"] and gap <= args.bf16_rtol
+                    rows.append(dict(model=name, step=step, dtype=label, gq_fp32=fp32,
+                                     rel_gap=gap, **got, status="ok" if ok else "failed"))  # fmt: skip
+            except Exception as err:  # recorded; the next step still runs
+                rows.append(dict(model=name, step=step,
+                                 status=f"error: {type(err).__name__}: {err}"[:300]))  # fmt: skip
+            check.log(f"stage 5: {name} {step}: {[r['status'] for r in rows[-2:]]}")
+    bad = [r for r in rows if r["status"] not in ("ok", "skipped: budget")]
+    check.record("amp", {"status": "failed" if bad else "ok", "rows": rows})
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -392,6 +477,19 @@ def write_report(check: Check, args: argparse.Namespace) -> str:
         f"{tr.get('bf16_vs_fp32')}",
         "",
     ]
+    amp = stages.get("amp", {})
+    lines += ["## 5. AMP training steps (bf16; fp16 with GradScaler)", ""]
+    lines += [f"{amp.get('status', 'not run')}", ""]
+    lines += ["fp16: the GradScaler's scale of the step that was finite (after skipped ones).", ""]
+    lines += ["| model | step | dtype | GQ | GQ fp32 | rel. gap | finite | scale | status |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    for r in amp.get("rows", []):
+        lines.append(
+            f"| {r['model']} | {r['step']} | {r.get('dtype', '')} | {fmt(r.get('gq', math.nan))} "
+            f"| {fmt(r.get('gq_fp32', math.nan))} | {r.get('rel_gap', math.nan):.2e} | "
+            f"{r.get('finite', '')} | {r.get('scale', '')} | {r['status']} |"
+        )
+    lines += [""]
     path = os.path.join(check.out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -412,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--bf16-rtol", type=float, default=0.05,
                         help="allowed relative gap of the bf16 GQ value to float32")  # fmt: skip
-    parser.add_argument("--stages", nargs="+", default=["pytest", "kernels", "odin", "train"])
+    parser.add_argument(
+        "--stages", nargs="+", default=["pytest", "kernels", "odin", "train", "amp"]
+    )
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="multiply every stage's time allowance (slow or shared machines)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -435,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernels": lambda: stage_kernels(check, budget["kernels"], budget["vit"], args),
         "odin": lambda: stage_odin(check, budget["odin"]),
         "train": lambda: stage_train(check, budget["train"], args),
+        "amp": lambda: stage_amp(check, budget["amp"], args),
     }
     for name in args.stages:
         try:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.utils.checkpoint
@@ -52,6 +53,51 @@ def input_grad(out: Tensor, x: Tensor, create_graph: bool) -> Tensor:
         materialize_grads=True,
     )
     return grad
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_EAGER: dict[Callable[..., Any], Callable[..., Any]] = {}
+_GRAPH_BREAK = (
+    "GQ runs its own forward and backward passes eagerly (a compiled graph has no double "
+    "backward), so a call to it is a graph break: under torch.compile(fullgraph=True) compile the "
+    "model instead (torch.compile(model), which GQ runs eagerly and the rest of the step "
+    "compiled), drop fullgraph=True, or call GQ outside the compiled function"
+)
+
+
+def eager_under_compile(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`fn`, run eagerly when `torch.compile` meets it: a clean graph break.
+
+    GQ's passes differentiate the model twice, which compiled graphs cannot; inside `fn`,
+    `differentiable_forward` also runs compiled submodules eagerly. Under `fullgraph=True`
+    dynamo refuses the break with `_GRAPH_BREAK` as its reason. `torch.compiler.disable` is
+    applied only once `torch._dynamo` is loaded (nothing can be compiled before; importing it
+    costs about a second), so a program that never compiles never imports it.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        eager = _EAGER.get(fn)
+        if eager is None:
+            eager = _EAGER[fn] = torch.compiler.disable(fn, reason=_GRAPH_BREAK)
+        result: _R = eager(*args, **kwargs)
+        return result
+
+    return wrapper
+
+
+@contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Autocast off on every device type that has it (the CPU, CUDA and any other backend)."""
+    kinds = ["cpu", "cuda", "xpu", "mps", "hpu"]
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 def unwrap_ddp(model: Any) -> Any:
@@ -194,6 +240,23 @@ def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) ->
                 "differentiates"
             ) from err
         raise
+
+
+def graph_leaves(graph: Tensor) -> set[int]:
+    """Ids of the leaf tensors (parameters, inputs) that `graph`'s autograd graph reaches."""
+    found: set[int] = set()
+    stack = [graph.grad_fn]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad
+        if leaf is not None:
+            found.add(id(leaf))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def once_differentiable_functions(graph: Tensor | None, x: Tensor | None) -> list[str]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ._autograd import (
     check_second_order,
     differentiable_forward,
+    eager_under_compile,
     input_grad,
     norm_rows,
     operand_of,
@@ -153,6 +154,7 @@ class RecomputeNorms(torch.autograd.Function):
         return norms.clone()
 
     @staticmethod
+    @eager_under_compile  # a backward() inside a compiled step runs this under dynamo's frame
     def backward(ctx: Any, grad_norms: Tensor) -> tuple[Tensor | None, ...]:
         job: Replay = ctx.job
         if torch.is_grad_enabled():

@@ -65,9 +65,10 @@ free on the device. Measured on CPU (`docs/models.md`), `auto` was within 1.1x o
 exact method on the eleven Hugging Face models of the test zoo (it took `jacrev` or `batched`,
 up to 2.6x faster than `loop`) and on the example CNNs (`loop`; `jacrev` on ResNet-18).
 
-`jacrev` under CPU bf16 autocast fails on BatchNorm and LayerNorm (so on transformers too:
-torch 2.13's vmapped backward mixes dtypes) and says so; `loop` runs there (and `auto` leaves
-`jacrev` out).
+Every method runs under `torch.autocast` (bf16 and fp16, CPU and CUDA): the forward passes in
+the autocast dtype, the backward passes under the same autocast state, the norms accumulated in
+float32. Where torch 2.13's vmapped BatchNorm backward rejects autocast's mixed dtypes,
+`jacrev` runs its pullback one class at a time and `batched` takes the other vmap.
 
 `jacrev` needs a model that `torch.func` can transform: no in-place updates of tensors other than
 the model's registered buffers, and `autograd.Function`s with `setup_context`. Where it cannot
@@ -113,6 +114,8 @@ from ._auto import AutoChoice, auto_choice, auto_method, refuse
 from ._autograd import (
     check_second_order,
     differentiable_forward,
+    eager_under_compile,
+    graph_leaves,
     input_grad,
     norm_rows,
     operand_of,
@@ -150,6 +153,7 @@ Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
 OPERANDS: tuple[str, ...] = ("softmax", "log_softmax", "logits")
 
 
+@eager_under_compile
 def class_gradient_norms(
     model: Callable[[Tensor], Tensor],
     inputs: Tensor,
@@ -292,6 +296,7 @@ class GradientPass:
         self.method = resolve_method(method, chunk_size, model)
         _check_torchscript(self.method, model)
         _check_static_graph(model)
+        check_fabric(model)
         self.chunk_size = chunk_size
         self.create_graph = create_graph
         self.model = model
@@ -373,6 +378,13 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
         )
     if method == "recompute" and not isinstance(model, nn.Module):
         raise TypeError(f"method='recompute' needs an nn.Module model, got {type(model).__name__}")
+    if method in ("recompute", "jacrev") and isinstance(model, nn.DataParallel):
+        raise TypeError(
+            f"method={method!r} cannot run an nn.DataParallel-wrapped model: it calls the model "
+            "through torch.func.functional_call, which DataParallel refuses; use method='loop' "
+            "(or 'batched') with DataParallel, or DistributedDataParallel, which PyTorch "
+            "recommends instead and with which 'recompute' runs"
+        )
     if method == "jacrev" and isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError(
             "method='jacrev' cannot run a DistributedDataParallel-wrapped model (its forward "
@@ -385,6 +397,21 @@ def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
             "'recompute' or 'batched'"
         )
     return str(method)
+
+
+def check_fabric(model: Any) -> None:
+    """Refuses a Lightning Fabric-wrapped model (`fabric.setup(model)`), whose outputs refuse
+    every backward pass but `fabric.backward(loss)`, with the pattern that works."""
+    cls = type(model)
+    if cls.__name__ == "_FabricModule" and cls.__module__.startswith("lightning"):
+        raise TypeError(
+            "GQ cannot take its input gradients through a Lightning Fabric-wrapped model "
+            "(fabric.setup(model)): Fabric lets its outputs be differentiated only by "
+            "fabric.backward(loss). Pass the wrapped model's `.module` inside `fabric.autocast()` "
+            "(Fabric's precision): `with fabric.autocast(): gq, logits = gq_loss(model.module, x, "
+            "y, return_logits=True)`, then `fabric.backward(F.cross_entropy(logits, y) + lam * "
+            "gq)` (docs/examples.md, 'Lightning Fabric')"
+        )
 
 
 def _check_torchscript(method: str, model: Any) -> None:
@@ -583,7 +610,15 @@ def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
         run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, rng_state,
         run.input_grad, autocast, run.output, before,
     )  # fmt: skip
-    named = [(n, q) for n, q in unwrap_ddp(run.model).named_parameters() if q.requires_grad]
+    # Only the parameters the forward pass used: the norms depend on no other, and handing an
+    # unused one to the Function would give it a gradient event that DistributedDataParallel
+    # (find_unused_parameters=True) already counted as unused ("marked ready twice").
+    used = graph_leaves(run.logits)
+    named = [
+        (n, q)
+        for n, q in unwrap_ddp(run.model).named_parameters()
+        if q.requires_grad and id(q) in used
+    ]
     out: Tensor = RecomputeNorms.apply(
         norms, job, [n for n, _ in named], run.x, *(q for _, q in named)
     )
@@ -667,15 +702,27 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
         (grad,) = pullback(cotangent)
         return norm_rows(grad, run.p)
 
-    # Autocast covers forward passes only: the pullback replays recorded dtypes (under autocast
-    # its vmapped backward would mix bfloat16 and float32 operands).
-    no_autocast = torch.autocast(run.x.device.type, enabled=False)
-    # Without create_graph the outer autograd records nothing (the pullback's own level still
-    # differentiates: torch.func transforms ignore an outer no_grad).
+    # The pullback runs under the autocast state of the forward pass (the caller's), as `loop`'s
+    # backward passes do. Without create_graph the outer autograd records nothing (the
+    # pullback's own level still differentiates: torch.func ignores an outer no_grad).
+    device = run.x.device.type
+    mixed = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     outer = contextlib.nullcontext() if run.create_graph else torch.no_grad()
-    with _func_errors("the per-class backward passes", any_error=True), no_autocast, outer:
-        norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+    with _func_errors("the per-class backward passes", any_error=True), outer:
+        try:
+            norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
+        except RuntimeError as err:
+            # Under autocast, torch 2.13's batching rule of the BatchNorm backward multiplies
+            # the half-precision gradient by the float32 weight and hands the float32 product
+            # to a kernel that wants the input's dtype. The same pullback, one class at a time,
+            # runs the unbatched kernel, which takes mixed dtypes.
+            if not (mixed and _MIXED_DTYPES in str(err)):
+                raise
+            norms = torch.stack([row_norms(c) for c in basis], dim=1)
     return norms if run.create_graph else norms.detach()
+
+
+_MIXED_DTYPES = "expected scalar type"
 
 
 @contextmanager

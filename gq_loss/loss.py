@@ -14,13 +14,20 @@ refused there. With $N = 2$ classes Eq. 7 on softmax is identically 1 as well
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 
-from ._autograd import hand_over, norm_rows, second_order_errors
+from ._autograd import (
+    autocast_disabled,
+    eager_under_compile,
+    hand_over,
+    norm_rows,
+    second_order_errors,
+)
 from ._detection import float64
 from ._fsdp import full_parameters
 from ._validation import (
@@ -73,6 +80,7 @@ def gq_loss(
     generator: torch.Generator | None = ...,
     return_logits: Literal[False] = ...,
     output: OutputSpec | None = ...,
+    autocast: bool = ...,
 ) -> Tensor: ...
 
 
@@ -95,6 +103,7 @@ def gq_loss(
     generator: torch.Generator | None = ...,
     return_logits: Literal[True],
     output: OutputSpec | None = ...,
+    autocast: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -117,9 +126,11 @@ def gq_loss(
     generator: torch.Generator | None = ...,
     return_logits: bool,
     output: OutputSpec | None = ...,
+    autocast: bool = ...,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
+@eager_under_compile
 def gq_loss(
     model: Callable[[Tensor], Any],
     inputs: Tensor,
@@ -138,6 +149,7 @@ def gq_loss(
     generator: torch.Generator | None = None,
     return_logits: bool = False,
     output: OutputSpec | None = None,
+    autocast: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Gradient Quotient of a batch, differentiable w.r.t. the model's parameters.
 
@@ -168,7 +180,9 @@ def gq_loss(
     GQ's own forward passes run PyTorch's attention on its math backend and compiled code
     eagerly, since the fused attention kernels and compiled graphs have no second derivative
     (on CUDA this makes GQ's passes slower and larger than a flash-attention forward; the
-    caller's other forward passes are not affected). `docs/math.md` has the details.
+    caller's other forward passes are not affected). `docs/math.md` has the details. In a
+    `torch.compile`d training step, `gq_loss` (and `GQLoss`) is a graph break that runs eagerly;
+    under `fullgraph=True` the error says what to do (`docs/examples.md`).
 
     Args:
         model: Maps `inputs` `(B, *)` to logits `(B, N)` (or to an output holding them, see
@@ -214,6 +228,12 @@ def gq_loss(
             Hugging Face convention unnamed: the `"logits"` key of a Mapping, or the tensor
             attribute `logits` (`ModelOutput`). The model stays a module, so its mode, device
             placement and `method="recompute"` keep working.
+        autocast: `True` (default): GQ's own forward and backward passes run under the
+            caller's `torch.autocast`, if any (fast; under bf16 the GQ *gradient* is some 10-40 %
+            off float64, the value within about 1 %: `docs/benchmarks.md`, "Precision under
+            autocast"). `False`: they run with autocast disabled, in the model's own dtype
+            (float32 for float32 weights), while the rest of the step stays under autocast;
+            the logits of `return_logits` are then that float32 forward's.
 
     Returns:
         `(B,)` or `()`, float32 or wider (float32 for a bf16 or fp16 model); `(loss, logits)`
@@ -224,8 +244,10 @@ def gq_loss(
             `(B, N)` with `N >= 2`, `N = 2` with the paper formulation on softmax,
             `reduction="none"` in training under FSDP2 or with float16 weights, or a
             DistributedDataParallel model built with `static_graph=True`.
-        TypeError: Bad `inputs`/`targets`/`output` types, or a model output with no logits
-            found (the message shows `output=`).
+        TypeError: Bad `inputs`/`targets`/`output`/`autocast` types, a model output with no
+            logits found (the message shows `output=`), a Lightning Fabric-wrapped model (the
+            message gives the pattern that works), or `method` `"recompute"`/`"jacrev"` with
+            `nn.DataParallel`.
         RuntimeError: A model with an operation that has no second derivative, with
             reentrant checkpointing, or one that sets `requires_grad` on a tensor computed from
             its inputs (Hugging Face audio models in train mode); a float16 model whose GQ value
@@ -258,7 +280,13 @@ def gq_loss(
         output,
     )
     _check_generator(generator, estimator)
-    with autograd_enabled() as tracking, full_parameters(model) as fsdp:
+    if not isinstance(autocast, bool):
+        raise TypeError(f"`autocast` must be True or False, got {autocast!r}")
+    with (
+        autograd_enabled() as tracking,
+        full_parameters(model) as fsdp,
+        contextlib.nullcontext() if autocast else autocast_disabled(),
+    ):
         if fsdp is not None and tracking and reduction == "none":
             raise ValueError(
                 "reduction='none' cannot be trained under FSDP2 (fully_shard): GQ hands FSDP its "
@@ -345,6 +373,8 @@ class GQLoss(nn.Module):
         output: Names the logits in the model's output (a key, an attribute, an index or a
             callable; see [`gq_loss`][gq_loss.gq_loss]); `None` reads the Hugging Face
             `logits` field unnamed.
+        autocast: `False` runs GQ's own passes with autocast disabled (float32 for float32
+            weights) inside the caller's autocast region (see [`gq_loss`][gq_loss.gq_loss]).
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -369,6 +399,7 @@ class GQLoss(nn.Module):
         chunk_size: int | None = None,
         eps: float = 1e-12,
         output: OutputSpec | None = None,
+        autocast: bool = True,
     ) -> None:
         """Validates and stores the settings (see the class docstring for each argument).
 
@@ -391,6 +422,8 @@ class GQLoss(nn.Module):
             output,
         )
         resolve_method(method, chunk_size, nn.Identity())
+        if not isinstance(autocast, bool):
+            raise TypeError(f"`autocast` must be True or False, got {autocast!r}")
         self.temperature = temperature
         self.p = p
         self.operand = operand
@@ -402,6 +435,7 @@ class GQLoss(nn.Module):
         self.chunk_size = chunk_size
         self.eps = eps
         self.output = output
+        self.autocast = autocast
 
     @overload
     def forward(
@@ -484,6 +518,7 @@ class GQLoss(nn.Module):
             generator=generator,
             return_logits=return_logits,
             output=self.output,
+            autocast=self.autocast,
         )
 
     def extra_repr(self) -> str:
@@ -502,6 +537,7 @@ _SETTINGS = (
     "chunk_size",
     "eps",
     "output",
+    "autocast",
 )
 
 

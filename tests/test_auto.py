@@ -128,11 +128,9 @@ def test_deterministic_algorithms_make_auto_loop_without_timing(
     assert "use_deterministic_algorithms" in choice.excluded["jacrev"]
 
 
-def test_bf16_autocast_with_batchnorm_never_takes_the_failing_jacrev(
-    ranking: Callable[..., list[str]],
-) -> None:
-    # torch 2.13's vmapped BatchNorm backward rejects CPU autocast's mixed dtypes: jacrev fails
-    # in the probe and is left out; the user sees no error.
+def test_bf16_autocast_with_batchnorm_can_take_jacrev(ranking: Callable[..., list[str]]) -> None:
+    # torch 2.13's vmapped BatchNorm backward rejects CPU autocast's mixed dtypes; jacrev runs
+    # its pullback one class at a time there, so auto may take it (it used to fail in the probe).
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Flat(), nn.Linear(64, 5)).eval()
     x, y = torch.rand(3, 3, 6, 6), torch.tensor([0, 4, 2])
@@ -141,10 +139,8 @@ def test_bf16_autocast_with_batchnorm_never_takes_the_failing_jacrev(
         got = gq_loss(model, x, y)
         want = gq_loss(model, x, y, method="loop")
     choice = auto_choice(model)
-    assert choice is not None and choice.method == "loop"
-    reason = choice.excluded["jacrev"]
-    assert reason.startswith("failed: RuntimeError") and "method='jacrev' could not run" in reason
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert choice is not None and choice.method == "jacrev" and not choice.excluded
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
 
 
 class Checkpointed(nn.Module):

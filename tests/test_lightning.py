@@ -7,6 +7,7 @@ checks the two entry points where that matters: GQ logged during validation and 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -126,3 +127,37 @@ def test_fit_validate_and_predict_with_gq_and_odin(tmp_path: object) -> None:
     assert torch.equal(predictions, module.detector.predict(x_pred))
     assert predictions.shape == (16,)
     assert bool(((predictions == -1) | ((predictions >= 0) & (predictions < NUM_CLASSES))).all())
+
+
+@pytest.mark.parametrize("method", ["auto", "loop", "recompute", "batched", "jacrev"])
+def test_fabric_bf16_mixed_refuses_the_wrapped_model_and_its_pattern_works(method: str) -> None:
+    from lightning.fabric import Fabric
+
+    from gq_loss import gq_loss
+    from gq_loss.kernels import auto_choice
+
+    fabric = Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
+    torch.manual_seed(0)
+    model = _net()
+    reference = copy.deepcopy(model)
+    wrapped, _ = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.rand(8, 3, 6, 6), torch.arange(8) % NUM_CLASSES
+    # Fabric's outputs refuse every backward but fabric.backward(loss): refused, with the pattern
+    with pytest.raises(TypeError, match=r"(?s)Fabric.*`\.module` inside `fabric\.autocast\(\)`"):
+        gq_loss(wrapped, x, y, method=method)
+    # the pattern: the module inside fabric.autocast(), then fabric.backward
+    with fabric.autocast():
+        gq, logits = gq_loss(wrapped.module, x, y, method=method, return_logits=True)
+    assert logits.dtype == torch.bfloat16  # Fabric's precision reached GQ's forward
+    fabric.backward(F.cross_entropy(logits, y) + gq)
+    # the same step as plain torch bf16 autocast, by the same method (auto: the one it chose;
+    # two methods add bf16 terms in different orders)
+    chosen = auto_choice(model)
+    same = chosen.method if method == "auto" and chosen is not None else method
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_logits = gq_loss(reference, x, y, method=same, return_logits=True)
+    (F.cross_entropy(want_logits, y) + want).backward()
+    torch.testing.assert_close(gq, want, rtol=1e-6, atol=0)
+    for got_p, want_p in zip(model.parameters(), reference.parameters(), strict=True):
+        assert got_p.grad is not None and want_p.grad is not None
+        torch.testing.assert_close(got_p.grad, want_p.grad, rtol=1e-5, atol=1e-7)
