@@ -180,7 +180,9 @@ def gq_loss(
     GQ's own forward passes run PyTorch's attention on its math backend and compiled code
     eagerly, since the fused attention kernels and compiled graphs have no second derivative
     (on CUDA this makes GQ's passes slower and larger than a flash-attention forward; the
-    caller's other forward passes are not affected). `docs/math.md` has the details. In a
+    caller's forward passes before and after the call are not affected, but the switch is
+    process-wide while the call runs: other threads' attention runs on the math backend too,
+    docs/models.md "Known limits"). `docs/math.md` has the details. In a
     `torch.compile`d training step, `gq_loss` (and `GQLoss`) is a graph break that runs eagerly;
     under `fullgraph=True` the error says what to do (`docs/examples.md`).
 
