@@ -155,21 +155,21 @@ def gq_loss(
 
     Choosing λ in `cross_entropy + λ · gq_loss(...)`: measured on CIFAR-10 (small CNN,
     fine-tuning from the same CE weights, seed-paired; `docs/reproduction.md`), the paper's
-    λ = 1e-6 (and anything up to 1e-3) changes nothing, λ = 1 raised ODIN's AUROC by about half a
-    point after 20 steps at unchanged accuracy and not measurably after 80 or 320 steps,
-    λ = 10 cost about 13 points of accuracy, and λ < 0 made detection worse. Plain CE with
-    ODIN was the better buy there (CE trained for the same compute gave more accuracy and no
-    worse detection); if you train with GQ, use λ = 1 with `estimator="sampled", num_sampled=1`,
-    and expect little. Never train on
-    GQ alone: without cross-entropy, one epoch took the accuracy from 72 % to 5 %
-    (Eq. 7 is smallest when the true class gets little probability). Training from scratch
-    with λ = 1 (5 epochs, five seeds) cost 2.5 points of accuracy for no detection gain
-    (ODIN AUROC +0.2 ± 1.8 points). An exact step
-    costs 9-25 cross-entropy steps at N = 10 classes on the CPU models measured, whatever λ is
-    (`docs/benchmarks.md`, "Cost in CE steps");
-    `estimator="sampled", num_sampled=1` costs about a quarter of that (6.3 against 24.5 CE
-    steps, measured side by side), with an effect on ODIN's AUROC the study could not tell apart
-    from exact GQ's (three seeds).
+    λ = 1e-6 (and anything up to 1e-3) changed nothing in an earlier tiny-CNN study (its JSON is
+    not committed, so this is not reproducible from the repository), λ = 1 raised ODIN's AUROC
+    by about half a point after 20 steps at unchanged accuracy and not measurably after 80 or
+    320 steps, λ = 10 cost about 13 points of accuracy, and λ < 0 made detection worse. Plain CE
+    with ODIN was the better buy there (CE trained for the same compute gave more accuracy and
+    an ODIN FPR95 6.5 ± 3.7 points lower); if you train with GQ, use λ = 1 with
+    `estimator="sampled", num_sampled=1`, and expect little. Never train on GQ alone: without
+    cross-entropy, one epoch (Eq. 7, sampled with K = 1) took the accuracy from 72 % to 5 %
+    (Eq. 7 is smallest when the true class gets little probability). Training from scratch with
+    λ = 1 (5 epochs, five seeds) cost 2.5 points of accuracy for no detection gain (ODIN AUROC
+    +0.2 ± 1.8 points, not distinguishable from zero). An exact step costs 9-25 cross-entropy
+    steps at N = 10 classes on the CPU models measured, whatever λ is (`docs/benchmarks.md`,
+    "Cost in CE steps"); `estimator="sampled", num_sampled=1` costs about a quarter of that (6.3
+    against 24.5 CE steps, measured side by side), with an effect on ODIN's AUROC the study
+    could not tell apart from exact GQ's (three seeds).
 
     Under `torch.no_grad()` or `torch.inference_mode()` (validation loops) the *value* is
     computed: gradients are switched on locally for the input gradient, no double-backward graph
@@ -354,9 +354,9 @@ class GQLoss(nn.Module):
     `state_dict`. The settings are plain attributes (`criterion.temperature`, ...), validated
     when the module is built and again on every call. `GQLoss()` computes the exact Eq. 7, the
     quantity it names; the study's advice for training with GQ is
-    `GQLoss(estimator="sampled", num_sampled=1)` with λ = 1, not the paper's 1e-6 (a measured
-    no-op), and on its baseline plain CE with ODIN was the better buy: see "Choosing λ" in
-    [`gq_loss`][gq_loss.gq_loss].
+    `GQLoss(estimator="sampled", num_sampled=1)` with λ = 1, not the paper's 1e-6 (a no-op in an
+    earlier study whose JSON is not committed), and on its baseline plain CE with ODIN was the
+    better buy: see "Choosing λ" in [`gq_loss`][gq_loss.gq_loss].
 
     Args:
         temperature: $T > 0$ of the softmax scores.

@@ -191,6 +191,10 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     assert "## Which should I use?" in report and "| gq_reversed | 20 | ce | 2 |" in report
     for section in ("Does the effect grow", "The same compute", "The cheap estimator"):
         assert section in report
+    # the equal-compute table mixes spreads: absolute rows are std, the difference a t interval
+    compute = report.split("## The same compute")[1].split("\n## ")[0]
+    assert "mean ± std over seeds" in compute and "(mean ± std) |" in compute
+    assert "(paired, 2 seeds, 95 % t interval) |" in compute
     assert "| gq_1_s320 | 320 | ce_s320 | 2 |" in report
     assert "| scratch_gq_1_k1 | 1950 | pretrained | 2 |" in report
     # GQ alone: no CE term, and its control is the evaluation of the weights it started from

@@ -13,6 +13,9 @@ from .arms import ARMS, CONTROLS, DOSE_STEPS, EQUAL_COMPUTE, FEW_SEED_ARMS
 from .datasets import NOISE_SETS
 from .evaluate import DETECTION_METHODS, EPS_ODIN, T_ODIN
 
+# Where the headline mean is defined: what its photos set is, and how much of the mean it is.
+PHOTOS_NOTE = "; photos: {n} crops of scikit-learn's two sample photographs, a third of the mean"
+
 
 def t_critical(df: int) -> float:
     """Two-sided 95 % Student t quantile (scipy if installed, else a table)."""
@@ -107,7 +110,8 @@ def report(
         f"ODIN T = {T_ODIN:g}, eps = {EPS_ODIN:g}. Accuracy on the 10,000 test images; detection: "
         f"the first {st['id_eval_size']} test images against "
         f"{st['ood_size']} images per set. Headline mean over the real-image sets "
-        f"({', '.join(real)}); noise sets only in their own columns. Differences are arm − "
+        f"({', '.join(real)}{PHOTOS_NOTE.format(n=st['ood_size']) if 'photos' in real else ''}); noise sets only in their "
+        "own columns. Differences are arm − "
         "control per seed, in points: mean ± half-width of the 95 % t interval over seeds. "
         "The control is CE of the same length (for a longer CE arm, the 20-step CE); for the "
         "arms from scratch, the CE pre-training; for `gq_only_*`, the weights it started from.",
@@ -287,7 +291,9 @@ def equal_compute(runs: dict, real: list[str], head: dict) -> list[str]:
         return []
     lines = ["", "## The same compute: GQ, or CE for longer?", "",
              f"`{gq}` and `{ce_long}`, paired over seeds; compute in CE steps "
-             "(steps × measured cost of a step).", "",
+             "(steps × measured cost of a step). The arms' rows are mean ± std over seeds, %; "
+             "the last row is the paired difference, points: mean ± half-width of the 95 % "
+             "t interval.", "",
              "| arm | steps | compute (CE steps) | ODIN AUROC | ODIN FPR95 | ID accuracy |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     seeds = sorted(set(runs[gq]) & set(runs[ce_long]))
@@ -297,11 +303,13 @@ def equal_compute(runs: dict, real: list[str], head: dict) -> list[str]:
         if set(seeds) <= set(runs.get(name, {})):
             cells = [ms([f(runs[name][s]) for s in seeds]) for f in fns]
             h = head[name]
-            lines.append(f"| {name} | {h['steps']} | {h['steps'] * h['cost']:,.0f} | "
+            lines.append(f"| {name} (mean ± std) | {h['steps']} | {h['steps'] * h['cost']:,.0f} | "
                          + " | ".join(cells) + " |")  # fmt: skip
     diffs = [fmt_ci(*compare(runs, gq, f, ce_long)[1]) for f in fns]
     lines.append(
-        f"| {gq} − {ce_long} ({len(seeds)} seeds, paired) | | | " + " | ".join(diffs) + " |"
+        f"| {gq} − {ce_long} (paired, {len(seeds)} seeds, 95 % t interval) | | | "
+        + " | ".join(diffs)
+        + " |"
     )
     return lines
 
