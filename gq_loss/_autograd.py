@@ -242,21 +242,28 @@ def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) ->
         raise
 
 
-def graph_leaves(graph: Tensor) -> set[int]:
-    """Ids of the leaf tensors (parameters, inputs) that `graph`'s autograd graph reaches."""
-    found: set[int] = set()
-    stack = [graph.grad_fn]
+def graph_nodes(graph: Tensor | None) -> list[Any]:
+    """Every node of `graph`'s autograd graph once, depth-first from its `grad_fn` (the root
+    first)."""
+    nodes: list[Any] = []
+    if graph is None or graph.grad_fn is None:
+        return nodes
     seen: set[Any] = set()
+    stack: list[Any] = [graph.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad
-        if leaf is not None:
-            found.add(id(leaf))
+        nodes.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+    return nodes
+
+
+def graph_leaves(graph: Tensor) -> set[int]:
+    """Ids of the leaf tensors (parameters, inputs) that `graph`'s autograd graph reaches."""
+    leaves = (getattr(node, "variable", None) for node in graph_nodes(graph))  # AccumulateGrad
+    return {id(leaf) for leaf in leaves if leaf is not None}
 
 
 def once_differentiable_functions(graph: Tensor | None, x: Tensor | None) -> list[str]:
@@ -268,18 +275,7 @@ def once_differentiable_functions(graph: Tensor | None, x: Tensor | None) -> lis
     straight-through estimator on the weights, say) is reached by the parameter gradient only,
     once, as in any training step. Without `x` every marked Function in the graph is named.
     """
-    if graph is None or graph.grad_fn is None:
-        return []
-    nodes: list[Any] = []  # every node once, parents before children
-    seen: set[Any] = set()
-    stack: list[Any] = [graph.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+    nodes = graph_nodes(graph)
     marked = [node for node in nodes if _is_once_differentiable(node)]
     if marked and x is not None:
         reaches = _nodes_reaching(nodes, x)
@@ -332,19 +328,8 @@ def torchscript_nodes(graph: Tensor | None) -> list[str]:
     `DifferentiableGraphBackward` node: `vmap` and `torch.func` cannot see into it, so the
     vmapped methods would come back with a wrong parameter gradient or none.
     """
-    found: list[str] = []
-    stack = [graph.grad_fn] if graph is not None else []
-    seen: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        name = node.name()
-        if "torch::jit::" in name and name not in found:
-            found.append(name)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+    names = (node.name() for node in graph_nodes(graph))
+    return list(dict.fromkeys(name for name in names if "torch::jit::" in name))
 
 
 # Models (by identity) whose second derivative `check_second_order` has taken, with weak
