@@ -271,7 +271,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
                     lr=args.ft_lr, schedule="cosine", seed=10_000 + seed,
                     batch_size=args.batch_size, desc=f"{name} seed {seed}",
                     show_progress=args.progress, checkpoint=checkpoint,
-                    precision=args.precision)  # fmt: skip
+                    precision=arm.precision or args.precision)  # fmt: skip
     seconds = sum(r["seconds"] for r in log)
     extra = {}
     if CONTROLS[name] == "pretrained" and not arm.from_scratch:
@@ -279,8 +279,8 @@ def run_one(args: argparse.Namespace, name: str, seed: int, data: StudyData) -> 
         # machine's pre-training differs from the stored one
         extra["start"] = evaluate(base, data, args.id_eval_size)
     return evaluate(model, data, args.id_eval_size) | extra | {
-        "arm": name, "seed": seed, "model": args.arch, "precision": args.precision,
-        **asdict(arm), "steps": steps, "train_log": log,
+        "arm": name, "seed": seed, "model": args.arch, **asdict(arm),
+        "precision": arm.precision or args.precision, "steps": steps, "train_log": log,
         "seconds_per_step": seconds / steps, "train_seconds": seconds,
         "settings": settings(args), "pretrain": {"seconds": pre_info["seconds"],
                                                  "reproduced": pre_info.get("reproduced")},
