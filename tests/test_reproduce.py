@@ -128,6 +128,35 @@ def test_report_covers_arms_without_a_ce_run(study: Any) -> None:
     assert "| scratch_gq_1_k1 | 2 | +7.5 ± " in text.split("per OOD set")[1]
 
 
+def test_report_checks_precision_and_shows_noise_and_tuned_odin(study: Any) -> None:
+    def run(auroc: float, noise: float, tuned: float, acc: float) -> dict:
+        sets = {"MNIST": auroc, "uniform": noise}
+        ood = {s: {m: {"auroc": a, "fpr95": 1 - a} for m in ("ODIN", "MSP", "energy")}
+               for s, a in sets.items()}  # fmt: skip
+        odin_tuned = {"temperature": 100.0, "epsilon": 0.002,
+                      "ood": {s: {"auroc": tuned, "fpr95": 1 - tuned} for s in sets}}  # fmt: skip
+        settings = {"arch": "fast_cnn", "pretrain_epochs": 1, "pretrain_lr": 0.1, "ft_lr": 0.02,
+                    "batch_size": 32, "id_eval_size": 64, "ood_size": 32, "threads": 1,
+                    "torch": "x", "precision": "bf16"}  # fmt: skip
+        return {"accuracy": acc, "ood": ood, "odin_tuned": odin_tuned, "settings": settings,
+                "seconds_per_step": 1.0, "train_log": [{"seconds": 60.0}]}  # fmt: skip
+
+    runs = {
+        "ce_s80": {0: run(0.90, 0.80, 0.91, 0.9), 1: run(0.92, 0.84, 0.93, 0.9)},
+        "gq_1_k1_s80": {0: run(0.91, 0.90, 0.95, 0.8), 1: run(0.93, 0.94, 0.97, 0.9)},
+        "gq_1_k1_s80_float32": {0: run(0.95, 0.90, 0.95, 0.8), 1: run(0.97, 0.94, 0.97, 0.9)},
+    }
+    text, _ = study.report.report(runs)
+    precision = text.split("## Precision check")[1].split("##")[0]
+    assert "| gq_1_k1_s80 | bf16 | 2 | +1.0 ± 0.0 |" in precision
+    assert "| gq_1_k1_s80_float32 | float32 | 2 | +5.0 ± 0.0 |" in precision
+    assert "| gq_1_k1_s80_float32 − gq_1_k1_s80 (paired) | | 2 | +4.0 ± 0.0 |" in precision
+    noise = text.split("## The noise sets")[1]
+    # real mean +1, all sets (MNIST, uniform) mean (+1 + 10) / 2, tuned +4
+    assert "| gq_1_k1_s80 | 2 | +1.0 ± 0.0 | +5.5 ± 0.0 | +4.0 ± 0.0 | -4.0 ± 0.0 |" in noise
+    assert "(100, 0.002)" in noise
+
+
 def test_grid_order_and_controls(study: Any) -> None:
     args = study.cli.parse_args(["--seeds", "0", "1", "--few-seeds", "1",
                                  "--arms", "gq_1_s80", "gq_1_k1", "ce_s80"])  # fmt: skip
@@ -148,6 +177,7 @@ def test_grid_order_and_controls(study: Any) -> None:
     arms = study.arms.ARMS  # the value of a non-zero λ does not change the cost of a step
     assert arms["scratch_gq_0.1_k1"].loss == arms["scratch_gq_1_k1"].loss == arms["gq_1_k1"]
     assert arms["gq_10"].loss == arms["gq_1"].loss != arms["ce"].loss
+    assert arms["gq_1_k1_s80_float32"].loss != arms["gq_1_k1_s80"].loss == arms["gq_1_k1"].loss
 
 
 def study_arms() -> list[str]:
@@ -170,7 +200,8 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     arms = ("ce", "gq_0.1", "gq_1", "gq_10", "gq_reversed", "logitnorm", "reference_1",
             "ce_s80", "gq_1_s80", "ce_s320", "gq_1_s320", "ce_s1600",
             "gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320", "scratch_gq_1_k1",
-            "scratch_gq_0.1_k1", "scratch_gq_1", "gq_only_k1_s390", "reference_only_s390")  # fmt: skip
+            "scratch_gq_0.1_k1", "scratch_gq_1", "gq_only_k1_s390", "reference_only_s390",
+            "gq_0.1_k1_s80", "gq_1_k1_s80", "gq_3_k1_s80", "gq_1_k1_s80_float32")  # fmt: skip
     assert set(arms) == set(study_arms())
     for arm in (*arms, "pretrained"):
         for seed in (0, 1):
@@ -184,6 +215,8 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
     assert sum(r["steps"] for r in long["train_log"]) == 40 and len(long["train_log"]) == 5
     k1 = json.loads((res / "gq_1_k1_s320" / "seed1.json").read_text())
     assert (k1["estimator"], k1["num_sampled"], k1["steps"]) == ("sampled", 1, 8)  # 320 / 40
+    twin = json.loads((res / "gq_1_k1_s80_float32" / "seed0.json").read_text())
+    assert twin["precision"] == "float32"
     # from scratch: the pre-training's recipe (1 epoch of 256 images in batches of 32), with GQ
     scratch = json.loads((res / "scratch_gq_1_k1" / "seed0.json").read_text())
     assert scratch["steps"] == 8 and scratch["train_log"][0]["train_gq"] > 0
@@ -239,7 +272,7 @@ def test_smoke_grid_of_the_fast_network(tmp_path: Path) -> None:
     by the study's loop, and ODIN also tuned on the validation pair."""
     res = tmp_path / "res"
     args = [sys.executable, str(SCRIPT), "--smoke", "--arch", "fast_cnn", "--no-progress",
-            "--arms", "ce", "scratch_gq_1_k1", "--seeds", "0",
+            "--arms", "ce", "scratch_gq_1_k1", "gq_1_k1_s80_float32", "--seeds", "0",
             "--results-dir", str(res), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
@@ -253,6 +286,8 @@ def test_smoke_grid_of_the_fast_network(tmp_path: Path) -> None:
         assert set(tuned["ood"]) == set(run["ood"])
     scratch = json.loads((res / "scratch_gq_1_k1" / "seed0.json").read_text())
     assert scratch["estimator"] == "sampled" and scratch["lam"] == 1.0
+    twin = json.loads((res / "gq_1_k1_s80_float32" / "seed0.json").read_text())  # the override
+    assert (twin["precision"], twin["settings"]["precision"]) == ("float32", "bf16")
     # a pre-training evaluated without the tuned rows gets them from its cached weights
     path = res / "pretrained" / "seed0.json"
     run = json.loads(path.read_text())

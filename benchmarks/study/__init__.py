@@ -24,7 +24,10 @@ Arms (20 steps unless the name says ``_s<steps>``):
   lambda * GQ from random weights, with the pre-training's recipe, seed and batches; control:
   the CE pre-training), and ``gq_only_k1_s390`` (the GQ term alone, no CE, for one epoch from
   the CE weights; control: those weights, evaluated in the same run), and
-  ``reference_only_s390`` (the same with the authors' formulation, what their code computes).
+  ``reference_only_s390`` (the same with the authors' formulation, what their code computes);
+- ``fast_cnn``'s fine-tuning: ``gq_0.1_k1_s80``, ``gq_1_k1_s80``, ``gq_3_k1_s80`` (sampled K = 1
+  at three λ, against ``ce_s80``) and ``gq_1_k1_s80_float32``, the λ = 1 arm with GQ and CE in
+  float32 beside its bf16 twin (an arm's ``precision`` overrides ``--precision``).
 
 Every run writes a checkpoint after each epoch (under ``--cache-dir``) and resumes from it when
 the grid is started again, with the numbers of an uninterrupted run; its JSON lists the epochs

@@ -24,7 +24,7 @@ class Arm:
         """The same computation at the default length: arms that share it share one step cost
         (which does not depend on the value of a non-zero λ)."""
         return Arm(self.base, float(self.lam != 0), self.formulation, self.estimator,
-                   self.num_sampled)  # fmt: skip
+                   self.num_sampled, precision=self.precision)  # fmt: skip
 
 
 ARMS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -151,6 +152,7 @@ def report(
 
     lines += dose_response(runs, real, head) + equal_compute(runs, real, head)
     lines += cheap_estimator(runs, real, head) + paper_regimes(runs, real, head)
+    lines += precision_check(runs, real, head) + noise_and_tuned(runs, real, sets, head)
 
     lines += ["", "## Paired differences from the control (real-image mean), points", "",
               "| arm | control | seeds | Δ ID acc. | Δ ODIN AUROC | Δ ODIN FPR95 | Δ MSP AUROC | "
@@ -340,3 +342,68 @@ def cheap_estimator(runs: dict, real: list[str], head: dict) -> list[str]:
                      f"{fmt_ci(*h['auroc'])} | {fmt_ci(*exact_delta)} | {fmt_ci(*gap)} | "
                      f"{fmt_ci(*h['accuracy'])} |")  # fmt: skip
     return lines if found else []
+
+
+def tuned(run: dict, key: str, sets: list[str]) -> float:
+    """ODIN with the run's validation-tuned ``(T, eps)``: ``key`` averaged over ``sets``."""
+    return float(np.mean([run["odin_tuned"]["ood"][s][key] for s in sets]))
+
+
+def precision_check(runs: dict, real: list[str], head: dict) -> list[str]:
+    """Each float32 twin (``Arm.precision``) next to its bf16 arm: both against their control,
+    and twin − bf16 paired, so an effect that bf16's imprecise GQ gradient made shows."""
+    lines = ["", "## Precision check: the same arm with GQ and CE in float32", "",
+             "Both arms start from the same bf16-pre-trained weights and see the same batches "
+             "and draws; Δ against CE of the same length (bf16), and float32 − bf16 paired, "
+             "points.", "",
+             "| arm | precision | seeds | Δ ODIN AUROC | Δ ODIN FPR95 | Δ ID accuracy |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    found = False
+    for twin, arm in ARMS.items():
+        bf16 = next((n for n, a in ARMS.items() if a == replace(arm, precision=None)), None)
+        if arm.precision is None or bf16 is None or not head.get(twin, {}).get("seeds"):
+            continue
+        found = True
+        for name in (bf16, twin):
+            h = head.get(name)
+            if h and h["seeds"]:
+                lines.append(f"| {name} | {arm.precision if name == twin else 'bf16'} | "
+                             f"{len(h['seeds'])} | {fmt_ci(*h['auroc'])} | {fmt_ci(*h['fpr95'])} "
+                             f"| {fmt_ci(*h['accuracy'])} |")  # fmt: skip
+        fns = (lambda r: odin_auroc(r, real), lambda r: metric(r, "ODIN", "fpr95", real),
+               lambda r: r["accuracy"])  # fmt: skip
+        seeds, _ = compare(runs, twin, fns[0], bf16)
+        cells = [fmt_ci(*compare(runs, twin, f, bf16)[1]) for f in fns]
+        lines.append(f"| {twin} − {bf16} (paired) | | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines if found else []
+
+
+def noise_and_tuned(runs: dict, real: list[str], sets: list[str], head: dict) -> list[str]:
+    """Every arm's Δ on the real-image mean next to the mean with the noise sets, and with ODIN's
+    ``(T, eps)`` tuned on the validation pair (the same protocol for every arm and control)."""
+    names = [n for n in ARMS if n != "ce" and head.get(n, {}).get("seeds")]
+    has_tuned = all("odin_tuned" in runs[n][s] for n in names for s in head[n]["seeds"])
+    if not names:
+        return []
+    lines = ["", "## The noise sets, and ODIN tuned on validation data", "",
+             "Δ ODIN AUROC against the control on the real-image mean, and on the mean over "
+             "every set including the noise sets"
+             + ("; then ODIN with (T, ε) tuned per run by the lowest FPR95 on the validation "
+                "pair (the last 500 test images, never scored for detection, against "
+                "jigsaw-shuffled copies of them), real-image mean" if has_tuned else "")
+             + ". Points, mean ± half-width of the 95 % t interval.", "",
+             "| arm | seeds | Δ ODIN AUROC, real | Δ ODIN AUROC, all sets"
+             + (" | Δ tuned ODIN AUROC | Δ tuned ODIN FPR95 |" if has_tuned else " |"),
+             "|---|---|---|---|" + ("---|---|" if has_tuned else "")]  # fmt: skip
+    fns = [lambda r: odin_auroc(r, real), lambda r: metric(r, "ODIN", "auroc", sets)]
+    if has_tuned:
+        fns += [lambda r: tuned(r, "auroc", real), lambda r: tuned(r, "fpr95", real)]
+    for name in names:
+        cells = [fmt_ci(*compare(runs, name, f)[1]) for f in fns]
+        lines.append(f"| {name} | {len(head[name]['seeds'])} | " + " | ".join(cells) + " |")
+    if has_tuned:
+        chosen = sorted({(r["odin_tuned"]["temperature"], r["odin_tuned"]["epsilon"])
+                         for arm in runs.values() for r in arm.values() if "odin_tuned" in r})  # fmt: skip
+        lines += ["", "(T, ε) chosen by the validation pair in these runs: "
+                  + ", ".join(f"({t:g}, {e:g})" for t, e in chosen) + "."]  # fmt: skip
+    return lines
