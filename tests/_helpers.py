@@ -1,0 +1,25 @@
+"""Small helpers shared by the loss-side tests: parameter gradients, read with plain autograd.
+
+No code shared with the package (the float64 references are in `_oracles`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def grads(model: nn.Module, value: Tensor, weights: Tensor | None = None) -> list[Tensor]:
+    """Parameter gradient of ``value`` (weighted sum when it is a vector); zeros where unused."""
+    params = list(model.parameters())
+    total = value.sum() if weights is None else (value * weights).sum()
+    if not total.requires_grad:
+        return [torch.zeros_like(q) for q in params]
+    out = torch.autograd.grad(total, params, allow_unused=True)
+    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, out, strict=True)]
+
+
+def named_grads(model: nn.Module, value: Tensor) -> dict[str, Tensor]:
+    """Parameter gradient of the scalar ``value``, by parameter name."""
+    names, params = zip(*model.named_parameters(), strict=True)
+    return dict(zip(names, torch.autograd.grad(value, params), strict=True))
