@@ -126,6 +126,17 @@ def brute_gq(
     return torch.stack(out) if out else n.new_zeros(0)
 
 
+def low_precision_norms(model: Model, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The model's own ``dtype`` input gradient of each softmax column, its L1 norm in float64."""
+    xl = x.to(dtype).requires_grad_(True)
+    op = model(xl).float().softmax(dim=1)
+    cols = [
+        torch.autograd.grad(op[:, j].sum(), xl, retain_graph=True)[0].double().abs().flatten(1)
+        for j in range(op.shape[1])
+    ]
+    return torch.stack([c.sum(1) for c in cols], dim=1)
+
+
 def reference_formulation(
     model: Model,
     x: Tensor,

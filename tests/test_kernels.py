@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import grads, named_grads
+from _helpers import compare, grads, named_grads
 from _oracles import (
     F64,
     HYPO,
@@ -28,6 +28,7 @@ from _oracles import (
     brute_norms,
     buffers,
     input_shape,
+    low_precision_norms,
     make_model,
 )
 from hypothesis import given
@@ -51,22 +52,6 @@ def test_variants_cover_every_method() -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def param_grads(model: nn.Module, out: Tensor, weights: Tensor) -> list[Tensor]:
-    """d/dtheta sum(weights * out); zeros where a parameter is not reached."""
-    params = list(model.parameters())
-    if not out.requires_grad:
-        return [torch.zeros_like(q) for q in params]
-    grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
-    return [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads, strict=True)]
-
-
-def compare(errors: list[str], label: str, got: object, want: object, rtol: float = 1e-8) -> None:
-    try:
-        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-10)
-    except AssertionError as err:
-        errors.append(f"{label}: {str(err).splitlines()[0:6]}")
-
-
 def check_parity(
     model: nn.Module,
     x: Tensor,
@@ -83,7 +68,7 @@ def check_parity(
     want_full = oracle(model, x, operand, temperature, p)
     want = want_full if classes is None else want_full.gather(1, classes)
     weights = torch.rand(want.shape, dtype=F64) + 0.5
-    want_grads = param_grads(model, want, weights)
+    want_grads = grads(model, want, weights)
     errors: list[str] = []
     for method, chunk in VARIANTS:
         if seed is not None:
@@ -102,7 +87,7 @@ def check_parity(
         torch.rand(7)  # consume RNG between the call and its backward (recompute must replay)
         label = f"{method}/{chunk} {operand} p={p} T={temperature}"
         compare(errors, label + " value", got, want)
-        compare(errors, label + " grad", param_grads(model, got, weights), want_grads)
+        compare(errors, label + " grad", grads(model, got, weights), want_grads)
     return errors
 
 
@@ -233,7 +218,7 @@ def test_train_batchnorm_batch_sum_and_running_stats(operand: str) -> None:
     oracle_model = copy.deepcopy(base)
     want = batch_sum_norms(oracle_model, x, operand, 1.3, 1)
     weights = torch.rand(want.shape, dtype=F64) + 0.5
-    want_grads = param_grads(oracle_model, want, weights)
+    want_grads = grads(oracle_model, want, weights)
     # The batch-sum definition really differs from per-sample derivatives here.
     per_sample = brute_norms(copy.deepcopy(base).eval(), x, operand, 1.3, 1)
     assert not torch.allclose(want, per_sample, rtol=1e-3)
@@ -251,7 +236,7 @@ def test_train_batchnorm_batch_sum_and_running_stats(operand: str) -> None:
         )
         label = f"{method}/{chunk}"
         compare(errors, label + " value", got, want)
-        compare(errors, label + " grad", param_grads(model, got, weights), want_grads)
+        compare(errors, label + " grad", grads(model, got, weights), want_grads)
         compare(errors, label + " running stats", buffers(model), expected_stats, rtol=0)
         # backward() (the training-step path) must not update the statistics again either.
         model2 = copy.deepcopy(base)
@@ -398,17 +383,6 @@ def test_float32_model_gives_float32_norms() -> None:
     assert got.dtype == torch.float32
     want = brute_norms(model.double(), x.double(), "softmax", 1.0, 1).detach()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
-
-
-def low_precision_norms(model: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """The model's own ``dtype`` input gradient of each softmax column, its L1 norm in float64."""
-    xl = x.to(dtype).requires_grad_(True)
-    op = model(xl).float().softmax(dim=1)
-    cols = [
-        torch.autograd.grad(op[:, j].sum(), xl, retain_graph=True)[0].double().abs().flatten(1)
-        for j in range(op.shape[1])
-    ]
-    return torch.stack([c.sum(1) for c in cols], dim=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -707,12 +681,12 @@ def test_jacrev_names_the_function_without_setup_context() -> None:
     # ...and the methods named there give the loop's values and parameter gradients.
     want = class_gradient_norms(model, x, method="loop", create_graph=True)
     weights = torch.rand(want.shape, dtype=F64)
-    want_grads = param_grads(model, want, weights)
+    want_grads = grads(model, want, weights)
     for method in ("recompute", "batched"):
         got = class_gradient_norms(model, x, method=method, create_graph=True)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         assert got.min() > 0
-        torch.testing.assert_close(param_grads(model, got, weights), want_grads)
+        torch.testing.assert_close(grads(model, got, weights), want_grads)
 
 
 def test_jacrev_keeps_other_graphs_on_the_model_valid() -> None:
@@ -762,9 +736,7 @@ def test_batched_under_cpu_bf16_autocast_equals_loop(kind: str) -> None:
         want = class_gradient_norms(model, x, method="loop", create_graph=True)
         got = class_gradient_norms(model, x, method="batched", create_graph=True)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
-    for g, w in zip(
-        param_grads(model, got, weights), param_grads(model, want, weights), strict=True
-    ):
+    for g, w in zip(grads(model, got, weights), grads(model, want, weights), strict=True):
         torch.testing.assert_close(g, w, rtol=5e-2, atol=2e-2)  # bf16: steps of 2^-7 near 1
 
 
@@ -799,12 +771,12 @@ def test_jacrev_under_cpu_autocast_with_batchnorm_equals_loop(dtype: torch.dtype
         start = copy.deepcopy(model.state_dict())
         with torch.autocast("cpu", dtype=dtype):
             want = class_gradient_norms(model, x, method="loop", create_graph=True)
-        want_grads = param_grads(model, want, weights)
+        want_grads = grads(model, want, weights)
         model.load_state_dict(start)  # the same BatchNorm statistics for both
         with torch.autocast("cpu", dtype=dtype):
             got = class_gradient_norms(model, x, method="jacrev", create_graph=True)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
-        for g, w in zip(param_grads(model, got, weights), want_grads, strict=True):
+        for g, w in zip(grads(model, got, weights), want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=2e-2, atol=1e-3)
 
 

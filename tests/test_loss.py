@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import grads, named_grads
+from _helpers import compare, grads, named_grads
 from _oracles import (
     F64,
     HYPO,
@@ -21,6 +21,7 @@ from _oracles import (
     brute_gq,
     brute_norms,
     input_shape,
+    low_precision_norms,
     make_model,
     reference_formulation,
 )
@@ -40,13 +41,6 @@ def reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if per_sample.numel() == 0:
         return per_sample.new_zeros(())
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
-
-
-def check(errors: list[str], label: str, got: Any, want: Any, rtol: float = 1e-8) -> None:
-    try:
-        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-10)
-    except AssertionError as err:
-        errors.append(f"{label}: {str(err).splitlines()[:6]}")
 
 
 # --------------------------------------------------------------------------- paper formulation
@@ -78,8 +72,8 @@ def check_paper(
             chunk_size=chunk,
         )
         label = f"{method}/{chunk} {operand} p={p} T={temperature} {reduction}"
-        check(errors, label + " value", got, want)
-        check(errors, label + " grad", grads(model, got, weights), want_grads)
+        compare(errors, label + " value", got, want)
+        compare(errors, label + " grad", grads(model, got, weights), want_grads)
     return errors
 
 
@@ -825,14 +819,14 @@ def test_output_names_the_logits(wrap: Any, output: Any) -> None:
         got, logits = gq_loss(
             model, x, y, method=method, chunk_size=chunk, output=output, return_logits=True
         )
-        check(errors, f"{method}/{chunk} value", got, want.mean())
-        check(errors, f"{method}/{chunk} grads", grads(model, got), want_grads)
-        check(errors, f"{method}/{chunk} logits", logits, model.lin(x))
+        compare(errors, f"{method}/{chunk} value", got, want.mean())
+        compare(errors, f"{method}/{chunk} grads", grads(model, got), want_grads)
+        compare(errors, f"{method}/{chunk} logits", logits, model.lin(x))
     criterion = GQLoss(reduction="none", output=output)
-    check(errors, "GQLoss", criterion(model, x, y), want)
+    compare(errors, "GQLoss", criterion(model, x, y), want)
     assert f"output={output!r}" in repr(criterion)
     norms = class_gradient_norms(model, x, output=output)
-    check(errors, "class_gradient_norms", norms, brute_norms(model.lin, x))
+    compare(errors, "class_gradient_norms", norms, brute_norms(model.lin, x))
     assert not errors, "\n".join(errors)
 
 
@@ -892,18 +886,7 @@ def test_bf16_model_gives_float32_gq() -> None:
     # Norms and GQ are accumulated in float32 for a bf16 model (they were bf16, every method).
     model = make_model("conv_bn", (2, 3, 3), 4).to(torch.bfloat16)
     x, y = torch.randn(3, 2, 3, 3), torch.tensor([3, 0, 1])
-    xl = x.to(torch.bfloat16).requires_grad_(True)
-    op = model(xl).float().softmax(dim=1)
-    norms = torch.stack(
-        [
-            torch.autograd.grad(op[:, j].sum(), xl, retain_graph=True)[0]
-            .double()
-            .abs()
-            .sum((1, 2, 3))
-            for j in range(4)
-        ],
-        dim=1,
-    )
+    norms = low_precision_norms(model, x, torch.bfloat16)
     num = norms.gather(1, y[:, None]).squeeze(1)
     want = (num / (norms.sum(1) - num)).mean()
     for method, chunk in VARIANTS:
