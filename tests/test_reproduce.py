@@ -201,7 +201,7 @@ def test_smoke_grid_writes_resumable_runs_and_report(tmp_path: Path) -> None:
             "ce_s80", "gq_1_s80", "ce_s320", "gq_1_s320", "ce_s1600",
             "gq_1_k1", "gq_1_k3", "gq_1_k1_s320", "gq_1_k3_s320", "scratch_gq_1_k1",
             "scratch_gq_0.1_k1", "scratch_gq_1", "gq_only_k1_s390", "reference_only_s390",
-            "gq_0.1_k1_s80", "gq_1_k1_s80", "gq_3_k1_s80", "gq_1_k1_s80_float32")  # fmt: skip
+            "gq_0.1_k1_s80", "gq_1_k1_s80", "gq_3_k1_s80", "gq_1_k1_s80_float32", "ce_s500")  # fmt: skip
     assert set(arms) == set(study_arms())
     for arm in (*arms, "pretrained"):
         for seed in (0, 1):

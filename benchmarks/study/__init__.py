@@ -27,7 +27,8 @@ Arms (20 steps unless the name says ``_s<steps>``):
   ``reference_only_s390`` (the same with the authors' formulation, what their code computes);
 - ``fast_cnn``'s fine-tuning: ``gq_0.1_k1_s80``, ``gq_1_k1_s80``, ``gq_3_k1_s80`` (sampled K = 1
   at three λ, against ``ce_s80``) and ``gq_1_k1_s80_float32``, the λ = 1 arm with GQ and CE in
-  float32 beside its bf16 twin (an arm's ``precision`` overrides ``--precision``).
+  float32 beside its bf16 twin (an arm's ``precision`` overrides ``--precision``), and
+  ``ce_s500``, CE given the measured compute of ``gq_1_k1_s80`` (80 steps x 6.2).
 
 Every run writes a checkpoint after each epoch (under ``--cache-dir``) and resumes from it when
 the grid is started again, with the numbers of an uninterrupted run; its JSON lists the epochs

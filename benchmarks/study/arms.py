@@ -55,6 +55,8 @@ ARMS = {
     "gq_1_k1_s80_float32": Arm(
         lam=1.0, estimator="sampled", num_sampled=1, steps=80, precision="float32"
     ),
+    # equal compute on fast_cnn: gq_1_k1_s80 costs 80 x 6.2 CE steps (step_costs.json)
+    "ce_s500": Arm(steps=500),
     # the paper's regime: from random weights, 5 epochs (its control is the CE pre-training)
     "scratch_gq_1_k1": Arm(
         lam=1.0, estimator="sampled", num_sampled=1, steps=1950, from_scratch=True
@@ -88,4 +90,4 @@ CONTROLS = {
     else f"ce_s{arm.steps}"
     for name, arm in ARMS.items()
 }
-EQUAL_COMPUTE = ("gq_1_s80", "ce_s1600")
+EQUAL_COMPUTE = (("gq_1_s80", "ce_s1600"), ("gq_1_k1_s80", "ce_s500"))  # (GQ arm, CE arm)

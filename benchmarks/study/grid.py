@@ -162,7 +162,7 @@ def measure_step_costs(args: argparse.Namespace, rounds: int = 3, steps: int = 3
             torch.manual_seed(0)
             log = train(build_model(args.arch, 10), data, arm=loss, steps=steps, lr=args.ft_lr,
                         schedule="cosine", seed=0, batch_size=args.batch_size, desc=name,
-                        show_progress=False)  # fmt: skip
+                        show_progress=False, precision=loss.precision or args.precision)  # fmt: skip
             if r:
                 times[name].append(log[0]["seconds"] / steps)
     sec = {name: float(np.median(times[losses[ARMS[name].loss]])) for name in dict.fromkeys(names)}

@@ -273,6 +273,8 @@ def dose_response(runs: dict, real: list[str], head: dict) -> list[str]:
              "| steps | seeds | Δ ODIN AUROC | Δ ODIN FPR95 | Δ ID accuracy | ODIN AUROC CE | "
              "ODIN AUROC gq_1 | accuracy CE | accuracy gq_1 |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    if not any(head.get(dose_arm("gq_1", steps), {}).get("seeds") for steps in DOSE_STEPS):
+        return []
     for steps in DOSE_STEPS:
         name, control = dose_arm("gq_1", steps), dose_arm("ce", steps)
         if not head.get(name, {}).get("seeds"):
@@ -287,32 +289,33 @@ def dose_response(runs: dict, real: list[str], head: dict) -> list[str]:
 
 
 def equal_compute(runs: dict, real: list[str], head: dict) -> list[str]:
-    """``gq_1_s80`` against CE trained for the same measured compute (``ce_s1600``)."""
-    gq, ce_long = EQUAL_COMPUTE
-    if not (head.get(gq) and head.get(ce_long)):
-        return []
-    lines = ["", "## The same compute: GQ, or CE for longer?", "",
-             f"`{gq}` and `{ce_long}`, paired over seeds; compute in CE steps "
-             "(steps × measured cost of a step). The arms' rows are mean ± std over seeds, %; "
-             "the last row is the paired difference, points: mean ± half-width of the 95 % "
-             "t interval.", "",
-             "| arm | steps | compute (CE steps) | ODIN AUROC | ODIN FPR95 | ID accuracy |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    seeds = sorted(set(runs[gq]) & set(runs[ce_long]))
-    fns = (lambda r: odin_auroc(r, real), lambda r: metric(r, "ODIN", "fpr95", real),
-           lambda r: r["accuracy"])  # fmt: skip
-    for name in ("ce_s80", gq, ce_long):
-        if set(seeds) <= set(runs.get(name, {})):
-            cells = [ms([f(runs[name][s]) for s in seeds]) for f in fns]
-            h = head[name]
-            lines.append(f"| {name} (mean ± std) | {h['steps']} | {h['steps'] * h['cost']:,.0f} | "
-                         + " | ".join(cells) + " |")  # fmt: skip
-    diffs = [fmt_ci(*compare(runs, gq, f, ce_long)[1]) for f in fns]
-    lines.append(
-        f"| {gq} − {ce_long} (paired, {len(seeds)} seeds, 95 % t interval) | | | "
-        + " | ".join(diffs)
-        + " |"
-    )
+    """Each GQ arm of ``EQUAL_COMPUTE`` against CE trained for the same measured compute."""
+    lines = []
+    for gq, ce_long in EQUAL_COMPUTE:
+        if not (head.get(gq) and head.get(ce_long)):
+            continue
+        lines += ["", f"## The same compute: {gq}, or CE for longer?", "",
+                  f"`{gq}` and `{ce_long}`, paired over seeds; compute in CE steps "
+                  "(steps × measured cost of a step). The arms' rows are mean ± std over seeds, "
+                  "%; the last row is the paired difference, points: mean ± half-width of the "
+                  "95 % t interval.", "",
+                  "| arm | steps | compute (CE steps) | ODIN AUROC | ODIN FPR95 | ID accuracy |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        seeds = sorted(set(runs[gq]) & set(runs[ce_long]))
+        fns = (lambda r: odin_auroc(r, real), lambda r: metric(r, "ODIN", "fpr95", real),
+               lambda r: r["accuracy"])  # fmt: skip
+        for name in (CONTROLS[gq], gq, ce_long):
+            if set(seeds) <= set(runs.get(name, {})) and name in head:
+                cells = [ms([f(runs[name][s]) for s in seeds]) for f in fns]
+                h = head[name]
+                lines.append(f"| {name} (mean ± std) | {h['steps']} | "
+                             f"{h['steps'] * h['cost']:,.0f} | " + " | ".join(cells) + " |")  # fmt: skip
+        diffs = [fmt_ci(*compare(runs, gq, f, ce_long)[1]) for f in fns]
+        lines.append(
+            f"| {gq} − {ce_long} (paired, {len(seeds)} seeds, 95 % t interval) | | | "
+            + " | ".join(diffs)
+            + " |"
+        )
     return lines
 
 
