@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.overrides import TorchFunctionMode
 
-from ._autograd import differentiable_forward
-from ._recompute import get_autocast_state, get_rng_state
+from ._recompute import get_rng_state
+from ._torch_internals import BufferSwap, DropoutNd, autocast_state, differentiable_forward
 from ._validation import call_model, check_logits
 
 logger = logging.getLogger("gq_loss")
@@ -181,10 +181,10 @@ def _setup(run: Any, width: int | None) -> tuple[Any, ...]:
     modules = list(run.model.modules())
     return (
         tuple(m.training for m in modules),
-        tuple(0 < m.p < 1 for m in modules if isinstance(m, nn.modules.dropout._DropoutNd)),
+        tuple(0 < m.p < 1 for m in modules if isinstance(m, DropoutNd)),
         run.x.dtype,
         run.x.device,
-        get_autocast_state(run.x.device),
+        autocast_state(run.x.device),
         run.create_graph,
         run.input_grad,
         run.operand,
@@ -525,12 +525,7 @@ class _Scratch:
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.device = device
-        self.buffers = [
-            (module, name, buf)
-            for module in model.modules()
-            for name, buf in module._buffers.items()
-            if buf is not None
-        ]
+        self.buffers = BufferSwap(model)
         self.generators: dict[torch.Generator, Tensor] = {}
         self.fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
@@ -546,15 +541,13 @@ class _Scratch:
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        for module, name, buf in self.buffers:
-            module._buffers[name] = buf
+        self.buffers.restore()
         for generator, state in self.generators.items():
             generator.set_state(state)
         self.fork.__exit__(kind, value, traceback)
 
     def _swap(self) -> None:
-        for module, name, buf in self.buffers:
-            module._buffers[name] = buf.clone()
+        self.buffers.swap([buf.clone() for buf in self.buffers.originals()])
 
     def watching(self) -> _GeneratorWatch:
         """A mode that records each `torch.Generator` passed to a torch function, with its

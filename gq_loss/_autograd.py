@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import sys
-import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ._torch_internals import (
+    ONCE_DIFFERENTIABLE_MESSAGE,
+    dynamo_loaded,
+    forward_class,
+    is_once_differentiable,
+    torch_says,
+)
 
 
 def operand_of(logits: Tensor, operand: str, temperature: float) -> Tensor:
@@ -72,13 +74,14 @@ def eager_under_compile(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     GQ's passes differentiate the model twice, which compiled graphs cannot; inside `fn`,
     `differentiable_forward` also runs compiled submodules eagerly. Under `fullgraph=True`
     dynamo refuses the break with `_GRAPH_BREAK` as its reason. `torch.compiler.disable` is
-    applied only once `torch._dynamo` is loaded (nothing can be compiled before; importing it
-    costs about a second), so a program that never compiles never imports it.
+    applied only once dynamo is loaded (`_torch_internals.dynamo_loaded`: nothing can be
+    compiled before; importing it costs about a second), so a program that never compiles
+    never imports it.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if "torch._dynamo" not in sys.modules:
+        if not dynamo_loaded():
             return fn(*args, **kwargs)
         eager = _EAGER.get(fn)
         if eager is None:
@@ -89,105 +92,9 @@ def eager_under_compile(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-@contextmanager
-def autocast_disabled() -> Iterator[None]:
-    """Autocast off on every device type that has it (the CPU, CUDA and any other backend)."""
-    kinds = ["cpu", "cuda", "xpu", "mps", "hpu"]
-    with contextlib.ExitStack() as stack:
-        for kind in kinds:
-            if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-                stack.enter_context(torch.autocast(kind, enabled=False))
-        yield
-
-
 def unwrap_ddp(model: Any) -> Any:
     # Recomputing through a DistributedDataParallel wrapper would re-enter its reducer.
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-@contextmanager
-def differentiable_forward() -> Iterator[None]:
-    """The context of GQ's differentiated forward passes (ordinary pass, `jacrev`, the replay).
-
-    PyTorch's fused attention kernels (flash and memory-efficient on CUDA, the flash kernel on
-    CPU) have no double backward; its math backend is built from ordinary differentiable ops and
-    computes the same attention. `torch.compile`'s graphs have no double backward either: with
-    `torch._dynamo` loaded (nothing can be compiled without it, and importing it costs seconds),
-    compiled code runs eagerly here, on the same parameters. Only code inside this context is
-    affected; the caller's other forward passes keep their kernels. Both switches are
-    process-wide (PyTorch keeps them so): other threads' forward passes are affected while the
-    context is open (documented in `docs/models.md`, "Known limits"). Non-reentrant checkpointed
-    regions entered here are recomputed in this context too, even in the caller's `backward()`.
-    """
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        if "torch._dynamo" in sys.modules:
-            stack.enter_context(torch.compiler.set_stance("force_eager"))
-        stack.enter_context(_checkpoints_recompute_inside())
-        yield
-
-
-# torch.utils.checkpoint's non-reentrant implementation; `checkpoint()` looks it up at each call.
-_CHECKPOINT_GENERATOR = "_checkpoint_without_reentrant_generator"
-_checkpoint_lock = threading.Lock()
-_checkpoint_users = 0
-_checkpoint_original: Any = None
-
-
-@contextmanager
-def _checkpoints_recompute_inside() -> Iterator[None]:
-    """Non-reentrant `torch.utils.checkpoint` regions entered here also recompute in this scope.
-
-    `checkpoint()` runs a region again when a backward pass reaches it, restoring the RNG and
-    autocast state of its forward but not the attention backend: in the caller's `backward()`,
-    outside GQ's scope, SDPA would recompute on its fused kernel, save other tensors than the
-    forward's math backend did, and fail. So, while a GQ pass runs, `checkpoint()` is handed a
-    recomputation function wrapped into `differentiable_forward` (its forward runs the region
-    itself, already inside it); regions entered in the caller's own forward passes are left as
-    they are. Nested and concurrent scopes share one patch, removed when the last one exits.
-    """
-    global _checkpoint_users, _checkpoint_original
-    module = torch.utils.checkpoint
-    with _checkpoint_lock:
-        if _checkpoint_users == 0:
-            original = getattr(module, _CHECKPOINT_GENERATOR, None)
-            if original is not None:
-                _checkpoint_original = original
-                setattr(module, _CHECKPOINT_GENERATOR, _recomputing_inside(original))
-        _checkpoint_users += 1
-    try:
-        yield
-    finally:
-        with _checkpoint_lock:
-            _checkpoint_users -= 1
-            if _checkpoint_users == 0 and _checkpoint_original is not None:
-                setattr(module, _CHECKPOINT_GENERATOR, _checkpoint_original)
-                _checkpoint_original = None
-
-
-def _recomputing_inside(generator: Any) -> Any:
-    """`generator` whose first argument, the function it recomputes in backward, runs in our
-    scope (`checkpoint()` runs the forward itself, already inside it)."""
-
-    def wrapped(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        def recompute(*fn_args: Any, **fn_kwargs: Any) -> Any:
-            with differentiable_forward():
-                return fn(*fn_args, **fn_kwargs)
-
-        return generator(recompute, *args, **kwargs)
-
-    return wrapped
-
-
-_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
-_REENTRANT = ("use_reentrant=True", "Checkpointing is not compatible with .grad()")
-# Setting `requires_grad` on a non-leaf tensor (Hugging Face's audio feature encoders).
-_NON_LEAF_FLAG = "you can only change requires_grad flags of leaf variables"
-_NO_SECOND_ORDER = (
-    "derivative for",
-    "once_differentiable",
-    "double backward",
-)
 
 
 @contextmanager
@@ -204,13 +111,13 @@ def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) ->
         text = str(err)
         if text.startswith("gq_loss"):  # already translated
             raise
-        if any(marker in text for marker in _REENTRANT):
+        if torch_says(text, "reentrant checkpoint"):
             raise RuntimeError(
                 "gq_loss: the model uses torch.utils.checkpoint with use_reentrant=True, which "
                 "cannot give the input gradients GQ takes with torch.autograd.grad; use "
                 f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False) ({text})"
             ) from err
-        if _NON_LEAF_FLAG in text:
+        if torch_says(text, "non-leaf requires_grad"):
             raise RuntimeError(
                 "gq_loss: the model sets requires_grad on a tensor computed from its inputs, which "
                 "PyTorch refuses once the inputs require grad, as GQ's must. Hugging Face's audio "
@@ -218,13 +125,13 @@ def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) ->
                 "train mode: call model.freeze_feature_encoder() before training with GQ (the "
                 f"usual fine-tuning set-up; it stops training the convolutional encoder) ({text})"
             ) from err
-        if "Batching rule not implemented" in text:  # only `batched` vmaps outside torch.func
+        if torch_says(text, "no batching rule"):  # only `batched` vmaps outside torch.func
             raise RuntimeError(
                 "gq_loss: method='batched' runs the per-class backward passes under vmap, which "
                 f"has no batching rule for an operation of this model ({text}); use method='loop' "
                 "(or 'recompute'), which run them one class at a time"
             ) from err
-        if any(marker in text for marker in _NO_SECOND_ORDER):
+        if torch_says(text, "no second order"):
             names = once_differentiable_functions(graph, x)
             which = (
                 f"; custom autograd.Functions marked @once_differentiable: {names}" if names else ""
@@ -276,16 +183,11 @@ def once_differentiable_functions(graph: Tensor | None, x: Tensor | None) -> lis
     once, as in any training step. Without `x` every marked Function in the graph is named.
     """
     nodes = graph_nodes(graph)
-    marked = [node for node in nodes if _is_once_differentiable(node)]
+    marked = [node for node in nodes if is_once_differentiable(node)]
     if marked and x is not None:
         reaches = _nodes_reaching(nodes, x)
         marked = [node for node in marked if node in reaches]
-    return list(dict.fromkeys(node._forward_cls.__name__ for node in marked))
-
-
-def _is_once_differentiable(node: Any) -> bool:
-    cls = getattr(node, "_forward_cls", None)
-    return getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE
+    return list(dict.fromkeys(getattr(forward_class(node), "__name__", "?") for node in marked))
 
 
 def _nodes_reaching(nodes: list[Any], x: Tensor) -> set[Any]:
@@ -329,13 +231,12 @@ def torchscript_nodes(graph: Tensor | None) -> list[str]:
     vmapped methods would come back with a wrong parameter gradient or none.
     """
     names = (node.name() for node in graph_nodes(graph))
-    return list(dict.fromkeys(name for name in names if "torch::jit::" in name))
+    return list(dict.fromkeys(name for name in names if torch_says(name, "torchscript node")))
 
 
 # Models (by identity) whose second derivative `check_second_order` has taken, with weak
 # references to their modules at that time: a model whose modules changed is probed again.
 _PROBED: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], ...]] = weakref.WeakKeyDictionary()
-_ONCE_TEXT = "trying to differentiate twice a function that was marked with @once_differentiable"
 
 
 def check_second_order(
@@ -354,7 +255,7 @@ def check_second_order(
     (a swapped submodule). Call inside `second_order_errors`.
     """
     if once_differentiable_functions(logits, x):
-        raise RuntimeError(_ONCE_TEXT)
+        raise RuntimeError(ONCE_DIFFERENTIABLE_MESSAGE)
     if not probe or not value.requires_grad:
         return
     key = unwrap_ddp(model)

@@ -8,7 +8,6 @@ again during the replay.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from torch import Tensor, nn
 
 from ._autograd import (
     check_second_order,
-    differentiable_forward,
     eager_under_compile,
     input_grad,
     norm_rows,
@@ -28,10 +26,14 @@ from ._autograd import (
     selected,
     unwrap_ddp,
 )
+from ._torch_internals import (
+    AutocastState,
+    BufferSwap,
+    autocast_as,
+    differentiable_forward,
+    version,
+)
 from ._validation import OutputSpec, select_output
-
-#: Autocast settings of one device type: (device type, enabled, dtype).
-AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
 
 
 @dataclass(frozen=True)
@@ -51,31 +53,6 @@ class Replay:
     before: PreForwardBuffers
 
 
-def get_autocast_state(device: torch.device) -> tuple[AutocastState, bool]:
-    """Autocast of the CPU, of `device`'s type and of CUDA (when present), and the cache flag."""
-    types = ["cpu", device.type]
-    if torch.cuda.is_available():
-        types.append("cuda")
-    state = tuple(
-        (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        for kind in dict.fromkeys(types)
-        if torch.amp.is_autocast_available(kind)
-    )
-    return state, torch.is_autocast_cache_enabled()
-
-
-@contextmanager
-def autocast_as(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
-    """Re-enters a recorded autocast state, enabled or not, whatever the current one is."""
-    state, cache = recorded
-    with contextlib.ExitStack() as stack:
-        for kind, enabled, dtype in state:
-            stack.enter_context(
-                torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
-            )
-        yield
-
-
 class PreForwardBuffers:
     """Every buffer of the model as it was before the original forward pass (a copy of each).
 
@@ -86,11 +63,9 @@ class PreForwardBuffers:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        swap = BufferSwap(model)
         self.copies: dict[tuple[nn.Module, str], Tensor] = {
-            (module, name): buf.clone()
-            for module in model.modules()
-            for name, buf in module._buffers.items()
-            if buf is not None
+            key: buf.clone() for key, buf in zip(swap.keys(), swap.originals(), strict=True)
         }
 
 
@@ -113,24 +88,18 @@ def replay(
     model's buffers a second time (BatchNorm statistics, spectral_norm's vectors), nor bump the
     version of buffers the original graph saved, so it runs on clones of every buffer.
     """
-    originals = [
-        (module, name, buf)
-        for module in model.modules()
-        for name, buf in module._buffers.items()
-        if buf is not None
+    swap = BufferSwap(model)
+    scratch = [
+        before.copies.get(key, buf).clone()
+        for key, buf in zip(swap.keys(), swap.originals(), strict=True)
     ]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.set_rng_state(rng_state[0])
         if rng_state[1] is not None:
             torch.cuda.set_rng_state(rng_state[1], device)
-        try:
-            for module, name, buf in originals:
-                module._buffers[name] = before.copies.get((module, name), buf).clone()
+        with swap.swapped(scratch):
             yield
-        finally:
-            for module, name, buf in originals:
-                module._buffers[name] = buf
 
 
 class RecomputeNorms(torch.autograd.Function):
@@ -149,7 +118,7 @@ class RecomputeNorms(torch.autograd.Function):
         ctx.job = job
         ctx.params = params
         ctx.names = names
-        ctx.versions = [q._version for q in params]
+        ctx.versions = [version(q) for q in params]
         ctx.save_for_backward(x)
         return norms.clone()
 
@@ -166,7 +135,7 @@ class RecomputeNorms(torch.autograd.Function):
         grad_norms = grad_norms.detach()
         (x,) = ctx.saved_tensors
         params: Sequence[Tensor] = ctx.params
-        if any(q._version != v for q, v in zip(params, ctx.versions, strict=True)):
+        if any(version(q) != v for q, v in zip(params, ctx.versions, strict=True)):
             raise RuntimeError(
                 "gq_loss: a parameter was modified in place between the loss and its backward(); "
                 "method='recompute' replays the forward pass and needs the original parameters"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -13,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ._torch_internals import user_stacklevel
 
 NORM_ORDERS: tuple[float, ...] = (1, 2, math.inf)
 
@@ -130,19 +131,8 @@ def check_input_range(model: Any, inputs: Tensor, *, user: str) -> None:
         "Checked on each model's first batch; where such inputs are meant, silence it with "
         "warnings.filterwarnings('ignore', category=gq_loss.InputRangeWarning).",
         InputRangeWarning,
-        stacklevel=_user_stacklevel(),
+        stacklevel=user_stacklevel(),
     )
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` of the first caller outside gq_loss and torch (a warning names its line)."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
-        "gq_loss",
-        "torch",
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def check_inputs(inputs: Any) -> None:

@@ -108,12 +108,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointFunction
 
 from ._auto import AutoChoice, auto_choice, auto_method, refuse
 from ._autograd import (
     check_second_order,
-    differentiable_forward,
     eager_under_compile,
     graph_leaves,
     input_grad,
@@ -125,12 +123,16 @@ from ._autograd import (
     unwrap_ddp,
 )
 from ._fsdp import fsdp_modules, full_parameters, gather_parameters
-from ._recompute import (
-    PreForwardBuffers,
-    RecomputeNorms,
-    Replay,
-    get_autocast_state,
-    get_rng_state,
+from ._recompute import PreForwardBuffers, RecomputeNorms, Replay, get_rng_state
+from ._torch_internals import (
+    autocast_state,
+    ddp_static_graph,
+    differentiable_forward,
+    function_of,
+    is_reentrant_checkpoint,
+    torch_says,
+    version,
+    write_back,
 )
 from ._validation import (
     OutputSpec,
@@ -458,12 +460,7 @@ def _check_static_graph(model: Any) -> None:
     """
     if not isinstance(model, nn.Module):
         return
-    static = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.parallel.DistributedDataParallel) and getattr(m, "static_graph", False)
-    ]
-    if static:
+    if any(ddp_static_graph(m) for m in model.modules()):
         raise ValueError(
             "gq_loss cannot run a DistributedDataParallel model built with static_graph=True: "
             "GQ's own backward passes inside the call would trigger DDP's one-time static-graph "
@@ -482,7 +479,7 @@ def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
     if run.method == "recompute":  # lets the replay draw the same Dropout masks, under autocast
         if run.create_graph:  # and start from the same buffers (only a training call replays)
             before = PreForwardBuffers(unwrap_ddp(run.model))
-        run.state = get_rng_state(run.x.device), get_autocast_state(run.x.device), before
+        run.state = get_rng_state(run.x.device), autocast_state(run.x.device), before
     logits = call_model(run.model, run.x, run.output)
     check_logits(logits, run.x.shape[0])
     return logits, run.operand_of(logits)
@@ -493,7 +490,7 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
 
     Registered buffers are swapped for copies made inside the transformed function (a mutation of
     a captured tensor is an error under `torch.func`); the copies that the forward changed are
-    written back, so the buffers move once, as with `loop` (`_write_back`).
+    written back, so the buffers move once, as with `loop` (`_torch_internals.write_back`).
     """
     model = run.model
     named = (
@@ -506,7 +503,7 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
 
     def forward(x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         scratch = {name: buf.clone() for name, buf in named}
-        versions.update((name, buf._version) for name, buf in scratch.items())
+        versions.update((name, version(buf)) for name, buf in scratch.items())
         if scratch and isinstance(model, nn.Module):
             logits = call_model(
                 lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
@@ -525,7 +522,7 @@ def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
         op, pullback, (logits, scratch) = torch.func.vjp(  # type: ignore[misc]
             forward, run.x, has_aux=True
         )
-    _write_back(named, scratch, versions)
+    write_back(named, scratch, versions)
     run.state = pullback
     return logits, op
 
@@ -536,40 +533,6 @@ class _TorchScriptInside(Exception):
     def __init__(self, names: list[str]) -> None:
         super().__init__(names)
         self.names = names
-
-
-def _write_back(
-    named: list[tuple[str, Tensor]], scratch: dict[str, Tensor], versions: dict[str, int]
-) -> None:
-    """Writes the scratch buffers that `jacrev`'s forward changed into the model's buffers.
-
-    The write must do to each buffer what the same forward run eagerly (`loop`) does, since
-    graphs of the caller's own forward passes (a cross-entropy term on `model(x)`) may have saved
-    it: a buffer the forward left alone (a constant scale, Hugging Face's `position_ids`, a
-    buffer of an eval-mode module) is not touched; one it updated by an in-place op that bumps
-    the version counter (`num_batches_tracked += 1`) is copied back, bumping it once as that op
-    would; one a fused kernel updated without bumping it (BatchNorm's running statistics) is
-    copied back without bumping it, as that kernel does. One device sync per call finds the
-    latter by value.
-    """
-    if not named:
-        return
-    bumped = [
-        (buf, scratch[name]) for name, buf in named if scratch[name]._version != versions[name]
-    ]
-    unbumped = [
-        (buf, scratch[name])
-        for name, buf in named
-        if scratch[name]._version == versions[name] and buf.numel()
-    ]
-    with torch.no_grad():
-        for buf, new in bumped:
-            buf.copy_(new)
-        if unbumped:
-            differs = torch.stack([(buf != new).any().cpu() for buf, new in unbumped]).tolist()
-            for (buf, new), changed in zip(unbumped, differs, strict=True):
-                if changed:
-                    buf.data.copy_(new)  # `.data`: a fresh version counter, the buffer's unmoved
 
 
 # --------------------------------------------------------------------------- backends
@@ -716,13 +679,10 @@ def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
             # the half-precision gradient by the float32 weight and hands the float32 product
             # to a kernel that wants the input's dtype. The same pullback, one class at a time,
             # runs the unbatched kernel, which takes mixed dtypes.
-            if not (mixed and _MIXED_DTYPES in str(err)):
+            if not (mixed and torch_says(err, "mixed dtypes")):
                 raise
             norms = torch.stack([row_norms(c) for c in basis], dim=1)
     return norms if run.create_graph else norms.detach()
-
-
-_MIXED_DTYPES = "expected scalar type"
 
 
 @contextmanager
@@ -736,26 +696,17 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         yield
     except RuntimeError as err:
         text = str(err)
-        markers = (
-            "transform",
-            "vmap",
-            "functorch",
-            "captured",
-            "Batching rule",
-            "setup_context",
-            "saved tensor hooks",
-        )
-        if not any_error and not any(m in text for m in markers):
+        if not any_error and not torch_says(text, "torch.func transform"):
             raise
         prefix = f"gq_loss: method='jacrev' could not run {stage} of this model under torch.func"
-        function = _function_of(err) if "setup_context" in text else None
-        if function is CheckpointFunction:
+        function = function_of(err) if torch_says(text, "no setup_context") else None
+        if is_reentrant_checkpoint(function):
             raise RuntimeError(
                 f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True "
                 f"({text}); use use_reentrant=False with method='loop', 'recompute' or 'batched' "
                 "(torch.func takes no checkpointing)"
             ) from err
-        if "setup_context" in text:
+        if torch_says(text, "no setup_context"):
             which = "in this model" if function is None else function.__name__
             raise RuntimeError(
                 f"{prefix}: the custom autograd.Function {which} has no setup_context "
@@ -763,7 +714,7 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
                 "or 'batched', which run it as it is, or give it a setup_context (PyTorch's "
                 "'Extending torch.func with autograd.Function')"
             ) from err
-        if "saved tensor hooks" in text:
+        if torch_says(text, "saved tensor hooks"):
             raise RuntimeError(
                 f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=False, which "
                 "runs on saved tensor hooks that torch.func does not take (Hugging Face's "
@@ -774,18 +725,6 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
             f"{prefix} ({text}); use method='loop' (or 'recompute'), which run any model "
             "autograd can differentiate"
         ) from err
-
-
-def _function_of(err: BaseException) -> type | None:
-    """The `autograd.Function` whose `apply` raised `err` (from the traceback), if any."""
-    tb = err.__traceback__
-    found = None
-    while tb is not None:
-        cls = tb.tb_frame.f_locals.get("cls") if tb.tb_frame.f_code.co_name == "apply" else None
-        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
-            found = cls
-        tb = tb.tb_next
-    return found
 
 
 @dataclass(frozen=True)

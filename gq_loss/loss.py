@@ -21,15 +21,10 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from ._autograd import (
-    autocast_disabled,
-    eager_under_compile,
-    hand_over,
-    norm_rows,
-    second_order_errors,
-)
+from ._autograd import eager_under_compile, hand_over, norm_rows, second_order_errors
 from ._detection import float64
 from ._fsdp import full_parameters
+from ._torch_internals import autocast_disabled
 from ._validation import (
     OutputSpec,
     check_choice,
