@@ -7,6 +7,7 @@ Public API (all importable from the top level)::
     from gq_loss import ODINDetector, MSPDetector, EnergyDetector, MahalanobisDetector  # detectors
     from gq_loss import Detector, NotFittedError                    # their protocol
     from gq_loss import InputRangeWarning                           # inputs in 0-255, say
+    from gq_loss import GQLossError         # a RuntimeError: gq-loss's translated refusals
     from gq_loss.metrics import ood_metrics                         # evaluation
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 __version__ = "1.0.0.dev0"
 
 from ._detection import Detector, NotFittedError
+from ._errors import GQLossError
 from ._validation import InputRangeWarning
 from .functional import odin_perturb, odin_score
 from .kernels import class_gradient_norms
@@ -28,6 +30,7 @@ __all__ = [
     "Detector",
     "EnergyDetector",
     "GQLoss",
+    "GQLossError",
     "InputRangeWarning",
     "MSPDetector",
     "MahalanobisDetector",

@@ -11,6 +11,7 @@ from typing import Any, ParamSpec, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ._errors import GQLossError
 from ._torch_internals import (
     ONCE_DIFFERENTIABLE_MESSAGE,
     dynamo_loaded,
@@ -108,17 +109,17 @@ def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) ->
     try:
         yield
     except RuntimeError as err:
-        text = str(err)
-        if text.startswith("gq_loss"):  # already translated
+        if isinstance(err, GQLossError):  # already translated
             raise
+        text = str(err)
         if torch_says(text, "reentrant checkpoint"):
-            raise RuntimeError(
+            raise GQLossError(
                 "gq_loss: the model uses torch.utils.checkpoint with use_reentrant=True, which "
                 "cannot give the input gradients GQ takes with torch.autograd.grad; use "
                 f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False) ({text})"
             ) from err
         if torch_says(text, "non-leaf requires_grad"):
-            raise RuntimeError(
+            raise GQLossError(
                 "gq_loss: the model sets requires_grad on a tensor computed from its inputs, which "
                 "PyTorch refuses once the inputs require grad, as GQ's must. Hugging Face's audio "
                 "models (Wav2Vec2, HuBERT, WavLM and others) do so in their feature encoder in "
@@ -126,7 +127,7 @@ def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) ->
                 f"usual fine-tuning set-up; it stops training the convolutional encoder) ({text})"
             ) from err
         if torch_says(text, "no batching rule"):  # only `batched` vmaps outside torch.func
-            raise RuntimeError(
+            raise GQLossError(
                 "gq_loss: method='batched' runs the per-class backward passes under vmap, which "
                 f"has no batching rule for an operation of this model ({text}); use method='loop' "
                 "(or 'recompute'), which run them one class at a time"
@@ -136,7 +137,7 @@ def second_order_errors(graph: Tensor | None = None, x: Tensor | None = None) ->
             which = (
                 f"; custom autograd.Functions marked @once_differentiable: {names}" if names else ""
             )
-            raise RuntimeError(
+            raise GQLossError(
                 "gq_loss: GQ differentiates the model's input gradients w.r.t. its parameters, so "
                 "it needs second derivatives through the model, and an operation in this model "
                 f"has none ({text}{which}). GQ already runs PyTorch's attention on its math "
@@ -314,7 +315,7 @@ class _HandOver(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
-            raise RuntimeError(
+            raise GQLossError(
                 "gq_loss: GQ's gradient was taken within the call (FSDP2 or a float16 model) and "
                 "is first-order only, got a backward with create_graph=True; call backward() "
                 "without it"

@@ -26,6 +26,7 @@ from ._autograd import (
     selected,
     unwrap_ddp,
 )
+from ._errors import GQLossError
 from ._torch_internals import (
     AutocastState,
     BufferSwap,
@@ -128,7 +129,7 @@ class RecomputeNorms(torch.autograd.Function):
         job: Replay = ctx.job
         if torch.is_grad_enabled():
             # The replay's gradients are not differentiable again: refuse rather than drop terms.
-            raise RuntimeError(
+            raise GQLossError(
                 "gq_loss: method='recompute' supports first-order gradients only, got a backward "
                 "with create_graph=True; use method='loop' for higher-order gradients"
             )
@@ -136,7 +137,7 @@ class RecomputeNorms(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         params: Sequence[Tensor] = ctx.params
         if any(version(q) != v for q, v in zip(params, ctx.versions, strict=True)):
-            raise RuntimeError(
+            raise GQLossError(
                 "gq_loss: a parameter was modified in place between the loss and its backward(); "
                 "method='recompute' replays the forward pass and needs the original parameters"
             )

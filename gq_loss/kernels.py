@@ -122,6 +122,7 @@ from ._autograd import (
     torchscript_nodes,
     unwrap_ddp,
 )
+from ._errors import GQLossError
 from ._fsdp import fsdp_modules, full_parameters, gather_parameters
 from ._recompute import PreForwardBuffers, RecomputeNorms, Replay, get_rng_state
 from ._torch_internals import (
@@ -613,7 +614,7 @@ def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
         except RuntimeError as other:
             if str(other) == str(err):  # the model's own error, not a vmap's
                 raise err from None
-        raise RuntimeError(
+        raise GQLossError(
             f"gq_loss: method='batched' could not batch the backward passes of this model ({err}); "
             "use method='loop' (or 'recompute')"
         ) from err
@@ -701,27 +702,27 @@ def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
         prefix = f"gq_loss: method='jacrev' could not run {stage} of this model under torch.func"
         function = function_of(err) if torch_says(text, "no setup_context") else None
         if is_reentrant_checkpoint(function):
-            raise RuntimeError(
+            raise GQLossError(
                 f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True "
                 f"({text}); use use_reentrant=False with method='loop', 'recompute' or 'batched' "
                 "(torch.func takes no checkpointing)"
             ) from err
         if torch_says(text, "no setup_context"):
             which = "in this model" if function is None else function.__name__
-            raise RuntimeError(
+            raise GQLossError(
                 f"{prefix}: the custom autograd.Function {which} has no setup_context "
                 f"staticmethod, which torch.func needs ({text}); use method='loop', 'recompute' "
                 "or 'batched', which run it as it is, or give it a setup_context (PyTorch's "
                 "'Extending torch.func with autograd.Function')"
             ) from err
         if torch_says(text, "saved tensor hooks"):
-            raise RuntimeError(
+            raise GQLossError(
                 f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=False, which "
                 "runs on saved tensor hooks that torch.func does not take (Hugging Face's "
                 f"activation_checkpointing_enable() is such checkpointing) ({text}); use "
                 "method='loop', 'recompute' or 'batched', which run checkpointed models"
             ) from err
-        raise RuntimeError(
+        raise GQLossError(
             f"{prefix} ({text}); use method='loop' (or 'recompute'), which run any model "
             "autograd can differentiate"
         ) from err

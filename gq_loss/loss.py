@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ._autograd import eager_under_compile, hand_over, norm_rows, second_order_errors
 from ._detection import float64
+from ._errors import GQLossError
 from ._fsdp import full_parameters
 from ._torch_internals import autocast_disabled
 from ._validation import (
@@ -733,7 +734,7 @@ def _check_float16_value(value: Tensor, logits: Tensor) -> None:
         if not bool(torch.isfinite(logits.detach()).all())
         else "its per-class input-gradient pass"
     )
-    raise RuntimeError(
+    raise GQLossError(
         f"gq_loss: GQ's value is not finite for this float16 model: {where} overflowed float16; "
         + _FLOAT16_FIX
     )
@@ -748,7 +749,7 @@ def _check_float16_gradient(grads: Sequence[Tensor | None]) -> None:
     bad = int(torch.stack([(~torch.isfinite(g)).sum() for g in present]).sum())
     if bad:
         total = sum(g.numel() for g in present)
-        raise RuntimeError(
+        raise GQLossError(
             "gq_loss: GQ's parameter gradient overflowed float16 in its second backward pass "
             f"(through the model's input gradients): {bad} of {total} entries are not finite, "
             "and nothing was written to .grad. GQ's double backward needs more range than "
