@@ -3,6 +3,7 @@ and the value received."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -334,10 +335,29 @@ def _first_floating_parameter(model: Any) -> Tensor | None:
     return next((q for q in parameters() if q.is_floating_point()), None)
 
 
+#: Device types whose index kernels refuse an out-of-range index themselves (CUDA's device-side
+#: assertion in `gather`/`scatter`): there the value range of a label tensor is read on the first
+#: batch of each model only, since reading it is a device sync.
+INDEX_ASSERTING_DEVICES: tuple[str, ...] = ("cuda",)
+# Models whose labels were range-checked on such a device, per argument name.
+_INDICES_CHECKED: dict[str, weakref.WeakSet[Any]] = {
+    "targets": weakref.WeakSet(),
+    "classes": weakref.WeakSet(),
+}
+
+
 def check_class_indices(
-    name: str, index: Any, batch_size: int, num_classes: int, ndim: int
+    name: str, index: Any, batch_size: int, num_classes: int, ndim: int, *, model: Any = None
 ) -> None:
-    """Checks an int64 index tensor of shape (B,) (ndim=1) or (B, K) (ndim=2) with values in [0, N)."""
+    """Checks an int64 index tensor of shape (B,) (ndim=1) or (B, K) (ndim=2) with values in [0, N).
+
+    Type, dtype and shape are checked on every call, and so are the values of labels on the
+    CPU (no device sync) or on a device other than CUDA (whose index kernels may not refuse a
+    bad index). On CUDA, where reading them is a device sync, the values are checked until a
+    batch of `model`'s passes, then no more (a model that cannot be weakly referenced: every
+    call): a later out-of-range label there still fails, in the device-side assertion of the
+    index op that reads it (GQ gathers or scatters every label), not silently.
+    """
     if not isinstance(index, Tensor):
         raise TypeError(
             f"`{name}` must be a torch.Tensor of class indices, got {type(index).__name__}"
@@ -349,10 +369,25 @@ def check_class_indices(
         raise ValueError(
             f"`{name}` must have shape {expected} with B = {batch_size}, got {tuple(index.shape)}"
         )
-    if index.numel():
-        low, high = (int(v) for v in torch.aminmax(index))
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"`{name}` must hold class indices in [0, {num_classes}) for a model with "
-                f"{num_classes} outputs, got values in [{low}, {high}]"
-            )
+    if not index.numel() or _range_checked(name, index, model):
+        return
+    low, high = (int(v) for v in torch.aminmax(index))
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"`{name}` must hold class indices in [0, {num_classes}) for a model with "
+            f"{num_classes} outputs, got values in [{low}, {high}]"
+        )
+    if index.device.type in INDEX_ASSERTING_DEVICES and model is not None:
+        with contextlib.suppress(TypeError):  # not weakly referenceable: check every call
+            _INDICES_CHECKED[name].add(model)
+
+
+def _range_checked(name: str, index: Tensor, model: Any) -> bool:
+    """Whether `index` is on an index-asserting device and a batch of `model`'s labels there
+    already passed the range check."""
+    if index.device.type not in INDEX_ASSERTING_DEVICES or model is None:
+        return False
+    try:
+        return model in _INDICES_CHECKED[name]
+    except TypeError:  # not weakly referenceable
+        return False

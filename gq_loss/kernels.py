@@ -247,7 +247,7 @@ def class_gradient_norms(
         )
         if classes is not None:
             batch, num_classes = run.logits.shape
-            check_class_indices("classes", classes, batch, num_classes, ndim=2)
+            check_class_indices("classes", classes, batch, num_classes, ndim=2, model=model)
         norms = run.norms(classes)
     return norms if tracking else norms.detach()
 

@@ -313,7 +313,7 @@ def gq_loss(
         check_input_range(model, run.x, user="GQ")  # the first batch of each model only
         logits = run.logits
         batch, num_classes = logits.shape
-        check_class_indices("targets", targets, batch, num_classes, ndim=1)
+        check_class_indices("targets", targets, batch, num_classes, ndim=1, model=model)
         targets = targets.to(logits.device)
         if formulation == "reference":
             with second_order_errors(logits, run.x):
