@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from models import build_model
 
 from gq_loss import class_gradient_norms, gq_loss
-from gq_loss.loss import _columns, _quotient, _softmax_draws
+from gq_loss._sampled import draw_columns, quotient, softmax_draws
 
 K = 10
 
@@ -55,13 +55,13 @@ def setup(
 def softmax_q(logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple:
     """The former proposal for every operand: K // 2 top classes, the rest q_j ~ S_j."""
     z = logits.double()
-    others, weights = _softmax_draws(z, y[:, None], K, gen)
+    others, weights = softmax_draws(z, y[:, None], K, gen)
     return torch.cat([y[:, None], others], dim=1), weights
 
 
 def package(operand: str) -> Callable[..., tuple]:
     def draw(logits: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple:
-        return _columns(logits, y, 1.0, operand, "sampled", K, gen)
+        return draw_columns(logits, y, 1.0, operand, "sampled", K, gen)
 
     return draw
 
@@ -77,7 +77,7 @@ def spread(
     means, dens = [], []
     for _ in range(draws):
         columns, weights = draw(logits, y, gen)
-        gq = _quotient(norms.gather(1, columns), y, weights, 0.0)
+        gq = quotient(norms.gather(1, columns), y, weights, 0.0)
         means.append(float(gq.mean()))
         dens.append(num / gq)
     den = torch.stack(dens)
@@ -98,10 +98,10 @@ def check_one_draw(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ope
     norms = exact_norms(model, x, operand)
     with torch.no_grad():
         logits = model(x)
-    columns, weights = _columns(
+    columns, weights = draw_columns(
         logits, y, 1.0, operand, "sampled", K, torch.Generator().manual_seed(7)
     )
-    mine = _quotient(norms.gather(1, columns), y, weights, 1e-12).mean()
+    mine = quotient(norms.gather(1, columns), y, weights, 1e-12).mean()
     with torch.no_grad():
         theirs = gq_loss(
             model, x, y, operand=operand, estimator="sampled", num_sampled=K,

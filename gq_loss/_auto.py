@@ -17,7 +17,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -334,17 +334,8 @@ def _probe(
 
         def step(method: str) -> None:
             scratch.reset()
-            probe = type(run)(
-                model,
-                x,
-                operand=run.operand,
-                temperature=run.temperature,
-                p=run.p,
-                method=method,
-                chunk_size=None,
-                create_graph=run.create_graph,
-                output=run.output,
-            )
+            settings = replace(run.settings, method=method, resolved=method, chunk_size=None)
+            probe = type(run)(model, x, settings, create_graph=run.create_graph)
             norms = probe.norms(columns)
             grads: Sequence[Tensor | None] = ()
             if norms.requires_grad and params:

@@ -17,7 +17,8 @@ class GQLossError(RuntimeError):
     Examples:
         >>> import torch
         >>> from gq_loss import GQLossError, gq_loss
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+        >>> layers = torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3)
+        >>> model = torch.nn.Sequential(*layers)
         >>> gq = gq_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), method="recompute")
         >>> try:
         ...     torch.autograd.grad(gq, list(model.parameters()), create_graph=True)

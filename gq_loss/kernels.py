@@ -21,7 +21,7 @@ iteration in train mode) is replayed as the same function):
 |---|---|---|
 | `loop` | one `autograd.grad` per class | grows with N: every class's double-backward graph lives until `backward()` |
 | `recompute` | pass 1: the norms without a graph; during `backward()` the forward is replayed once and differentiated `chunk_size` classes at a time | forward + `chunk_size` classes |
-| `batched` | `torch.func.vmap` of one `autograd.grad` over the one-hot class cotangents, or `autograd.grad(is_grads_batched=True)` (vmap over the backward; see `_norms_batched`), `chunk_size` classes at a time | grows with N; the vmapped backward holds its classes at once (1.6-4.3x `loop`'s peak, measured on CPU at N = 10 and 100) |
+| `batched` | `torch.func.vmap` of one `autograd.grad` over the one-hot class cotangents, or `autograd.grad(is_grads_batched=True)` (vmap over the backward; see `_backends._norms_batched`), `chunk_size` classes at a time | grows with N; the vmapped backward holds its classes at once (1.6-4.3x `loop`'s peak, measured on CPU at N = 10 and 100) |
 | `jacrev` | `torch.func.vjp` of the forward, `vmap` of its pullback over the one-hot class cotangents (`chunk_size` = vmap's `chunk_size`) | grows with N; 1.6-4.7x `loop`'s peak (measured on CPU at N = 10 and 100) |
 
 `method="auto"` (the default) takes the fastest of `loop`, `batched` and `jacrev` for the model,
@@ -100,60 +100,34 @@ replays under the RNG and autocast state of the original forward, like
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._auto import AutoChoice, auto_choice, auto_method, refuse
 from ._autograd import (
     check_second_order,
     eager_under_compile,
-    graph_leaves,
-    input_grad,
-    norm_rows,
     operand_of,
     second_order_errors,
-    selected,
     torchscript_nodes,
-    unwrap_ddp,
 )
-from ._errors import GQLossError
-from ._fsdp import fsdp_modules, full_parameters, gather_parameters
-from ._recompute import PreForwardBuffers, RecomputeNorms, Replay, get_rng_state
-from ._torch_internals import (
-    autocast_state,
-    ddp_static_graph,
-    differentiable_forward,
-    function_of,
-    is_reentrant_checkpoint,
-    torch_says,
-    version,
-    write_back,
-)
+from ._backends import BACKENDS, GRADIENT_METHODS, TorchScriptInside, plain_forward
+from ._fsdp import full_parameters, gather_parameters
+from ._plan import plan_method
+from ._settings import OPERANDS, Method, NormSettings, Operand, norm_settings
+from ._torch_internals import differentiable_forward
 from ._validation import (
     OutputSpec,
-    call_model,
-    check_choice,
     check_class_indices,
     check_inputs,
-    check_logits,
-    check_norm_order,
-    check_optional_int,
-    check_output_spec,
-    check_positive,
     place_inputs,
 )
 
 __all__ = ["GRADIENT_METHODS", "OPERANDS", "AutoChoice", "auto_choice", "class_gradient_norms"]
-
-Operand = Literal["softmax", "log_softmax", "logits"]
-Method = Literal["auto", "loop", "recompute", "batched", "jacrev"]
-OPERANDS: tuple[str, ...] = ("softmax", "log_softmax", "logits")
 
 
 @eager_under_compile
@@ -214,9 +188,10 @@ def class_gradient_norms(
         TypeError: A model output with no logits found (the message shows `output=`), inputs
             that are not a floating tensor, a plain function with `method="recompute"`, or
             `method="jacrev"` with DistributedDataParallel or FSDP2.
-        RuntimeError: `method="jacrev"` on a model `torch.func` cannot transform; a model with
-            an operation that has no second derivative (with `create_graph=True`), or with
-            reentrant checkpointing (the messages say what to use instead).
+        GQLossError: (a `RuntimeError`) `method="jacrev"` on a model `torch.func` cannot
+            transform; a model with an operation that has no second derivative (with
+            `create_graph=True`), or with reentrant checkpointing (the messages say what to use
+            instead).
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -233,16 +208,19 @@ def class_gradient_norms(
                 "gradients only in the backward pass of a forward it saw, so GQ hands it a "
                 "gradient taken within gq_loss; train with gq_loss (reduction 'mean' or 'sum')"
             )
-        run = GradientPass(
-            model,
-            inputs,
+        settings = norm_settings(
             operand=operand,
             temperature=temperature,
             p=p,
             method=method,
             chunk_size=chunk_size,
-            create_graph=create_graph and tracking,
             output=output,
+        )
+        run = GradientPass(
+            model,
+            inputs,
+            settings,
+            create_graph=create_graph and tracking,
             width=classes.shape[1] if isinstance(classes, Tensor) and classes.ndim == 2 else None,
         )
         if classes is not None:
@@ -268,7 +246,8 @@ class GradientPass:
     """One forward pass of the model, ready to give per-class input-gradient norms.
 
     Package-internal entry point shared by `class_gradient_norms` and `gq_loss` (call it inside
-    `autograd_enabled()`): validates the options, resolves the method, runs the model once and
+    `autograd_enabled()`): takes the validated `settings`, plans the method for the model
+    (`_plan.plan_method`; `auto` is resolved by `_auto.auto_method`), runs the model once and
     keeps `x` (the tracked inputs `(B, *)`), `logits` `(B, N)` and `op` (the operand `(B, N)`
     in float32 or wider). `norms(columns)` then asks the method's backend for the norms.
 
@@ -281,26 +260,18 @@ class GradientPass:
         self,
         model: Callable[[Tensor], Any],
         inputs: Tensor,
+        settings: NormSettings,
         *,
-        operand: str,
-        temperature: float,
-        p: float,
-        method: str,
-        chunk_size: int | None,
         create_graph: bool,
-        output: OutputSpec | None = None,
         width: int | None = None,
     ) -> None:
-        check_choice("operand", operand, OPERANDS)
-        self.output = check_output_spec(output)
-        self.operand = operand
-        self.temperature = check_positive("temperature", temperature)
-        self.p = check_norm_order(p)
-        self.method = resolve_method(method, chunk_size, model)
-        _check_torchscript(self.method, model)
-        _check_static_graph(model)
-        check_fabric(model)
-        self.chunk_size = chunk_size
+        self.settings = settings
+        self.output = settings.output
+        self.operand = settings.operand
+        self.temperature = settings.temperature
+        self.p = settings.p
+        self.method = plan_method(settings.resolved, model)
+        self.chunk_size = settings.chunk_size
         self.create_graph = create_graph
         self.model = model
         check_inputs(inputs)
@@ -311,17 +282,17 @@ class GradientPass:
             inputs = inputs.clone()
         self.input_grad = inputs.requires_grad
         self.x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-        self.auto = method == "auto"
+        self.auto = settings.method == "auto"
         if self.auto:
-            self.method = auto_method(self, chunk_size, width)
-        self.backend = _BACKENDS[self.method]
+            self.method = auto_method(self, settings.chunk_size, width)
+        self.backend = BACKENDS[self.method]
         self.state: Any = None  # what the backend's forward keeps for its norms
         with second_order_errors(), differentiable_forward():
             try:
                 self.logits, self.op = self.backend.forward(self)
-            except _TorchScriptInside as found:  # jacrev's forward, stopped before any effect
+            except TorchScriptInside as found:  # jacrev's forward, stopped before any effect
                 self._leave_for_loop(found.names)
-                self.logits, self.op = _plain_forward(self)
+                self.logits, self.op = plain_forward(self)
         if self.method == "batched" and (names := torchscript_nodes(self.logits)):
             self._leave_for_loop(names)
         # FSDP2: every parameter gathered for GQ's passes, also where its input gradient never goes
@@ -344,7 +315,7 @@ class GradientPass:
             )
         refuse(self.model, self.method, reason)
         self.method = "loop"
-        self.backend = _BACKENDS["loop"]
+        self.backend = BACKENDS["loop"]
 
     def operand_of(self, logits: Tensor) -> Tensor:
         """The operand of `logits` `(B, N)` at this pass's temperature."""
@@ -365,382 +336,3 @@ def probe_second_order(run: GradientPass, norms: Tensor) -> None:
     if norms.numel():
         one = norms[:, 0] if norms.ndim == 2 else norms
         check_second_order(run.model, run.logits, one, run.x)
-
-
-def resolve_method(method: Any, chunk_size: Any, model: Any) -> str:
-    """Validates `method`/`chunk_size`; `auto` with `chunk_size` is `recompute`, without it
-    stays `auto` (`GradientPass` asks `auto_method` which method that is)."""
-    check_choice("method", method, GRADIENT_METHODS)
-    check_optional_int("chunk_size", chunk_size)
-    if method == "auto" and chunk_size is not None:
-        method = "recompute"
-    if method == "loop" and chunk_size is not None:
-        raise ValueError(
-            "`chunk_size` has no effect with method='loop' (every class's graph is kept); "
-            "use method='recompute' to bound memory"
-        )
-    if method == "recompute" and not isinstance(model, nn.Module):
-        raise TypeError(f"method='recompute' needs an nn.Module model, got {type(model).__name__}")
-    if method in ("recompute", "jacrev") and isinstance(model, nn.DataParallel):
-        raise TypeError(
-            f"method={method!r} cannot run an nn.DataParallel-wrapped model: it calls the model "
-            "through torch.func.functional_call, which DataParallel refuses; use method='loop' "
-            "(or 'batched') with DataParallel, or DistributedDataParallel, which PyTorch "
-            "recommends instead and with which 'recompute' runs"
-        )
-    if method == "jacrev" and isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError(
-            "method='jacrev' cannot run a DistributedDataParallel-wrapped model (its forward "
-            "would bypass DDP's gradient synchronisation); use method='loop' or 'recompute'"
-        )
-    if method == "jacrev" and fsdp_modules(model):
-        raise TypeError(
-            "method='jacrev' cannot run a model with FSDP2 (fully_shard) modules (its forward "
-            "under torch.func is not covered by FSDP's gradient hooks); use method='loop', "
-            "'recompute' or 'batched'"
-        )
-    return str(method)
-
-
-def check_fabric(model: Any) -> None:
-    """Refuses a Lightning Fabric-wrapped model (`fabric.setup(model)`), whose outputs refuse
-    every backward pass but `fabric.backward(loss)`, with the pattern that works."""
-    cls = type(model)
-    if cls.__name__ == "_FabricModule" and cls.__module__.startswith("lightning"):
-        raise TypeError(
-            "GQ cannot take its input gradients through a Lightning Fabric-wrapped model "
-            "(fabric.setup(model)): Fabric lets its outputs be differentiated only by "
-            "fabric.backward(loss). Pass the wrapped model's `.module` inside `fabric.autocast()` "
-            "(Fabric's precision): `with fabric.autocast(): gq, logits = gq_loss(model.module, x, "
-            "y, return_logits=True)`, then `fabric.backward(F.cross_entropy(logits, y) + lam * "
-            "gq)` (docs/examples.md, 'Lightning Fabric')"
-        )
-
-
-def _check_torchscript(method: str, model: Any) -> None:
-    """Refuses the methods that cannot differentiate TorchScript (`torch.jit.script`/`trace`)
-    modules; `loop` runs them (checked against a float64 per-class loop). `auto` times only the
-    methods that run, so it is not refused."""
-    if method in ("loop", "auto") or not isinstance(model, nn.Module):
-        return
-    model = unwrap_ddp(model)
-    whole = isinstance(model, torch.jit.ScriptModule)
-    if method == "recompute" and whole:
-        reason = (
-            "its replay swaps the module's parameters (torch.func.functional_call), which "
-            "TorchScript forbids"
-        )
-    elif method != "recompute" and (
-        whole or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
-    ):
-        reason = (
-            "torch.func's graph does not reach through TorchScript, so GQ would come back without "
-            "a gradient"
-            if method == "jacrev"
-            else "vmap has no batching rules inside the TorchScript interpreter"
-        )
-    else:
-        return
-    what = "is a TorchScript module" if whole else "has TorchScript submodules"
-    raise TypeError(
-        f"method={method!r} cannot run this model, which {what} (torch.jit.script or "
-        f"torch.jit.trace): {reason}; use method='loop' (no chunk_size), which runs it, or pass "
-        "the eager module"
-    )
-
-
-def _check_static_graph(model: Any) -> None:
-    """Refuses a model that runs DistributedDataParallel with `static_graph=True`.
-
-    On its first iteration such a DDP queues its one-time graph bookkeeping (and the
-    gradients' all-reduce) from the first backward pass through its output; GQ's own backward
-    passes inside the call are that pass, before any gradient exists, and the processes'
-    gradients were then never all-reduced (measured: ranks 2.2 apart after one step). A DDP
-    that runs inside the model's forward (Lightning's Trainer, which hands GQ the
-    LightningModule's network) is not in `model.modules()` and not affected.
-    """
-    if not isinstance(model, nn.Module):
-        return
-    if any(ddp_static_graph(m) for m in model.modules()):
-        raise ValueError(
-            "gq_loss cannot run a DistributedDataParallel model built with static_graph=True: "
-            "GQ's own backward passes inside the call would trigger DDP's one-time static-graph "
-            "bookkeeping before any gradient exists, and the processes' gradients would never be "
-            "all-reduced; build it with static_graph=False (the default; Fabric: "
-            "DDPStrategy(static_graph=False)). For GQ's value alone, under torch.no_grad(), pass "
-            "the wrapped module (model.module)"
-        )
-
-
-# --------------------------------------------------------------------------- forward passes
-
-
-def _plain_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
-    before = None
-    if run.method == "recompute":  # lets the replay draw the same Dropout masks, under autocast
-        if run.create_graph:  # and start from the same buffers (only a training call replays)
-            before = PreForwardBuffers(unwrap_ddp(run.model))
-        run.state = get_rng_state(run.x.device), autocast_state(run.x.device), before
-    logits = call_model(run.model, run.x, run.output)
-    check_logits(logits, run.x.shape[0])
-    return logits, run.operand_of(logits)
-
-
-def _func_forward(run: GradientPass) -> tuple[Tensor, Tensor]:
-    """The one forward pass inside `torch.func.vjp`; keeps the pullback in `run.state`.
-
-    Registered buffers are swapped for copies made inside the transformed function (a mutation of
-    a captured tensor is an error under `torch.func`); the copies that the forward changed are
-    written back, so the buffers move once, as with `loop` (`_torch_internals.write_back`).
-    """
-    model = run.model
-    named = (
-        [(n, b) for n, b in model.named_buffers() if b is not None]
-        if isinstance(model, nn.Module)
-        else []
-    )
-
-    versions: dict[str, int] = {}  # of the scratch copies as made (aux outputs are tensors)
-
-    def forward(x: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-        scratch = {name: buf.clone() for name, buf in named}
-        versions.update((name, version(buf)) for name, buf in scratch.items())
-        if scratch and isinstance(model, nn.Module):
-            logits = call_model(
-                lambda t: torch.func.functional_call(model, scratch, (t,), strict=False),
-                x,
-                run.output,
-                module=model,
-            )
-        else:
-            logits = call_model(model, x, run.output)
-        check_logits(logits, x.shape[0])
-        if names := torchscript_nodes(logits):  # before the buffers are written back
-            raise _TorchScriptInside(names)
-        return run.operand_of(logits), (logits, scratch)
-
-    with _func_errors("the forward pass"):
-        op, pullback, (logits, scratch) = torch.func.vjp(  # type: ignore[misc]
-            forward, run.x, has_aux=True
-        )
-    write_back(named, scratch, versions)
-    run.state = pullback
-    return logits, op
-
-
-class _TorchScriptInside(Exception):
-    """`jacrev`'s forward found TorchScript nodes (`names`) in its graph."""
-
-    def __init__(self, names: list[str]) -> None:
-        super().__init__(names)
-        self.names = names
-
-
-# --------------------------------------------------------------------------- backends
-
-
-def _all_columns(op: Tensor, columns: Tensor | None) -> Tensor:
-    batch, num_classes = op.shape
-    if columns is None:
-        return torch.arange(num_classes, device=op.device).expand(batch, num_classes)
-    return columns
-
-
-def _one_hot_cotangents(op: Tensor, cols: Tensor) -> Tensor:
-    """`(k, B, N)`: cotangent `c` selects column `cols[i, c]` of row `i`."""
-    basis = op.new_zeros(cols.shape[1], *op.shape)
-    return basis.scatter_(2, cols.T.unsqueeze(-1), 1.0)
-
-
-def _loop(run: GradientPass, columns: Tensor | None, create_graph: bool) -> Tensor:
-    sel = selected(run.op, columns)
-    rows = [
-        norm_rows(input_grad(sel[:, k].sum(), run.x, create_graph), run.p)
-        for k in range(sel.shape[1])
-    ]
-    return torch.stack(rows, dim=1) if rows else sel.new_zeros(sel.shape)
-
-
-def _norms_loop(run: GradientPass, columns: Tensor | None) -> Tensor:
-    return _loop(run, columns, run.create_graph)
-
-
-def _norms_recompute(run: GradientPass, columns: Tensor | None) -> Tensor:
-    norms = _loop(run, columns, create_graph=False)
-    if not run.create_graph:
-        return norms
-    rng_state, autocast, before = run.state
-    job = Replay(
-        run.model, run.operand, run.temperature, run.p, columns, run.chunk_size, rng_state,
-        run.input_grad, autocast, run.output, before,
-    )  # fmt: skip
-    # Only the parameters the forward pass used: the norms depend on no other, and handing an
-    # unused one to the Function would give it a gradient event that DistributedDataParallel
-    # (find_unused_parameters=True) already counted as unused ("marked ready twice").
-    used = graph_leaves(run.logits)
-    named = [
-        (n, q)
-        for n, q in unwrap_ddp(run.model).named_parameters()
-        if q.requires_grad and id(q) in used
-    ]
-    out: Tensor = RecomputeNorms.apply(
-        norms, job, [n for n, _ in named], run.x, *(q for _, q in named)
-    )
-    return out
-
-
-def _norms_batched(run: GradientPass, columns: Tensor | None) -> Tensor:
-    """The k backward passes as one batched pass, by either of PyTorch's two vmaps.
-
-    In torch 2.13 each breaks some double backward: the older one of `is_grads_batched`
-    GroupNorm's (a size mismatch, any dtype); `torch.func.vmap` BatchNorm's and LayerNorm's under
-    CPU bf16 autocast (mixed dtypes). The one that works on the common case runs first (the older
-    under autocast, `torch.func`'s otherwise) and the other one when it fails; both compute the
-    same gradients. When both fail differently, the error names `loop`; the same error from both
-    is the model's own and is raised as it is.
-    """
-    cols = _all_columns(run.op, columns)
-    if cols.shape[1] == 0:
-        return run.op.new_zeros(run.op.shape[0], 0)
-    basis = _one_hot_cotangents(run.op, cols)
-    ways = [_batched_by_func, _batched_by_autograd]
-    if torch.is_autocast_enabled(run.x.device.type):
-        ways.reverse()
-    try:
-        return ways[0](run, basis)
-    except RuntimeError as err:
-        try:
-            return ways[1](run, basis)
-        except RuntimeError as other:
-            if str(other) == str(err):  # the model's own error, not a vmap's
-                raise err from None
-        raise GQLossError(
-            f"gq_loss: method='batched' could not batch the backward passes of this model ({err}); "
-            "use method='loop' (or 'recompute')"
-        ) from err
-
-
-def _batched_by_autograd(run: GradientPass, basis: Tensor) -> Tensor:
-    parts = []
-    step = run.chunk_size or basis.shape[0]
-    for start in range(0, basis.shape[0], step):
-        (grad,) = torch.autograd.grad(
-            run.op,
-            run.x,
-            basis[start : start + step],
-            retain_graph=True,
-            create_graph=run.create_graph,
-            is_grads_batched=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        parts.append(norm_rows(grad, run.p, start_dim=2).T)
-    return torch.cat(parts, dim=1)
-
-
-def _batched_by_func(run: GradientPass, basis: Tensor) -> Tensor:
-    def row_norms(cotangent: Tensor) -> Tensor:
-        (grad,) = torch.autograd.grad(
-            run.op,
-            run.x,
-            cotangent,
-            retain_graph=True,
-            create_graph=run.create_graph,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        return norm_rows(grad, run.p)
-
-    norms: Tensor = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
-    return norms
-
-
-def _norms_jacrev(run: GradientPass, columns: Tensor | None) -> Tensor:
-    cols = _all_columns(run.op, columns)
-    if cols.shape[1] == 0:
-        return run.op.new_zeros(run.op.shape[0], 0)
-    basis = _one_hot_cotangents(run.op, cols)
-    pullback = run.state
-
-    def row_norms(cotangent: Tensor) -> Tensor:
-        (grad,) = pullback(cotangent)
-        return norm_rows(grad, run.p)
-
-    # The pullback runs under the autocast state of the forward pass (the caller's), as `loop`'s
-    # backward passes do. Without create_graph the outer autograd records nothing (the
-    # pullback's own level still differentiates: torch.func ignores an outer no_grad).
-    device = run.x.device.type
-    mixed = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    outer = contextlib.nullcontext() if run.create_graph else torch.no_grad()
-    with _func_errors("the per-class backward passes", any_error=True), outer:
-        try:
-            norms = torch.func.vmap(row_norms, chunk_size=run.chunk_size)(basis).T
-        except RuntimeError as err:
-            # Under autocast, torch 2.13's batching rule of the BatchNorm backward multiplies
-            # the half-precision gradient by the float32 weight and hands the float32 product
-            # to a kernel that wants the input's dtype. The same pullback, one class at a time,
-            # runs the unbatched kernel, which takes mixed dtypes.
-            if not (mixed and torch_says(err, "mixed dtypes")):
-                raise
-            norms = torch.stack([row_norms(c) for c in basis], dim=1)
-    return norms if run.create_graph else norms.detach()
-
-
-@contextmanager
-def _func_errors(stage: str, any_error: bool = False) -> Iterator[None]:
-    """Re-raises `torch.func`'s refusals with their cause and what to do instead.
-
-    In the forward pass only errors that name a transform are translated (a model's own error
-    stays as it is); in the vmapped backward every error is, since autograd ran that forward.
-    """
-    try:
-        yield
-    except RuntimeError as err:
-        text = str(err)
-        if not any_error and not torch_says(text, "torch.func transform"):
-            raise
-        prefix = f"gq_loss: method='jacrev' could not run {stage} of this model under torch.func"
-        function = function_of(err) if torch_says(text, "no setup_context") else None
-        if is_reentrant_checkpoint(function):
-            raise GQLossError(
-                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=True "
-                f"({text}); use use_reentrant=False with method='loop', 'recompute' or 'batched' "
-                "(torch.func takes no checkpointing)"
-            ) from err
-        if torch_says(text, "no setup_context"):
-            which = "in this model" if function is None else function.__name__
-            raise GQLossError(
-                f"{prefix}: the custom autograd.Function {which} has no setup_context "
-                f"staticmethod, which torch.func needs ({text}); use method='loop', 'recompute' "
-                "or 'batched', which run it as it is, or give it a setup_context (PyTorch's "
-                "'Extending torch.func with autograd.Function')"
-            ) from err
-        if torch_says(text, "saved tensor hooks"):
-            raise GQLossError(
-                f"{prefix}: the model uses torch.utils.checkpoint with use_reentrant=False, which "
-                "runs on saved tensor hooks that torch.func does not take (Hugging Face's "
-                f"activation_checkpointing_enable() is such checkpointing) ({text}); use "
-                "method='loop', 'recompute' or 'batched', which run checkpointed models"
-            ) from err
-        raise GQLossError(
-            f"{prefix} ({text}); use method='loop' (or 'recompute'), which run any model "
-            "autograd can differentiate"
-        ) from err
-
-
-@dataclass(frozen=True)
-class _Backend:
-    """How one method runs the forward pass and turns it into norms `(B, K)`."""
-
-    forward: Callable[[GradientPass], tuple[Tensor, Tensor]]
-    norms: Callable[[GradientPass, Tensor | None], Tensor]
-
-
-_BACKENDS: dict[str, _Backend] = {
-    "loop": _Backend(_plain_forward, _norms_loop),
-    "recompute": _Backend(_plain_forward, _norms_recompute),
-    "batched": _Backend(_plain_forward, _norms_batched),
-    "jacrev": _Backend(_func_forward, _norms_jacrev),
-}
-#: The values of `method`: `"auto"` and every backend.
-GRADIENT_METHODS: tuple[str, ...] = ("auto", *_BACKENDS)

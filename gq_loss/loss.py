@@ -22,39 +22,26 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import eager_under_compile, hand_over, norm_rows, second_order_errors
-from ._detection import float64
 from ._errors import GQLossError
 from ._fsdp import full_parameters
-from ._torch_internals import autocast_disabled
-from ._validation import (
-    OutputSpec,
-    check_choice,
-    check_class_indices,
-    check_input_range,
-    check_nonnegative,
-    check_norm_order,
-    check_optional_int,
-    check_output_spec,
-    check_positive,
-)
-from .kernels import (
-    OPERANDS,
-    GradientPass,
+from ._sampled import draw_columns, quotient
+from ._settings import (
+    ESTIMATORS,
+    FORMULATIONS,
+    REDUCTIONS,
+    SETTINGS,
+    Estimator,
+    Formulation,
+    GQSettings,
     Method,
     Operand,
-    autograd_enabled,
-    probe_second_order,
-    resolve_method,
+    Reduction,
 )
+from ._torch_internals import autocast_disabled
+from ._validation import OutputSpec, check_class_indices, check_input_range
+from .kernels import GradientPass, autograd_enabled, probe_second_order
 
 __all__ = ["ESTIMATORS", "FORMULATIONS", "REDUCTIONS", "GQLoss", "gq_loss"]
-
-Formulation = Literal["paper", "reference"]
-Reduction = Literal["none", "mean", "sum"]
-Estimator = Literal["exact", "sampled"]
-FORMULATIONS: tuple[str, ...] = ("paper", "reference")
-REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
-ESTIMATORS: tuple[str, ...] = ("exact", "sampled")
 
 
 @overload
@@ -149,23 +136,10 @@ def gq_loss(
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Gradient Quotient of a batch, differentiable w.r.t. the model's parameters.
 
-    Choosing λ in `cross_entropy + λ · gq_loss(...)`: measured on CIFAR-10 (small CNN,
-    fine-tuning from the same CE weights, seed-paired; `docs/reproduction.md`), the paper's
-    λ = 1e-6 (and anything up to 1e-3) changed nothing in an earlier tiny-CNN study (its JSON is
-    not committed, so this is not reproducible from the repository), λ = 1 raised ODIN's AUROC
-    by about half a point after 20 steps at unchanged accuracy and not measurably after 80 or
-    320 steps, λ = 10 cost about 13 points of accuracy, and λ < 0 made detection worse. Plain CE
-    with ODIN was the better buy there (CE trained for the same compute gave more accuracy and
-    an ODIN FPR95 6.5 ± 3.7 points lower); if you train with GQ, use λ = 1 with
-    `estimator="sampled", num_sampled=1`, and expect little. Never train on GQ alone: without
-    cross-entropy, one epoch (Eq. 7, sampled with K = 1) took the accuracy from 72 % to 5 %
-    (Eq. 7 is smallest when the true class gets little probability). Training from scratch with
-    λ = 1 (5 epochs, five seeds) cost 2.5 points of accuracy for no detection gain (ODIN AUROC
-    +0.2 ± 1.8 points, not distinguishable from zero). An exact step costs 9-25 cross-entropy
-    steps at N = 10 classes on the CPU models measured, whatever λ is (`docs/benchmarks.md`,
-    "Cost in CE steps"); `estimator="sampled", num_sampled=1` costs about a quarter of that (6.3
-    against 24.5 CE steps, measured side by side), with an effect on ODIN's AUROC the study
-    could not tell apart from exact GQ's (three seeds).
+    Train with `cross_entropy + λ · gq_loss(...)`, never with GQ alone. The study's advice
+    (README, "Choosing λ"; its numbers, seeds and intervals in `docs/reproduction.md`) is λ = 1
+    with `estimator="sampled", num_sampled=1`; the paper's λ = 1e-6 changed nothing there. An
+    exact step costs several cross-entropy steps (`docs/benchmarks.md`, "Cost in CE steps").
 
     Under `torch.no_grad()` or `torch.inference_mode()` (validation loops) the *value* is
     computed: gradients are switched on locally for the input gradient, no double-backward graph
@@ -246,17 +220,18 @@ def gq_loss(
             logits found (the message shows `output=`), a Lightning Fabric-wrapped model (the
             message gives the pattern that works), or `method` `"recompute"`/`"jacrev"` with
             `nn.DataParallel`.
-        RuntimeError: A model with an operation that has no second derivative, with
-            reentrant checkpointing, or one that sets `requires_grad` on a tensor computed from
-            its inputs (Hugging Face audio models in train mode); a float16 model whose GQ value
-            or parameter gradient overflowed (checked within the call, before anything reaches
-            `.grad`; the message names the pass); the message says what to use instead.
+        GQLossError: (a `RuntimeError`) A model with an operation that has no second
+            derivative, with reentrant checkpointing, or one that sets `requires_grad` on a
+            tensor computed from its inputs (Hugging Face audio models in train mode); a float16
+            model whose GQ value or parameter gradient overflowed (checked within the call,
+            before anything reaches `.grad`; the message names the pass); the message says what
+            to use instead.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         >>> x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
         >>> gq, logits = gq_loss(model, x, y, return_logits=True)
-        >>> loss = torch.nn.functional.cross_entropy(logits, y) + 1e-1 * gq
+        >>> loss = torch.nn.functional.cross_entropy(logits, y) + 1.0 * gq  # λ = 1
         >>> loss.backward()
         >>> bool(0 <= gq <= 1)
         True
@@ -264,26 +239,38 @@ def gq_loss(
         ...     gq_loss(model, x, y).requires_grad
         False
     """
-    operand_name = _check_options(
-        temperature,
-        p,
-        operand,
-        formulation,
-        reduction,
-        estimator,
-        num_sampled,
-        method,
-        chunk_size,
-        eps,
-        output,
+    settings = GQSettings(
+        temperature=temperature,
+        p=p,
+        operand=operand,
+        formulation=formulation,
+        reduction=reduction,
+        estimator=estimator,
+        num_sampled=num_sampled,
+        method=method,
+        chunk_size=chunk_size,
+        eps=eps,
+        output=output,
+        autocast=autocast,
     )
-    _check_generator(generator, estimator)
-    if not isinstance(autocast, bool):
-        raise TypeError(f"`autocast` must be True or False, got {autocast!r}")
+    return gq_loss_with(settings, model, inputs, targets, generator, return_logits)
+
+
+def gq_loss_with(
+    settings: GQSettings,
+    model: Callable[[Tensor], Any],
+    inputs: Tensor,
+    targets: Tensor,
+    generator: torch.Generator | None,
+    return_logits: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`gq_loss` with validated `settings` (package-internal: `GQLoss` calls it)."""
+    _check_generator(generator, settings.estimator)
+    reduction = settings.reduction
     with (
         autograd_enabled() as tracking,
         full_parameters(model) as fsdp,
-        contextlib.nullcontext() if autocast else autocast_disabled(),
+        contextlib.nullcontext() if settings.autocast else autocast_disabled(),
     ):
         if fsdp is not None and tracking and reduction == "none":
             raise ValueError(
@@ -297,17 +284,12 @@ def gq_loss(
                 "parameter gradient for overflow within the call, which needs a scalar loss; use "
                 "reduction='mean' or 'sum' (or call it under torch.no_grad() for the values)"
             )
+        num_sampled = settings.num_sampled
         run = GradientPass(
             model,
             inputs,
-            operand=operand_name,
-            temperature=temperature,
-            p=p,
-            # The reference formulation takes its two gradients itself, from a plain forward.
-            method="loop" if formulation == "reference" else method,
-            chunk_size=chunk_size,
+            settings.norms,
             create_graph=tracking,
-            output=output,
             width=None if num_sampled is None else num_sampled + 1,
         )
         check_input_range(model, run.x, user="GQ")  # the first batch of each model only
@@ -315,17 +297,24 @@ def gq_loss(
         batch, num_classes = logits.shape
         check_class_indices("targets", targets, batch, num_classes, ndim=1, model=model)
         targets = targets.to(logits.device)
-        if formulation == "reference":
+        operand, eps = settings.norms.operand, settings.eps
+        if settings.formulation == "reference":
             with second_order_errors(logits, run.x):
                 value = _reference_ratio(run.op, run.x, targets, run.p, eps, tracking)
                 if tracking:
                     probe_second_order(run, value)
         else:
-            _check_class_count(num_classes, operand_name)
-            columns, weights = _columns(
-                logits, targets, temperature, operand_name, estimator, num_sampled, generator
+            _check_class_count(num_classes, operand)
+            columns, weights = draw_columns(
+                logits,
+                targets,
+                run.temperature,
+                operand,
+                settings.estimator,
+                num_sampled,
+                generator,
             )
-            value = _quotient(run.norms(columns), targets, weights, eps)
+            value = quotient(run.norms(columns), targets, weights, eps)
         value = _reduce(value, reduction, logits)
         half = _float16(model, run.x)
         if half:
@@ -344,43 +333,28 @@ def gq_loss(
 
 
 class GQLoss(nn.Module):
-    r"""Module twin of [`gq_loss`][gq_loss.gq_loss]: holds the settings, takes the model per call.
+    r"""Module twin of [`gq_loss`][gq_loss.gq_loss]: stores its settings, takes the model per call.
 
-    The model is a call argument, never a submodule, so it does not appear in this module's
-    `state_dict`. The settings are plain attributes (`criterion.temperature`, ...), validated
-    when the module is built and again on every call. `GQLoss()` computes the exact Eq. 7, the
-    quantity it names; the study's advice for training with GQ is
-    `GQLoss(estimator="sampled", num_sampled=1)` with λ = 1, not the paper's 1e-6 (a no-op in an
-    earlier study whose JSON is not committed), and on its baseline plain CE with ODIN was the
-    better buy: see "Choosing λ" in [`gq_loss`][gq_loss.gq_loss].
+    The keyword arguments are `gq_loss`'s settings, with the same names, defaults and meaning
+    (see [`gq_loss`][gq_loss.gq_loss]); `generator` and `return_logits` are per call. They are
+    kept as plain attributes (`criterion.temperature`, ..., shown by `repr`), validated once
+    when the module is built and again on the next call after one is assigned, so a training
+    loop's calls validate nothing. The model is a call argument, never a submodule, so it is
+    not in this module's `state_dict`.
 
-    Args:
-        temperature: $T > 0$ of the softmax scores.
-        p: Norm order of the input gradients: `1` (paper), `2` or `math.inf`.
-        operand: `"softmax"`, `"log_softmax"`, `"logits"`, or `None` for the formulation's
-            default (`"softmax"` for `paper`, `"logits"` for `reference`).
-        formulation: `"paper"` (Eq. 7) or `"reference"` (the authors' code: one ratio per
-            batch, `reduction="mean"` only).
-        reduction: `"none"` -> `(B,)`; `"mean"` | `"sum"` -> scalar `()`.
-        estimator: `"exact"` or `"sampled"` (with `num_sampled`).
-        num_sampled: $K$ classes besides the target for `estimator="sampled"`.
-        method: One of `gq_loss.kernels.GRADIENT_METHODS`; `"auto"` takes the fastest exact
-            method per model and set-up (see [`gq_loss`][gq_loss.gq_loss]).
-        chunk_size: Classes differentiated at once (the memory knob).
-        eps: Added to the denominator.
-        output: Names the logits in the model's output (a key, an attribute, an index or a
-            callable; see [`gq_loss`][gq_loss.gq_loss]); `None` reads the Hugging Face
-            `logits` field unnamed.
-        autocast: `False` runs GQ's own passes with autocast disabled (float32 for float32
-            weights) inside the caller's autocast region (see [`gq_loss`][gq_loss.gq_loss]).
+    `GQLoss()` is the exact Eq. 7, the quantity its name promises. The advice for training with
+    GQ (README, "Choosing λ"; the numbers are in `docs/reproduction.md`) is
+    `GQLoss(estimator="sampled", num_sampled=1)` at λ = 1, next to cross-entropy, as below.
 
     Examples:
-        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-        >>> criterion = GQLoss(temperature=2.0)
-        >>> criterion.temperature
-        2.0
-        >>> criterion(model, torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])).shape
-        torch.Size([])
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+        >>> x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 4])
+        >>> criterion = GQLoss(estimator="sampled", num_sampled=1)
+        >>> gq, logits = criterion(model, x, y, return_logits=True)
+        >>> loss = torch.nn.functional.cross_entropy(logits, y) + 1.0 * gq  # λ = 1
+        >>> loss.backward()
+        >>> criterion.num_sampled, gq.shape
+        (1, torch.Size([]))
     """
 
     def __init__(
@@ -399,41 +373,43 @@ class GQLoss(nn.Module):
         output: OutputSpec | None = None,
         autocast: bool = True,
     ) -> None:
-        """Validates and stores the settings (see the class docstring for each argument).
+        """Validates and stores the settings (those of [`gq_loss`][gq_loss.gq_loss]).
 
         Raises:
             ValueError: A bad value; the message names the argument and what it takes.
             TypeError: A setting of the wrong type.
         """
         super().__init__()
-        _check_options(
-            temperature,
-            p,
-            operand,
-            formulation,
-            reduction,
-            estimator,
-            num_sampled,
-            method,
-            chunk_size,
-            eps,
-            output,
+        settings = GQSettings(
+            temperature=temperature,
+            p=p,
+            operand=operand,
+            formulation=formulation,
+            reduction=reduction,
+            estimator=estimator,
+            num_sampled=num_sampled,
+            method=method,
+            chunk_size=chunk_size,
+            eps=eps,
+            output=output,
+            autocast=autocast,
         )
-        resolve_method(method, chunk_size, nn.Identity())
-        if not isinstance(autocast, bool):
-            raise TypeError(f"`autocast` must be True or False, got {autocast!r}")
-        self.temperature = temperature
-        self.p = p
-        self.operand = operand
-        self.formulation = formulation
-        self.reduction = reduction
-        self.estimator = estimator
-        self.num_sampled = num_sampled
-        self.method = method
-        self.chunk_size = chunk_size
-        self.eps = eps
-        self.output = output
-        self.autocast = autocast
+        for name in SETTINGS:
+            setattr(self, name, getattr(settings, name))
+        self.__dict__["_settings"] = settings
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in SETTINGS:  # validated on the next call
+            self.__dict__["_settings"] = None
+
+    def _current_settings(self) -> GQSettings:
+        """The settings, validated once per assignment (`GQSettings`)."""
+        settings: GQSettings | None = self.__dict__.get("_settings")
+        if settings is None:
+            settings = GQSettings(**{name: getattr(self, name) for name in SETTINGS})
+            self.__dict__["_settings"] = settings
+        return settings
 
     @overload
     def forward(
@@ -468,6 +444,7 @@ class GQLoss(nn.Module):
         return_logits: bool,
     ) -> Tensor | tuple[Tensor, Tensor]: ...
 
+    @eager_under_compile  # a graph break, as `gq_loss` (it does not go through it)
     def forward(
         self,
         model: Callable[[Tensor], Any],
@@ -499,97 +476,12 @@ class GQLoss(nn.Module):
             >>> logits.shape
             torch.Size([4, 3])
         """
-        return gq_loss(
-            model,
-            inputs,
-            targets,
-            temperature=self.temperature,
-            p=self.p,
-            operand=self.operand,
-            formulation=self.formulation,
-            reduction=self.reduction,
-            estimator=self.estimator,
-            num_sampled=self.num_sampled,
-            method=self.method,
-            chunk_size=self.chunk_size,
-            eps=self.eps,
-            generator=generator,
-            return_logits=return_logits,
-            output=self.output,
-            autocast=self.autocast,
+        return gq_loss_with(
+            self._current_settings(), model, inputs, targets, generator, return_logits
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={getattr(self, name)!r}" for name in _SETTINGS)
-
-
-_SETTINGS = (
-    "temperature",
-    "p",
-    "operand",
-    "formulation",
-    "reduction",
-    "estimator",
-    "num_sampled",
-    "method",
-    "chunk_size",
-    "eps",
-    "output",
-    "autocast",
-)
-
-
-def _check_options(
-    temperature: Any,
-    p: Any,
-    operand: Any,
-    formulation: Any,
-    reduction: Any,
-    estimator: Any,
-    num_sampled: Any,
-    method: Any,
-    chunk_size: Any,
-    eps: Any,
-    output: Any,
-) -> str:
-    """Validates every setting; returns the operand to use."""
-    check_positive("temperature", temperature)
-    check_output_spec(output)
-    check_norm_order(p)
-    check_choice("formulation", formulation, FORMULATIONS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("estimator", estimator, ESTIMATORS)
-    check_nonnegative("eps", eps)
-    if operand is None:
-        operand = "softmax" if formulation == "paper" else "logits"
-    check_choice("operand", operand, OPERANDS)
-    check_optional_int("num_sampled", num_sampled)
-    if (estimator == "sampled") != (num_sampled is not None):
-        raise ValueError(
-            "`num_sampled` must be given exactly when estimator='sampled', got "
-            f"estimator={estimator!r}, num_sampled={num_sampled!r}"
-        )
-    if formulation == "reference":
-        if operand == "softmax":
-            raise ValueError(
-                "formulation='reference' with operand='softmax' is identically 1 with zero gradient "
-                "(the non-target softmax scores sum to 1 - S_y); use operand='logits' (the "
-                "authors' published models) or formulation='paper'"
-            )
-        if (
-            reduction != "mean"
-            or estimator != "exact"
-            or method != "auto"
-            or chunk_size is not None
-        ):
-            raise ValueError(
-                "formulation='reference' is one ratio per batch from two backward passes (no "
-                "per-sample values to sum or to return): it takes reduction='mean', "
-                "estimator='exact', method='auto' and no chunk_size, got "
-                f"reduction={reduction!r}, estimator={estimator!r}, method={method!r}, "
-                f"chunk_size={chunk_size!r}"
-            )
-    return str(operand)
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in SETTINGS)
 
 
 def _check_generator(generator: Any, estimator: str) -> None:
@@ -617,78 +509,6 @@ def _check_class_count(num_classes: int, operand: str) -> None:
             "norm); use operand='logits' (||grad f_y|| / ||grad f_other||). operand='log_softmax' "
             "reduces to S_other / S_y there, a confidence term without input gradients"
         )
-
-
-def _columns(
-    logits: Tensor,
-    targets: Tensor,
-    temperature: float,
-    operand: str,
-    estimator: str,
-    num_sampled: int | None,
-    generator: torch.Generator | None,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Class columns `(B, 1 + K)` (target first, on the logits' device) and denominator weights
-    `(B, K)` (float64).
-
-    `(None, None)` means every class, exactly. The draws run in float64 where the detectors'
-    scores do (`_detection.float64`: the logits' device, or the CPU for a device without
-    float64), and so does `generator`. The proposal fits the operand (`docs/math.md`).
-    """
-    num_classes = logits.shape[1]
-    if estimator == "exact" or num_sampled is None or num_sampled >= num_classes - 1:
-        return None, None
-    with torch.no_grad():
-        z = float64(logits.detach()) / temperature
-        if generator is not None and generator.device.type != z.device.type:
-            raise ValueError(
-                f"`generator` must be on the device where the sampled estimator draws, {z.device} "
-                f"(float64, for logits on {logits.device}), got a generator on {generator.device}"
-            )
-        targets = targets.to(z.device)[:, None]
-        if operand == "softmax":
-            others, weights = _softmax_draws(z, targets, num_sampled, generator)
-        else:
-            others, weights = _uniform_draws(z, targets, num_sampled, generator)
-        columns = torch.cat([targets, others], dim=1).to(logits.device)
-    return columns, weights
-
-
-def _softmax_draws(
-    z: Tensor, targets: Tensor, num_sampled: int, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """Softmax operand, whose norms scale with S_j: the K // 2 most probable other classes
-    exactly, the rest drawn with replacement from the tail with q_j proportional to S_j."""
-    top_k = num_sampled // 2
-    drawn = num_sampled - top_k
-    masked = z.scatter(1, targets, float("-inf"))
-    top = masked.topk(top_k, dim=1).indices
-    q = masked.scatter(1, top, float("-inf")).softmax(dim=1)
-    draws = torch.multinomial(q, drawn, replacement=True, generator=generator)
-    tail_weights = 1.0 / (drawn * q.gather(1, draws))
-    weights = torch.cat([tail_weights.new_ones(top.shape), tail_weights], dim=1)
-    return torch.cat([top, draws], dim=1), weights
-
-
-def _uniform_draws(
-    z: Tensor, targets: Tensor, num_sampled: int, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """Logits and log-softmax operands, whose norms do not scale with S_j: K of the N - 1 other
-    classes drawn uniformly without replacement, each weighted (N - 1) / K."""
-    keys = torch.rand(z.shape, dtype=z.dtype, device=z.device, generator=generator)
-    others = keys.scatter(1, targets, -1.0).topk(num_sampled, dim=1).indices
-    return others, z.new_full(others.shape, (z.shape[1] - 1) / num_sampled)
-
-
-def _quotient(norms: Tensor, targets: Tensor, weights: Tensor | None, eps: float) -> Tensor:
-    """Eq. 7 from all N norms (`weights` None) or from the sampled columns (target first)."""
-    if weights is None:
-        numerator = norms.gather(1, targets[:, None]).squeeze(1)
-        denominator = norms.sum(dim=1) - numerator
-    else:
-        numerator = norms[:, 0]
-        denominator = (norms[:, 1:] * weights.to(norms.dtype).to(norms.device)).sum(dim=1)
-    return numerator / (denominator + eps)
 
 
 def _reference_ratio(

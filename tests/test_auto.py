@@ -29,7 +29,7 @@ from _oracles import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from gq_loss import GQLoss, _auto, class_gradient_norms, gq_loss, kernels
+from gq_loss import GQLoss, _auto, _backends, class_gradient_norms, gq_loss
 from gq_loss.kernels import auto_choice
 
 X = torch.randn(4, 2, 3, 3, dtype=F64)
@@ -612,7 +612,7 @@ def test_the_probe_leaves_out_a_method_that_disagrees_with_loop(
     # the probe checks every run against loop's on the probe batch and leaves it out, so auto
     # stays exact.
     _warm_scripted()
-    monkeypatch.setattr(kernels, "torchscript_nodes", lambda graph: [])
+    monkeypatch.setattr(_backends, "torchscript_nodes", lambda graph: [])
     ran = ranking("jacrev", "loop")
     model, twin = ScriptedActivation(), ScriptedActivation(scripted=False)
     got = gq_loss(model, X, Y)

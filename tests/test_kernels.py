@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
+import gq_loss._backends as _backends
 import gq_loss.kernels as kernels
 from gq_loss import class_gradient_norms, gq_loss
 from gq_loss._validation import place_inputs
@@ -1197,12 +1198,12 @@ def test_batched_names_loop_for_an_operation_vmap_cannot_batch(
     # A scripted function inside an eager model fails under vmap once TorchScript's profiling
     # executor has optimised it (when depends on the executor's state): PyTorch's message
     # comes back with what to use instead.
-    backend = kernels._BACKENDS["batched"]
+    backend = _backends.BACKENDS["batched"]
 
     def no_rule(run: Any, columns: Any) -> Tensor:
         raise RuntimeError("Batching rule not implemented for prim::RequiresGradCheck")
 
-    monkeypatch.setitem(kernels._BACKENDS, "batched", dataclasses.replace(backend, norms=no_rule))
+    monkeypatch.setitem(_backends.BACKENDS, "batched", dataclasses.replace(backend, norms=no_rule))
     model, x, y = nn.Linear(4, 3), torch.randn(3, 4), torch.tensor([0, 1, 2])
     message = r"^gq_loss: method='batched' .*no batching rule .*prim::RequiresGradCheck.*'loop'"
     with pytest.raises(RuntimeError, match=message):

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 import gq_loss._detection as gq_loss_detection
 from gq_loss import GQLoss, class_gradient_norms, gq_loss
+from gq_loss._sampled import draw_columns
 from gq_loss.kernels import auto_choice
-from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS, _columns
+from gq_loss.loss import ESTIMATORS, FORMULATIONS, REDUCTIONS
 
 
 def reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -440,7 +441,7 @@ def test_sampled_proposal_fits_the_operand(operand: str) -> None:
     spread = estimates.std(0) / exact
     assert spread.max() < 0.25, spread
     # The classes besides the target: K distinct non-targets, each weighted (N - 1) / K.
-    columns, weights = _columns(model(x), y, 1.0, operand, "sampled", 6, None)
+    columns, weights = draw_columns(model(x), y, 1.0, operand, "sampled", 6, None)
     assert columns is not None and weights is not None and columns.shape == (6, 7)
     assert (columns[:, 0] == y).all() and (columns[:, 1:] != y[:, None]).all()
     assert all(len(set(row.tolist())) == 6 for row in columns[:, 1:])
