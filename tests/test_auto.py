@@ -29,7 +29,7 @@ from _oracles import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from gq_loss import GQLoss, _auto, _backends, class_gradient_norms, gq_loss
+from gq_loss import GQLoss, _auto, _backends, _probe, class_gradient_norms, gq_loss
 from gq_loss.kernels import auto_choice
 
 X = torch.randn(4, 2, 3, 3, dtype=F64)
@@ -55,7 +55,7 @@ def ranking(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
             ran.append(method)
             return 1.0 + 0.1 * order.index(method) if method in order else 1.5
 
-        monkeypatch.setattr(_auto, "_measure", fake)
+        monkeypatch.setattr(_probe, "_measure", fake)
         return ran
 
     return install
@@ -389,7 +389,7 @@ def test_a_hopeless_method_is_not_timed_again(monkeypatch: pytest.MonkeyPatch) -
         ran.append(method)
         return fake_seconds[method]
 
-    monkeypatch.setattr(_auto, "_measure", fake)
+    monkeypatch.setattr(_probe, "_measure", fake)
     model = make_model("conv_bn", (2, 3, 3), 4)
     gq_loss(model, X, Y)
     choice = auto_choice(model)
@@ -406,8 +406,8 @@ def test_a_method_that_needs_more_memory_than_is_left_is_left_out(
     # The allocator's mark after each warm-up run (loop, batched, jacrev) and the free memory
     # after them, as on CUDA: jacrev took 300 bytes beyond loop with only 100 left free.
     marks = iter([1000, 1050, 1300])
-    monkeypatch.setattr(_auto, "_memory_mark", lambda device: next(marks))
-    monkeypatch.setattr(_auto, "_memory_free", lambda device: 100)
+    monkeypatch.setattr(_probe, "_memory_mark", lambda device: next(marks))
+    monkeypatch.setattr(_probe, "_memory_free", lambda device: 100)
     ranking("jacrev", "batched", "loop")
     model = make_model("conv_bn", (2, 3, 3), 4)
     gq_loss(model, X, Y)
@@ -423,7 +423,7 @@ def test_when_every_other_method_fails_auto_is_loop(monkeypatch: pytest.MonkeyPa
         step(method)
         return 1.0
 
-    monkeypatch.setattr(_auto, "_measure", fake)
+    monkeypatch.setattr(_probe, "_measure", fake)
     model = make_model("conv_bn", (2, 3, 3), 4)
     got = gq_loss(model, X, Y)
     choice = auto_choice(model)
