@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from ._autograd import hand_over, norm_rows, second_order_errors
 from ._errors import GQLossError
 from ._fsdp import full_parameters
+from ._gq_settings import GQSettings
 from ._sampled import draw_columns, quotient
-from ._settings import GQSettings
 from ._torch_internals import autocast_disabled
 from ._validation import check_class_indices, check_input_range
 from .kernels import GradientPass, autograd_enabled, probe_second_order

@@ -1,7 +1,7 @@
 """Which method a call runs on a model, or a refusal that names what works (package-internal).
 
 The code form of `docs/models.md`'s tables: one function, `plan_method`, takes the method the
-settings resolved (`_settings.check_method`: a known name, `auto` with `chunk_size` is
+settings resolved (`_gq_settings.check_method`: a known name, `auto` with `chunk_size` is
 `recompute`, no `chunk_size` with `loop`) and the model of this call, and returns the method or
 raises with the methods and set-ups that work for that model:
 
@@ -38,7 +38,7 @@ def plan_method(method: str, model: Any) -> str:
     """The method (`auto` or a backend) that runs `model`, or the refusal (the table above).
 
     Args:
-        method: A method resolved by the settings (`_settings.check_method`).
+        method: A method resolved by the settings (`_gq_settings.check_method`).
         model: The model of the call, wrapper included.
 
     Raises:

@@ -117,8 +117,8 @@ from ._autograd import (
 )
 from ._backends import BACKENDS, GRADIENT_METHODS, TorchScriptInside, plain_forward
 from ._fsdp import full_parameters, gather_parameters
+from ._gq_settings import OPERANDS, Method, NormSettings, Operand, norm_settings
 from ._plan import plan_method
-from ._settings import OPERANDS, Method, NormSettings, Operand, norm_settings
 from ._torch_internals import differentiable_forward
 from ._validation import (
     OutputSpec,

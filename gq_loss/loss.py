@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._autograd import eager_under_compile
 from ._compute import compute_gq
-from ._settings import (
+from ._gq_settings import (
     ESTIMATORS,
     FORMULATIONS,
     REDUCTIONS,

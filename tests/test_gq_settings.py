@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from gq_loss import GQLoss, gq_loss
+from gq_loss._gq_settings import SETTINGS, GQSettings
 from gq_loss._plan import plan_method
-from gq_loss._settings import SETTINGS, GQSettings
 
 CHECKS = (
     "check_choice",
