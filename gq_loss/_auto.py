@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._autograd import differentiable_forward
 from ._recompute import get_autocast_state, get_rng_state
-from ._validation import call_model, check_logits
+from ._runtime import call_model, check_logits
 
 logger = logging.getLogger("gq_loss")
 

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._runtime import unwrap_ddp
+
 
 def operand_of(logits: Tensor, operand: str, temperature: float) -> Tensor:
     """`softmax`/`log_softmax`/identity of `logits / T` in at least float32 `(B, N)`."""
@@ -98,11 +100,6 @@ def autocast_disabled() -> Iterator[None]:
             if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
                 stack.enter_context(torch.autocast(kind, enabled=False))
         yield
-
-
-def unwrap_ddp(model: Any) -> Any:
-    # Recomputing through a DistributedDataParallel wrapper would re-enter its reducer.
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 @contextmanager

@@ -26,9 +26,8 @@ from ._autograd import (
     operand_of,
     second_order_errors,
     selected,
-    unwrap_ddp,
 )
-from ._validation import OutputSpec, select_output
+from ._runtime import OutputSpec, select_output, unwrap_ddp
 
 #: Autocast settings of one device type: (device type, enabled, dtype).
 AutocastState = tuple[tuple[str, bool, torch.dtype], ...]

@@ -122,7 +122,6 @@ from ._autograd import (
     second_order_errors,
     selected,
     torchscript_nodes,
-    unwrap_ddp,
 )
 from ._fsdp import fsdp_modules, full_parameters, gather_parameters
 from ._recompute import (
@@ -132,18 +131,21 @@ from ._recompute import (
     get_autocast_state,
     get_rng_state,
 )
-from ._validation import (
+from ._runtime import (
     OutputSpec,
     call_model,
-    check_choice,
-    check_class_indices,
     check_inputs,
     check_logits,
+    check_output_spec,
+    place_inputs,
+    unwrap_ddp,
+)
+from ._validation import (
+    check_choice,
+    check_class_indices,
     check_norm_order,
     check_optional_int,
-    check_output_spec,
     check_positive,
-    place_inputs,
 )
 
 __all__ = ["GRADIENT_METHODS", "OPERANDS", "AutoChoice", "auto_choice", "class_gradient_norms"]

@@ -28,17 +28,15 @@ from ._autograd import (
     norm_rows,
     second_order_errors,
 )
-from ._detection import float64
 from ._fsdp import full_parameters
+from ._runtime import OutputSpec, check_output_spec, float64
 from ._validation import (
-    OutputSpec,
     check_choice,
     check_class_indices,
     check_input_range,
     check_nonnegative,
     check_norm_order,
     check_optional_int,
-    check_output_spec,
     check_positive,
 )
 from .kernels import (
@@ -636,7 +634,7 @@ def _columns(
     `(B, K)` (float64).
 
     `(None, None)` means every class, exactly. The draws run in float64 where the detectors'
-    scores do (`_detection.float64`: the logits' device, or the CPU for a device without
+    scores do (`_runtime.float64`: the logits' device, or the CPU for a device without
     float64), and so does `generator`. The proposal fits the operand (`docs/math.md`).
     """
     num_classes = logits.shape[1]

@@ -10,27 +10,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._autograd import unwrap_ddp
-from ._detection import (
-    BatchResult,
-    Detector,
+from ._detector import BatchResult, Detector, NotFittedError
+from ._runtime import (
     Model,
-    NotFittedError,
-    Setting,
+    OutputSpec,
+    call_model,
     check_model,
-    check_ood_label,
     eval_mode,
     float64,
     is_exported,
-)
-from ._validation import (
-    OutputSpec,
-    call_model,
-    check_nonnegative,
-    check_optional_int,
     place_inputs,
     select_output,
+    unwrap_ddp,
 )
+from ._settings import Setting, check_ood_label
+from ._validation import check_nonnegative, check_optional_int
 
 __all__ = ["PINV_RTOL", "MahalanobisDetector"]
 

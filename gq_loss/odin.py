@@ -13,16 +13,10 @@ from typing import Any
 
 from torch import Tensor
 
-from ._detection import (
-    BatchResult,
-    Data,
-    Detector,
-    Model,
-    Setting,
-    check_batch,
-    check_scores,
-)
-from ._validation import OutputSpec, check_choice, check_nonnegative, check_positive
+from ._detector import BatchResult, Data, Detector, check_scores
+from ._runtime import Model, OutputSpec, check_batch
+from ._settings import Setting
+from ._validation import check_choice, check_nonnegative, check_positive
 from .functional import (
     Clamp,
     PerChannel,

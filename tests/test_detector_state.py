@@ -19,7 +19,7 @@ from gq_loss import (
     NotFittedError,
     ODINDetector,
 )
-from gq_loss._detection import scored_settings
+from gq_loss._persistence import scored_settings
 
 
 def mlp() -> nn.Module:

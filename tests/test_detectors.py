@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -97,6 +98,28 @@ def test_odin_functions_leave_no_trace_and_restore_mode():
     assert all(p.grad is None for p in model.parameters())
     for key, value in model.state_dict().items():  # eval mode: BatchNorm statistics untouched
         assert torch.equal(value, state[key]), key
+
+
+def test_a_0d_input_gets_one_value_error_from_the_loss_and_every_detector():
+    """The one input rule (`_runtime.check_input`): a 0-d tensor has no batch dimension, and GQ,
+    the ODIN functions and every detector refuse it with the same ValueError (the detectors'
+    per-batch check used to raise a TypeError about its dtype, which is floating)."""
+    from gq_loss import class_gradient_norms, gq_loss
+
+    model, x = mlp(), torch.tensor(1.0, dtype=torch.float64)
+    calls = {
+        "class_gradient_norms": lambda: class_gradient_norms(model, x),
+        "gq_loss": lambda: gq_loss(model, x, torch.zeros(1, dtype=torch.long)),
+        "odin_score": lambda: odin_score(model, x),
+        "odin_perturb": lambda: odin_perturb(model, x),
+        "ODINDetector.perturb": lambda: ODINDetector(model).perturb(x),
+        **{f"{n}.score": lambda n=n: DETECTORS[n](model).score(x) for n in DETECTORS},
+        **{f"{n}.score of batches": lambda n=n: DETECTORS[n](model).score([x]) for n in DETECTORS},
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"`inputs` must have shape \(B, \.\.\.\)") as info:
+            call()
+        assert re.search(r"with at least [12] dimensions?, got \(\)$", str(info.value)), name
 
 
 def test_odin_functions_validate():
@@ -461,7 +484,7 @@ def test_a_setting_that_changes_scores_drops_the_threshold(name, setting, value)
 
 
 def test_every_score_setting_is_covered_and_the_others_keep_the_threshold():
-    from gq_loss._detection import settings_of
+    from gq_loss._settings import settings_of
 
     x = torch.randn(30, 3, 2, 2, dtype=torch.float64)
     for name, make in ALL_DETECTORS.items():
@@ -534,7 +557,7 @@ def test_settings_are_validated_on_assignment_as_at_construction(
 
 
 def test_settings_are_public_and_in_the_repr():
-    from gq_loss._detection import settings_of
+    from gq_loss._settings import settings_of
 
     odin = ODINDetector(mlp(), input_std=torch.tensor([0.5, 0.25, 2.0]), clamp=(0.0, [1, 2, 3]))
     assert odin.input_std == (0.5, 0.25, 2.0)  # immutable: no in-place change bypasses a check
@@ -676,7 +699,7 @@ def test_mahalanobis_hook_copies_the_layer_output_before_in_place_operations(dty
 def test_float64_work_follows_the_one_device_rule(monkeypatch):
     """MPS has no float64: every score (Mahalanobis included) asks `lacks_float64` where its
     float64 work may run; with no MPS here, the check is made to answer "no float64"."""
-    import gq_loss._detection as detection
+    import gq_loss._runtime as detection
 
     asked: list[str] = []
 

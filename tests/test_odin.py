@@ -426,7 +426,10 @@ def test_validation():
         detector.score([("a", 1)])
     with pytest.raises(TypeError, match="`inputs` must be a floating tensor"):
         detector.score(torch.ones(3, 12, dtype=torch.long))
-    with pytest.raises(ValueError, match="`inputs` must have a batch dimension"):
+    with pytest.raises(
+        ValueError,
+        match=r"`inputs` must have shape \(B, \.\.\.\) with at least 1 dimension, got \(\)",
+    ):
         detector.score(torch.tensor(1.0))
     with pytest.raises(ValueError, match="`inputs` yielded no samples"):
         detector.score([])
