@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from _models import mlp
 from _plain_odin import plain_odin
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -41,10 +42,6 @@ class Bump(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = 5 * torch.exp(-1e5 * (x[:, 0] - 0.005) ** 2)
         return torch.stack([h, torch.zeros_like(h)], dim=1)
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).double()
 
 
 def conv_bn() -> nn.Module:
