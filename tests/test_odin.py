@@ -149,6 +149,34 @@ def test_step_raises_predicted_class_log_softmax(temperature, input_std):
     assert (stepped.gather(1, y_hat) > clean.gather(1, y_hat)).all()
 
 
+def test_each_batch_is_placed_once(monkeypatch):
+    """ODIN places a batch once (`_runtime.place_inputs`: the copy it differentiates); the
+    perturbed inputs and the logits reuse that placement (it used to place each batch 4 times)."""
+    import gq_loss._runtime as runtime
+    import gq_loss.functional as functional
+
+    calls = []
+    place = runtime.place_inputs
+
+    def counted(model, inputs):
+        calls.append(tuple(inputs.shape))
+        return place(model, inputs)
+
+    monkeypatch.setattr(runtime, "place_inputs", counted)
+    monkeypatch.setattr(functional, "place_inputs", counted)
+    model, x = conv_bn(), torch.rand(6, 3, 2, 2, dtype=torch.float64)
+    want = odin_score(model, x, temperature=10.0, epsilon=0.01, clamp=(0.0, 1.0))
+    assert calls == [(6, 3, 2, 2)]
+    calls.clear()
+    detector = ODINDetector(model, temperature=10.0, epsilon=0.01, clamp=(0.0, 1.0), batch_size=4)
+    assert torch.equal(
+        detector.score(x)[:4],
+        odin_score(model, x[:4], temperature=10.0, epsilon=0.01, clamp=(0.0, 1.0)),
+    )
+    assert calls == [(4, 3, 2, 2), (2, 3, 2, 2), (4, 3, 2, 2)]  # one per batch, and one per call
+    torch.testing.assert_close(detector.score(x), want, rtol=1e-12, atol=1e-12)
+
+
 def test_no_side_effects_on_model_or_input():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
