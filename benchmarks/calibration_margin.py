@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gq_loss import EnergyDetector, MahalanobisDetector, MSPDetector, ODINDetector
-from gq_loss._detection import CALIBRATION_MARGIN
+from gq_loss._detector import CALIBRATION_MARGIN
 
 
 def mlp() -> nn.Module:

@@ -16,7 +16,7 @@ from __future__ import annotations
 # The unreleased 1.0 that CHANGELOG.md describes ("1.0 API"); nothing has been published yet.
 __version__ = "1.0.0.dev0"
 
-from ._detection import Detector, NotFittedError
+from ._detector import Detector, NotFittedError
 from ._errors import GQLossError
 from ._validation import InputRangeWarning
 from .functional import odin_perturb, odin_score

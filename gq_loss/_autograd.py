@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import GQLossError
+from ._runtime import unwrap_ddp
 from ._torch_internals import (
     ONCE_DIFFERENTIABLE_MESSAGE,
     dynamo_loaded,
@@ -91,11 +92,6 @@ def eager_under_compile(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         return result
 
     return wrapper
-
-
-def unwrap_ddp(model: Any) -> Any:
-    # Recomputing through a DistributedDataParallel wrapper would re-enter its reducer.
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 @contextmanager

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ._autograd import graph_leaves, input_grad, norm_rows, selected, torchscript_nodes, unwrap_ddp
+from ._autograd import graph_leaves, input_grad, norm_rows, selected, torchscript_nodes
 from ._errors import GQLossError
 from ._recompute import PreForwardBuffers, RecomputeNorms, Replay, get_rng_state
+from ._runtime import call_model, check_logits, unwrap_ddp
 from ._torch_internals import (
     autocast_state,
     function_of,
@@ -27,7 +28,6 @@ from ._torch_internals import (
     version,
     write_back,
 )
-from ._validation import call_model, check_logits
 
 if TYPE_CHECKING:
     from .kernels import GradientPass

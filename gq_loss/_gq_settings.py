@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._backends import GRADIENT_METHODS
+from ._runtime import OutputSpec, check_output_spec
 from ._validation import (
-    OutputSpec,
     check_choice,
     check_nonnegative,
     check_norm_order,
     check_optional_int,
-    check_output_spec,
     check_positive,
 )
 

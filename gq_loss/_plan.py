@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._autograd import unwrap_ddp
 from ._fsdp import fsdp_modules
+from ._runtime import unwrap_ddp
 from ._torch_internals import ddp_static_graph
 
 

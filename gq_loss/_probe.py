@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ._recompute import get_rng_state
+from ._runtime import call_model, check_logits
 from ._torch_internals import BufferSwap, differentiable_forward
-from ._validation import call_model, check_logits
 
 #: `batched` and `jacrev` differentiate every class of a sample at once; above this many classes
 #: per sample `auto` does not consider them (and does not pay for timing them).

@@ -24,9 +24,9 @@ from ._autograd import (
     operand_of,
     second_order_errors,
     selected,
-    unwrap_ddp,
 )
 from ._errors import GQLossError
+from ._runtime import OutputSpec, select_output, unwrap_ddp
 from ._torch_internals import (
     AutocastState,
     BufferSwap,
@@ -34,7 +34,6 @@ from ._torch_internals import (
     differentiable_forward,
     version,
 )
-from ._validation import OutputSpec, select_output
 
 
 @dataclass(frozen=True)

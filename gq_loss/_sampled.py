@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._detection import float64
+from ._runtime import float64
 
 
 def draw_columns(
@@ -27,7 +27,7 @@ def draw_columns(
     `(B, K)` (float64).
 
     `(None, None)` means every class, exactly. The draws run in float64 where the detectors'
-    scores do (`_detection.float64`: the logits' device, or the CPU for a device without
+    scores do (`_runtime.float64`: the logits' device, or the CPU for a device without
     float64), and so does `generator`. The proposal fits the operand (`docs/math.md`).
     """
     num_classes = logits.shape[1]

@@ -58,23 +58,27 @@ Choices made explicit here:
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._detection import Model, check_batch, check_model, eval_mode, float64, logits_of
-from ._validation import (
+from ._runtime import (
+    Model,
     OutputSpec,
-    check_input_range,
-    check_nonnegative,
+    check_batch,
+    check_model,
     check_output_spec,
-    check_positive,
+    eval_mode,
+    float64,
+    grad_pass,
+    input_device,
+    logits_of,
     place_inputs,
 )
+from ._validation import check_input_range, check_nonnegative, check_positive
 
 __all__ = ["odin_perturb", "odin_score"]
 
@@ -129,19 +133,9 @@ def check_sign_of_zero(value: Any) -> int:
 # --------------------------------------------------------------------------- one batch
 
 
-@contextlib.contextmanager
-def _grad_pass(device: torch.device) -> Iterator[None]:
-    """Gradients on, even under ``no_grad`` or ``inference_mode`` (Lightning's predict loop),
-    with autocast disabled for ``device``; the input copy must be made inside."""
-    available = getattr(torch.amp, "is_autocast_available", None)
-    use_autocast = available(device.type) if available else device.type in ("cpu", "cuda")
-    autocast = torch.autocast(device.type, enabled=False) if use_autocast else None
-    with torch.inference_mode(False), torch.enable_grad(), autocast or contextlib.nullcontext():
-        yield
-
-
 def _logits(model: Model, x: Tensor, output: OutputSpec | None) -> Tensor:
-    out = logits_of(model, x, output)
+    """The logits of ``x``, already placed by `_leaf`; half precision promoted to float32."""
+    out = logits_of(model, x, output, placed=True)
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
@@ -234,7 +228,7 @@ def odin_grid(
     need_grad = any(e > 0 for e in epsilons)
     if std is None:  # input_std= says the inputs are normalised on purpose
         check_input_range(model, inputs, user="ODIN")
-    with eval_mode(model), _grad_pass(_device(model, inputs)):
+    with eval_mode(model), grad_pass(input_device(model, inputs)):
         x = _leaf(model, inputs).requires_grad_(need_grad)
         _check_step_precision(x, model, max(epsilons, default=0.0))
         logits = _logits(model, x, output)
@@ -259,14 +253,9 @@ def odin_grid(
 # --------------------------------------------------------------------------- public API
 
 
-def _device(model: Model, inputs: Tensor) -> torch.device:
-    """The device the model runs on (`place_inputs`), without copying the inputs."""
-    return place_inputs(model, inputs[:0]).device
-
-
 def _leaf(model: Model, inputs: Tensor) -> Tensor:
-    """A fresh copy of ``inputs``, placed by `place_inputs`, for the input gradient; call it
-    inside `_grad_pass`."""
+    """A fresh copy of ``inputs``, placed by `place_inputs` (the one placement of an ODIN
+    call), for the input gradient; call it inside `grad_pass`."""
     x = place_inputs(model, inputs.detach())
     # Made under the caller's inference_mode: autograd needs a normal tensor.
     return x.clone() if x.is_inference() else x
@@ -350,7 +339,7 @@ def odin_perturb(
     )
     if std is None:  # input_std= says the inputs are normalised on purpose
         check_input_range(model, inputs, user="ODIN")
-    with eval_mode(model), _grad_pass(_device(model, inputs)):
+    with eval_mode(model), grad_pass(input_device(model, inputs)):
         leaf = _leaf(model, inputs)
         _check_step_precision(leaf, model, epsilon)
         sign = None

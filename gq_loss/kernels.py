@@ -119,13 +119,9 @@ from ._backends import BACKENDS, GRADIENT_METHODS, TorchScriptInside, plain_forw
 from ._fsdp import full_parameters, gather_parameters
 from ._gq_settings import OPERANDS, Method, NormSettings, Operand, norm_settings
 from ._plan import plan_method
+from ._runtime import OutputSpec, check_inputs, place_inputs
 from ._torch_internals import differentiable_forward
-from ._validation import (
-    OutputSpec,
-    check_class_indices,
-    check_inputs,
-    place_inputs,
-)
+from ._validation import check_class_indices
 
 __all__ = ["GRADIENT_METHODS", "OPERANDS", "AutoChoice", "auto_choice", "class_gradient_norms"]
 

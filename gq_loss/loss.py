@@ -34,7 +34,7 @@ from ._gq_settings import (
     Operand,
     Reduction,
 )
-from ._validation import OutputSpec
+from ._runtime import OutputSpec
 
 __all__ = ["ESTIMATORS", "FORMULATIONS", "REDUCTIONS", "GQLoss", "gq_loss"]
 

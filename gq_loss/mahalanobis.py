@@ -3,39 +3,31 @@ tied covariance on a model's features (Lee et al., 2018), as a [`Detector`][gq_l
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._autograd import unwrap_ddp
-from ._detection import (
-    BatchResult,
-    Detector,
+from ._capture import capture_output
+from ._detector import BatchResult, Detector, NotFittedError
+from ._gaussians import PINV_RTOL, ClassGaussians, check_gaussians, nearest_class, pinv_psd
+from ._runtime import (
     Model,
-    NotFittedError,
-    Setting,
+    OutputSpec,
+    call_model,
     check_model,
-    check_ood_label,
     eval_mode,
     float64,
     is_exported,
-)
-from ._validation import (
-    OutputSpec,
-    call_model,
-    check_nonnegative,
-    check_optional_int,
     place_inputs,
     select_output,
+    unwrap_ddp,
 )
+from ._settings import Setting, check_ood_label
+from ._validation import check_nonnegative, check_optional_int
 
 __all__ = ["PINV_RTOL", "MahalanobisDetector"]
-
-#: Eigenvalues of the (ridged) covariance below this share of the largest one count as zero.
-PINV_RTOL = 1e-10
 
 Data = Tensor | tuple[Tensor, ...] | list[Tensor] | Iterable[Any]
 FeatureFn = Callable[[Tensor], Any]
@@ -185,7 +177,7 @@ class MahalanobisDetector(Detector):
         self.feature_fn = feature_fn
         self.ridge = ridge
         self.num_classes = num_classes
-        self._check_source()
+        check_source(self.model, self.layer, self.feature_fn)
         check_ood_label(self.ood_label, self.num_classes)
         self.__dict__["_ready"] = True
 
@@ -203,31 +195,7 @@ class MahalanobisDetector(Detector):
             return
         current = {n: getattr(self, n) for n in ("model", "layer", "feature_fn")}
         current[name] = value
-        self._check_source(**current)
-
-    def _check_source(self, **source: Any) -> None:
-        model = source.get("model", self.model) if source else self.model
-        layer = source.get("layer", self.layer) if source else self.layer
-        feature_fn = source.get("feature_fn", self.feature_fn) if source else self.feature_fn
-        if (layer is None) == (feature_fn is None):
-            raise ValueError(
-                "pass exactly one of `feature_fn` or `layer`, got "
-                f"feature_fn={feature_fn!r}, layer={layer!r} (to switch the feature source, "
-                "build a new MahalanobisDetector)"
-            )
-        if layer is not None:
-            if model is None:
-                raise ValueError(f"`layer={layer!r}` needs `model`, got model=None")
-            if not isinstance(model, nn.Module):
-                raise TypeError(
-                    f"`layer={layer!r}` needs `model` to be a torch.nn.Module (its submodules "
-                    f"are looked up by name), got {type(model).__name__}; pass `feature_fn` for "
-                    "a plain callable"
-                )
-            modules = dict(model.named_modules())
-            if layer not in modules:
-                names = [n for n in modules if n][:10]
-                raise ValueError(f"`layer` {layer!r} is not a submodule of `model`; some: {names}")
+        check_source(**current)
 
     def _invalidate(self, setting: str | None = None) -> None:
         """Drop the fit and the threshold: a setting that changes the features was assigned."""
@@ -242,62 +210,7 @@ class MahalanobisDetector(Detector):
     def features(self, inputs: Tensor) -> Tensor:
         """Features of one batch: inputs ``(B, ...)`` -> ``(B, D)`` float64, no graph; on the
         device of the features, or on the CPU where that device has no float64 (MPS)."""
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
-        model, layer, output = self.model, self.layer, self.output
-        source = f"`layer` {layer!r}" if layer is not None else "`feature_fn`"
-        if model is not None:
-            inputs = place_inputs(model, inputs)
-        captured: list[Any] = []
-
-        def copy(out: Any) -> Any:
-            """The features in ``out``, copied in float64 now: later in-place operations of the
-            forward must not reach them."""
-            try:
-                feats = select_output(out, output)
-            except ValueError as err:
-                raise ValueError(f"{source}: {err}") from err
-            return float64(feats.detach(), copy=True) if isinstance(feats, Tensor) else feats
-
-        def record(_module: nn.Module, _inputs: Any, out: Any) -> None:
-            if threading.get_ident() == caller:  # not another thread's forward of the module
-                captured[:] = [copy(out)]
-
-        caller = threading.get_ident()
-        handle = None
-        try:
-            with eval_mode(model), torch.no_grad():
-                if layer is not None:
-                    assert isinstance(model, nn.Module)  # checked by _check_source
-                    module = dict(model.named_modules())[layer]
-                    handle = module.register_forward_hook(record)
-                    call_model(unwrap_ddp(model), inputs)
-                    if not captured:
-                        hint = (
-                            ": a torch.export module runs its graph, not its submodules; pass "
-                            "`feature_fn` (e.g. an exported feature extractor)"
-                            if any(is_exported(m) for m in model.modules())
-                            else ""
-                        )
-                        raise RuntimeError(f"`layer` {layer!r} did not run in model(inputs){hint}")
-                    feats = captured[-1]
-                else:
-                    assert self.feature_fn is not None
-                    feats = copy(self.feature_fn(inputs))
-        finally:
-            if handle is not None:
-                handle.remove()
-        if not isinstance(feats, Tensor):
-            raise TypeError(
-                f"{source} must produce a Tensor, got {type(feats).__name__}; name the features "
-                "in its output with `output=` (a key, an attribute, an index or a callable)"
-            )
-        if feats.ndim < 2 or feats.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"{source} must produce features (B, D) with B={inputs.shape[0]}, "
-                f"got shape {tuple(feats.shape)}"
-            )
-        return feats.flatten(1)
+        return features_of(self.model, self.layer, self.feature_fn, self.output, inputs)
 
     # ------------------------------------------------------------------ fit / score
 
@@ -320,52 +233,18 @@ class MahalanobisDetector(Detector):
                 overflowed), refused at that batch; a class has no samples; the data is empty.
         """
         self._invalidate()
-        count = mean = scatter = None
+        stats = ClassGaussians(self.num_classes)
         for index, (inputs, labels) in enumerate(_labelled_batches(id_train_data, self.input_key)):
             feats = _check_finite(self.features(inputs), index)
             labels = _check_labels(labels, feats.shape[0]).to(feats.device)
-            if feats.shape[0] == 0:
-                continue
-            size = int(labels.max()) + 1
-            if self.num_classes is not None:
-                if size > self.num_classes:
-                    raise ValueError(
-                        f"`labels` must be < num_classes={self.num_classes}, got {size - 1}"
-                    )
-                size = self.num_classes
-            if count is None or mean is None or scatter is None:
-                dim = feats.shape[1]
-                count = feats.new_zeros(size)
-                mean = feats.new_zeros(size, dim)
-                scatter = feats.new_zeros(dim, dim)
-            elif feats.shape[1] != mean.shape[1]:
-                raise ValueError(f"features changed size from {mean.shape[1]} to {feats.shape[1]}")
-            if size > count.shape[0]:  # labels grow as batches arrive
-                grow = size - count.shape[0]
-                count = torch.cat([count, count.new_zeros(grow)])
-                mean = torch.cat([mean, mean.new_zeros(grow, mean.shape[1])])
-            n_b = torch.bincount(labels, minlength=count.shape[0]).to(feats.dtype)
-            sums = feats.new_zeros(mean.shape).index_add_(0, labels, feats)
-            mean_b = sums / n_b.clamp(min=1).unsqueeze(1)
-            centered = feats - mean_b[labels]
-            scatter += centered.T @ centered
-            # Chan et al. merge of (count, mean, scatter) with this batch, class by class
-            delta = mean_b - mean
-            weight = count * n_b / (count + n_b).clamp(min=1)
-            scatter += (delta * weight.unsqueeze(1)).T @ delta
-            mean += delta * (n_b / (count + n_b).clamp(min=1)).unsqueeze(1)
-            count += n_b
-        if count is None or mean is None or scatter is None:
-            raise ValueError("`id_train_data` must contain at least one sample, got none")
-        empty = torch.nonzero(count == 0).flatten().tolist()
-        if empty:
-            raise ValueError(f"every class needs samples to fit; classes {empty} have none")
-        check_ood_label(self.ood_label, count.shape[0])
-        covariance = scatter / count.sum()
-        self.means_ = mean
+            if feats.shape[0] > 0:
+                stats.update(feats, labels)
+        counts, means, covariance = stats.result()
+        check_ood_label(self.ood_label, means.shape[0])
+        self.means_ = means
         self.covariance_ = covariance
-        self.precision_ = _pinv_psd(covariance, self.ridge)
-        self.class_counts_ = count.to(torch.int64)
+        self.precision_ = pinv_psd(covariance, self.ridge)
+        self.class_counts_ = counts
         return self
 
     def _check_fitted(self) -> None:
@@ -377,42 +256,10 @@ class MahalanobisDetector(Detector):
 
     def _checked_fitted(self, state: Mapping[str, Any]) -> dict[str, Any]:
         names = ("means_", "covariance_", "precision_", "class_counts_")
-        values = [state[n] for n in names]
-        checked = super()._checked_fitted(state)
-        if all(v is None for v in values):  # saved before fit
-            return {**checked, **dict.fromkeys(names)}
-        if not all(isinstance(v, Tensor) for v in values):
-            raise TypeError(
-                f"`state_dict` must hold tensors (or all None) for {list(names)}, got "
-                f"{[type(v).__name__ for v in values]}"
-            )
-        means = values[0]
-        c, d = means.shape if means.ndim == 2 else (-1, -1)
-        expected = [
-            (torch.float64, (c, d)),
-            (torch.float64, (d, d)),
-            (torch.float64, (d, d)),
-            (torch.int64, (c,)),
-        ]
-        got = [(v.dtype, tuple(v.shape)) for v in values]
-        if c < 1 or got != expected:
-            raise ValueError(
-                f"`state_dict` must hold {list(names)} as float64 (C, D), (D, D), (D, D) and "
-                f"int64 (C,), got {[(str(t), s) for t, s in got]}"
-            )
-        bad = [n for n, v in zip(names[:3], values[:3], strict=True) if not v.isfinite().all()]
-        if bad:
-            raise ValueError(
-                f"`state_dict` holds NaN or inf in {bad}: every distance would be NaN and "
-                "`predict` would reject every input; save the state of a detector fitted on "
-                "finite features"
-            )
-        if int(values[3].min()) < 1:
-            raise ValueError(
-                f"`state_dict['class_counts_']` must be >= 1 for every class (a fit needs samples "
-                f"of each), got {values[3].tolist()}"
-            )
-        return {**checked, **{n: v.detach().clone() for n, v in zip(names, values, strict=True)}}
+        threshold = super()._checked_fitted(state)
+        checked = check_gaussians(names, [state[n] for n in names])
+        fitted = dict.fromkeys(names) if checked is None else dict(zip(names, checked, strict=True))
+        return {**threshold, **fitted}
 
     def _score_batch(self, inputs: Tensor) -> BatchResult:
         """Scores ``(B,)`` float64 ``<= 0`` and the nearest class ``(B,)``."""
@@ -423,24 +270,87 @@ class MahalanobisDetector(Detector):
             raise ValueError(
                 f"features have size {feats.shape[1]}, but the score was fitted on {means.shape[1]}"
             )
-        # centre on the mean of the class means: the expansion below then cancels less
-        centre = means.mean(dim=0)
-        f, m = feats - centre, means - centre
-        pm = m @ precision
-        dist = (
-            ((f @ precision) * f).sum(1, keepdim=True) - 2.0 * f @ pm.T + (pm * m).sum(1)
-        )  # (B, C)
-        nearest = dist.min(dim=1)
-        return -nearest.values.clamp(min=0.0), nearest.indices, means.shape[0]
+        distance, nearest = nearest_class(feats, means, precision)
+        return -distance, nearest, means.shape[0]
 
 
-def _pinv_psd(covariance: Tensor, ridge: float) -> Tensor:
-    """Pseudo-inverse of ``covariance + ridge * I`` (symmetric PSD) via its eigenvectors."""
-    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
-    evals, evecs = torch.linalg.eigh(covariance + ridge * eye)
-    keep = evals > PINV_RTOL * evals.max().clamp(min=0.0)
-    inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
-    return (evecs * inv) @ evecs.T
+def check_source(model: Any, layer: str | None, feature_fn: FeatureFn | None) -> None:
+    """Refuse a feature source that is not exactly one of ``layer`` (a submodule of an
+    ``nn.Module`` ``model``) or ``feature_fn``."""
+    if (layer is None) == (feature_fn is None):
+        raise ValueError(
+            "pass exactly one of `feature_fn` or `layer`, got "
+            f"feature_fn={feature_fn!r}, layer={layer!r} (to switch the feature source, "
+            "build a new MahalanobisDetector)"
+        )
+    if layer is not None:
+        if model is None:
+            raise ValueError(f"`layer={layer!r}` needs `model`, got model=None")
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"`layer={layer!r}` needs `model` to be a torch.nn.Module (its submodules "
+                f"are looked up by name), got {type(model).__name__}; pass `feature_fn` for "
+                "a plain callable"
+            )
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            names = [n for n in modules if n][:10]
+            raise ValueError(f"`layer` {layer!r} is not a submodule of `model`; some: {names}")
+
+
+def features_of(
+    model: Model | None,
+    layer: str | None,
+    feature_fn: FeatureFn | None,
+    output: OutputSpec | None,
+    inputs: Tensor,
+) -> Tensor:
+    """Features ``(B, D)`` float64 of inputs ``(B, ...)`` from a checked source (`check_source`):
+    the output of ``layer`` in ``model``'s forward (`capture_output`) or of ``feature_fn``, named
+    by ``output``, under eval mode and ``no_grad``; see `MahalanobisDetector.features`."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
+    source = f"`layer` {layer!r}" if layer is not None else "`feature_fn`"
+    if model is not None:
+        inputs = place_inputs(model, inputs)
+
+    def copy(out: Any) -> Any:
+        """The features in ``out``, copied in float64 now: later in-place operations of the
+        forward must not reach them."""
+        try:
+            feats = select_output(out, output)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
+        return float64(feats.detach(), copy=True) if isinstance(feats, Tensor) else feats
+
+    with eval_mode(model), torch.no_grad():
+        if layer is None:
+            assert feature_fn is not None
+            feats = copy(feature_fn(inputs))
+        else:
+            assert isinstance(model, nn.Module)  # checked by check_source
+            with capture_output(dict(model.named_modules())[layer], copy) as captured:
+                call_model(unwrap_ddp(model), inputs)
+            if not captured:
+                hint = (
+                    ": a torch.export module runs its graph, not its submodules; pass "
+                    "`feature_fn` (e.g. an exported feature extractor)"
+                    if any(is_exported(m) for m in model.modules())
+                    else ""
+                )
+                raise RuntimeError(f"`layer` {layer!r} did not run in model(inputs){hint}")
+            feats = captured[-1]
+    if not isinstance(feats, Tensor):
+        raise TypeError(
+            f"{source} must produce a Tensor, got {type(feats).__name__}; name the features "
+            "in its output with `output=` (a key, an attribute, an index or a callable)"
+        )
+    if feats.ndim < 2 or feats.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"{source} must produce features (B, D) with B={inputs.shape[0]}, "
+            f"got shape {tuple(feats.shape)}"
+        )
+    return feats.flatten(1)
 
 
 def _check_finite(feats: Tensor, index: int) -> Tensor:

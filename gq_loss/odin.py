@@ -8,21 +8,15 @@ and the choices made); ``ODINDetector(model, ...).score(x)`` equals
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
-from ._detection import (
-    BatchResult,
-    Data,
-    Detector,
-    Model,
-    Setting,
-    check_batch,
-    check_scores,
-)
-from ._validation import OutputSpec, check_choice, check_nonnegative, check_positive
+from ._detector import BatchResult, Data, Detector, check_scores
+from ._runtime import Model, OutputSpec, check_batch
+from ._settings import Setting
+from ._validation import check_choice, check_nonnegative, check_positive
 from .functional import (
     Clamp,
     PerChannel,
@@ -264,65 +258,105 @@ class ODINDetector(Detector):
             ``self``, with the selected ``temperature`` and ``epsilon``; ties go to the first
                 grid point in ``temperatures``-major order.
         """
-        eps_grid = self._grid("epsilons", epsilons, strict=False)
+        eps_grid = check_grid("epsilons", epsilons, strict=False)
         if ood_data is None:
             if criterion is not None:
                 raise ValueError(
                     f"`criterion` {criterion!r} needs `ood_data`; omit it for ID-only tuning"
                 )
-            temps = (
-                (self.temperature,)
-                if temperatures is None
-                else self._grid("temperatures", temperatures, strict=True)
-            )
-            if len(temps) != 1:
-                raise ValueError(
-                    "ID-only tuning takes one temperature (mean scores at different temperatures "
-                    f"are not comparable), got `temperatures`={tuple(temperatures or ())!r}"
-                )
+            temps = self._id_only_temperatures(temperatures)
             id_scores = self._scan(id_data, "id_data", temps, eps_grid)
-            results = [
-                {
-                    "temperature": temps[0],
-                    "epsilon": e,
-                    "mean_id_score": float(id_scores[0, i].double().mean()),
-                }
-                for i, e in enumerate(eps_grid)
-            ]
-            best = max(results, key=lambda r: r["mean_id_score"])
+            results = mean_id_score_results(id_scores, temps, eps_grid)
+            best = best_mean_id_score(results)
         else:
             criterion = "fpr95" if criterion is None else criterion
             check_choice("criterion", criterion, tuple(CRITERIA))
-            temps = self._grid(
+            temps = check_grid(
                 "temperatures",
                 TUNE_TEMPERATURES if temperatures is None else temperatures,
                 strict=True,
             )
             id_scores = self._scan(id_data, "id_data", temps, eps_grid)
             ood_scores = self._scan(ood_data, "ood_data", temps, eps_grid)
-            results = [
-                {
-                    "temperature": t,
-                    "epsilon": e,
-                    **ood_metrics(id_scores[ti, ei], ood_scores[ti, ei]),
-                }
-                for ti, t in enumerate(temps)
-                for ei, e in enumerate(eps_grid)
-            ]
-            other = "auroc" if criterion == "fpr95" else "fpr95"
-            sign = -1.0 if CRITERIA[criterion] else 1.0  # minimise sign * criterion, then the other
-            best = min(results, key=lambda r: (sign * r[criterion], -sign * r[other]))
+            results = ood_metric_results(id_scores, ood_scores, temps, eps_grid)
+            best = BEST[criterion](results)
         self.temperature, self.epsilon = best["temperature"], best["epsilon"]
         self.threshold_ = None  # also where the best setting is the current one
         self.tuning_results_ = results
         return self
 
-    @staticmethod
-    def _grid(name: str, values: Sequence[float], *, strict: bool) -> tuple[float, ...]:
-        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-            raise TypeError(f"`{name}` must be a sequence of numbers, got {values!r}")
-        check = check_positive if strict else check_nonnegative
-        grid = tuple(check(name, v) for v in values)
-        if not grid:
-            raise ValueError(f"`{name}` must not be empty")
-        return grid
+    def _id_only_temperatures(self, temperatures: Sequence[float] | None) -> tuple[float, ...]:
+        """The one temperature of ID-only tuning (default: the current one)."""
+        temps = (
+            (self.temperature,)
+            if temperatures is None
+            else check_grid("temperatures", temperatures, strict=True)
+        )
+        if len(temps) != 1:
+            raise ValueError(
+                "ID-only tuning takes one temperature (mean scores at different temperatures "
+                f"are not comparable), got `temperatures`={tuple(temperatures or ())!r}"
+            )
+        return temps
+
+
+def check_grid(name: str, values: Sequence[float], *, strict: bool) -> tuple[float, ...]:
+    """A non-empty grid of numbers ``> 0`` (``strict``) or ``>= 0``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"`{name}` must be a sequence of numbers, got {values!r}")
+    check = check_positive if strict else check_nonnegative
+    grid = tuple(check(name, v) for v in values)
+    if not grid:
+        raise ValueError(f"`{name}` must not be empty")
+    return grid
+
+
+# --------------------------------------------------------------------------- tuning criteria
+
+Results = list[dict[str, float]]
+
+
+def mean_id_score_results(
+    id_scores: Tensor, temps: Sequence[float], eps: Sequence[float]
+) -> Results:
+    """One result per ``ε`` of ID scores ``(1, len(eps), n)`` at the one temperature: its mean
+    ID score."""
+    return [
+        {
+            "temperature": temps[0],
+            "epsilon": e,
+            "mean_id_score": float(id_scores[0, i].double().mean()),
+        }
+        for i, e in enumerate(eps)
+    ]
+
+
+def ood_metric_results(
+    id_scores: Tensor, ood_scores: Tensor, temps: Sequence[float], eps: Sequence[float]
+) -> Results:
+    """One result per grid point of scores ``(len(temps), len(eps), n)``: its
+    [`ood_metrics`][gq_loss.metrics.ood_metrics], in ``temps``-major order."""
+    return [
+        {"temperature": t, "epsilon": e, **ood_metrics(id_scores[ti, ei], ood_scores[ti, ei])}
+        for ti, t in enumerate(temps)
+        for ei, e in enumerate(eps)
+    ]
+
+
+def best_mean_id_score(results: Results) -> dict[str, float]:
+    """ID-only tuning: the highest mean ID score (the first of equals)."""
+    return max(results, key=lambda r: r["mean_id_score"])
+
+
+def best_fpr95(results: Results) -> dict[str, float]:
+    """``criterion="fpr95"``: the lowest FPR at 95 % TPR, ties broken by the highest AUROC."""
+    return min(results, key=lambda r: (r["fpr95"], -r["auroc"]))
+
+
+def best_auroc(results: Results) -> dict[str, float]:
+    """``criterion="auroc"``: the highest AUROC, ties broken by the lowest FPR95."""
+    return min(results, key=lambda r: (-r["auroc"], r["fpr95"]))
+
+
+#: The selection of each criterion of `CRITERIA`.
+BEST: dict[str, Callable[[Results], dict[str, float]]] = {"fpr95": best_fpr95, "auroc": best_auroc}

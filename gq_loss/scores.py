@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._detection import BatchResult, Detector, Model, Setting, float64, logits_of
-from ._validation import OutputSpec, check_logits, check_positive
+from ._detector import BatchResult, Detector
+from ._runtime import Model, OutputSpec, check_logits, float64, logits_of
+from ._settings import Setting
+from ._validation import check_positive
 
 __all__ = ["EnergyDetector", "MSPDetector", "energy_score", "msp_score"]
 

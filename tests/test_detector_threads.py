@@ -10,101 +10,10 @@ import threading
 from collections.abc import Callable
 
 import torch
+from _threads import ROLE, WAIT, run_threads
 from torch import Tensor, nn
 
 from gq_loss import Detector, EnergyDetector, MahalanobisDetector, MSPDetector, ODINDetector
-
-WAIT = 20.0  # seconds: only reached when an interleaving deadlocks, which fails the test
-ROLE = threading.local()  # set in the worker threads only: the main thread passes every gate
-
-
-def run_threads(workers: list[Callable[[], None]]) -> None:
-    errors: list[BaseException] = []
-
-    def guarded(work: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                work()
-            except BaseException as err:  # reported in the main thread
-                errors.append(err)
-
-        return run
-
-    threads = [threading.Thread(target=guarded(w)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=2 * WAIT)
-    assert not any(t.is_alive() for t in threads), "a worker thread hung"
-    if errors:
-        raise errors[0]
-
-
-class InTurn(nn.Module):
-    """Lets the worker threads through one at a time, in the order of their ``ROLE.index``,
-    once all of them are inside the forward; `Release` passes the turn on."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-        self.entered = threading.Barrier(n, timeout=WAIT)
-        self.turn = threading.Condition()
-        self.next = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        index = getattr(ROLE, "index", None)
-        if index is not None:
-            self.entered.wait()  # every thread has placed its hook by now
-            with self.turn:
-                assert self.turn.wait_for(lambda: self.next == index, timeout=WAIT)
-        return x
-
-
-class Release(nn.Module):
-    """After the gated layers: pass the turn on, then wait until every thread got here."""
-
-    def __init__(self, gate: InTurn) -> None:
-        super().__init__()
-        self.gate = [gate]  # not a submodule
-        self.done = threading.Barrier(gate.n, timeout=WAIT)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if getattr(ROLE, "index", None) is not None:
-            gate = self.gate[0]
-            with gate.turn:
-                gate.next += 1
-                gate.turn.notify_all()
-            self.done.wait()  # no thread reads its features before all layers have run
-        return x
-
-
-def test_mahalanobis_layer_records_only_its_own_thread():
-    """Each thread's hook sits on the shared layer; all layers run while all hooks are placed,
-    thread 0 first: a hook that recorded every forward would give every thread the features of
-    the last one."""
-    n = 4
-    torch.manual_seed(0)
-    gate = InTurn(n)
-    model = nn.Sequential(nn.Linear(6, 8), gate, nn.Linear(8, 8), Release(gate), nn.Linear(8, 3))
-    model = model.double()
-    train = torch.randn(60, 6, dtype=torch.float64)
-    detector = MahalanobisDetector(model, layer="2", ridge=1e-3).fit((train, torch.arange(60) % 3))
-    inputs = [torch.randn(5, 6, dtype=torch.float64) for _ in range(n)]
-    serial = [detector.score(x) for x in inputs]
-    assert all(not torch.equal(serial[0], s) for s in serial[1:])  # distinct batches
-    got: dict[int, Tensor] = {}
-
-    def worker(i: int) -> Callable[[], None]:
-        def work() -> None:
-            ROLE.index = i
-            got[i] = detector.score(inputs[i])
-
-        return work
-
-    run_threads([worker(i) for i in range(n)])
-    for i in range(n):
-        assert torch.equal(got[i], serial[i]), i
-    assert not any(m._forward_hooks for m in model.modules())
 
 
 class HoldSecond(nn.Module):

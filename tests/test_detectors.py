@@ -3,16 +3,16 @@ and the rules every detector follows: non-finite scores, model outputs, dtype, N
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import re
 
 import pytest
 import torch
+from _detectors import ALL_DETECTORS, DETECTORS, LABELLED, NaNFor
+from _models import mlp
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from gq_loss import (
-    Detector,
     EnergyDetector,
     MahalanobisDetector,
     MSPDetector,
@@ -23,11 +23,6 @@ from gq_loss import (
     odin_perturb,
     odin_score,
 )
-from gq_loss.metrics import ood_metrics
-
-
-def mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).to(dtype)
 
 
 def conv_bn() -> nn.Module:
@@ -35,31 +30,6 @@ def conv_bn() -> nn.Module:
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 5)
     )
     return model.double()
-
-
-# Mahalanobis reads the output of layer "1" (the first Linear of `mlp`)
-DETECTORS = {
-    "odin": lambda m: ODINDetector(m, temperature=10.0, epsilon=0.01),
-    "msp": lambda m: MSPDetector(m, temperature=2.0),
-    "energy": lambda m: EnergyDetector(m),
-    "mahalanobis": lambda m: MahalanobisDetector(m, layer="1", ridge=1e-3).fit(
-        (torch.randn(80, 3, 2, 2, dtype=torch.float64), torch.arange(80) % 4)
-    ),
-}
-
-
-class NaNFor(nn.Module):
-    """``mlp`` whose output is NaN (or ``value``) for the samples where ``x[:, 0, 0, 0] > 100``."""
-
-    def __init__(self, value: float = float("nan")) -> None:
-        super().__init__()
-        self.net = mlp()
-        self.value = value
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.net(x)
-        bad = (x[:, 0, 0, 0] > 100)[:, None]
-        return torch.where(bad, torch.full_like(out, self.value), out)
 
 
 # --------------------------------------------------------------------------- functional core
@@ -99,6 +69,28 @@ def test_odin_functions_leave_no_trace_and_restore_mode():
         assert torch.equal(value, state[key]), key
 
 
+def test_a_0d_input_gets_one_value_error_from_the_loss_and_every_detector():
+    """The one input rule (`_runtime.check_input`): a 0-d tensor has no batch dimension, and GQ,
+    the ODIN functions and every detector refuse it with the same ValueError (the detectors'
+    per-batch check used to raise a TypeError about its dtype, which is floating)."""
+    from gq_loss import class_gradient_norms, gq_loss
+
+    model, x = mlp(), torch.tensor(1.0, dtype=torch.float64)
+    calls = {
+        "class_gradient_norms": lambda: class_gradient_norms(model, x),
+        "gq_loss": lambda: gq_loss(model, x, torch.zeros(1, dtype=torch.long)),
+        "odin_score": lambda: odin_score(model, x),
+        "odin_perturb": lambda: odin_perturb(model, x),
+        "ODINDetector.perturb": lambda: ODINDetector(model).perturb(x),
+        **{f"{n}.score": lambda n=n: DETECTORS[n](model).score(x) for n in DETECTORS},
+        **{f"{n}.score of batches": lambda n=n: DETECTORS[n](model).score([x]) for n in DETECTORS},
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"`inputs` must have shape \(B, \.\.\.\)") as info:
+            call()
+        assert re.search(r"with at least [12] dimensions?, got \(\)$", str(info.value)), name
+
+
 def test_odin_functions_validate():
     model, x = mlp(), torch.randn(3, 12, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"`model` must be a torch\.nn\.Module or a callable"):
@@ -124,32 +116,6 @@ def test_odin_functions_validate():
 # --------------------------------------------------------------------------- the protocol
 
 
-@pytest.mark.parametrize("name", list(DETECTORS))
-def test_every_detector_calibrates_and_predicts(name):
-    model = mlp()
-    detector = DETECTORS[name](model)
-    assert isinstance(detector, Detector)
-    x = torch.randn(40, 3, 2, 2, dtype=torch.float64)
-    with pytest.raises(NotFittedError, match=r"call calibrate\(id_data\) before predict\(\)"):
-        detector.predict(x)
-    assert detector.calibrate(x, tpr=0.75) is detector
-    scores = detector.score(x)
-    assert scores.shape == (40,) and scores.dtype == torch.float64
-    assert torch.equal(detector(x), scores)
-    assert torch.equal(detector.score((x, torch.arange(40))), scores)  # one labelled batch
-    assert (scores >= detector.threshold_).sum() == 30  # ceil(0.75 * 40), scores distinct
-    predicted = detector.predict(x)
-    assert predicted.dtype == torch.long
-    accepted = scores >= detector.threshold_
-    assert torch.equal(predicted == -1, ~accepted)
-    if name != "mahalanobis":  # the classifier's argmax
-        with torch.no_grad():
-            assert torch.equal(predicted[accepted], model(x).argmax(1)[accepted])
-    loader = DataLoader(TensorDataset(x, torch.zeros(40)), batch_size=7)
-    torch.testing.assert_close(detector.score(loader), scores, rtol=1e-12, atol=1e-12)
-    assert torch.equal(detector.predict(loader), predicted)
-
-
 def test_logit_detectors_equal_their_functions_and_restore_mode():
     model = conv_bn().train()
     x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
@@ -169,17 +135,6 @@ def test_logit_detectors_equal_their_functions_and_restore_mode():
         MSPDetector(3)  # type: ignore[arg-type]
 
 
-def test_mahalanobis_predicts_the_nearest_class_mean():
-    x = torch.tensor([[0.0, 0], [2, 0], [0, 2], [2, 2], [10, 10], [12, 10], [10, 12], [12, 12]])
-    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    maha = MahalanobisDetector(feature_fn=lambda t: t, ood_label=9).fit((x, y))
-    query = torch.tensor([[1.0, 1.0], [11.0, 11.0], [5.0, 5.0], [7.0, 7.0]])
-    maha.threshold_ = -10.0
-    assert maha.predict(query).tolist() == [0, 1, 9, 9]  # scores 0, 0, -32, -32
-    maha.threshold_ = -40.0
-    assert maha.predict(query).tolist() == [0, 1, 0, 1]
-
-
 def test_not_fitted_error_is_a_value_error():
     assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
     with pytest.raises(ValueError, match="not fitted"):
@@ -187,26 +142,6 @@ def test_not_fitted_error_is_a_value_error():
 
 
 # --------------------------------------------------------------------------- non-finite scores
-
-
-@pytest.mark.parametrize("name", list(DETECTORS))
-def test_nan_scores_are_never_accepted(name):
-    x = torch.randn(20, 3, 2, 2, dtype=torch.float64)
-    # a model whose every output is NaN cannot be calibrated
-    broken = NaNFor()
-    with pytest.raises(ValueError, match=r"`id_data` must give finite scores to calibrate on, got"):
-        DETECTORS[name](nn.Sequential(broken, nn.Identity())).calibrate(x + 1000)
-    # a clean model and one all-NaN image: NaN score, never a class
-    model = mlp()
-    detector = DETECTORS[name](model).calibrate(x, tpr=1.0)
-    batch = x[:4].clone()
-    batch[2] = float("nan")
-    scores = detector.score(batch)
-    assert torch.isnan(scores[2]) and torch.isfinite(scores[[0, 1, 3]]).all()
-    predicted = detector.predict(batch)
-    assert predicted[2] == -1 and (predicted[[0, 1, 3]] >= 0).all()
-    with pytest.raises(ValueError, match=r"`id_scores` must be finite, got 1 NaN/inf"):
-        ood_metrics(scores, scores[:2])
 
 
 def test_infinite_score_gets_the_ood_label():
@@ -404,13 +339,6 @@ def test_float32_model_scores_have_float64_resolution():
 # --------------------------------------------------------------------------- settings (1.0)
 
 
-def feature_mahalanobis(m):
-    """Mahalanobis on `feature_fn` (the model only sets mode and placement)."""
-    return MahalanobisDetector(m, feature_fn=lambda t: t.flatten(1), ridge=1e-3).fit(LABELLED)
-
-
-LABELLED = (torch.randn(80, 3, 2, 2, dtype=torch.float64), torch.arange(80) % 4)
-
 # (detector, setting, a new value that changes scores); `model` is swapped for a copy of the
 # model with other weights.
 CHANGES = [
@@ -430,7 +358,6 @@ CHANGES = [
     ("mahalanobis", "output", lambda out: 2 * out),
     ("feature_mahalanobis", "feature_fn", lambda t: t.flatten(1)[:, :6]),
 ]
-ALL_DETECTORS = {**DETECTORS, "feature_mahalanobis": feature_mahalanobis}
 KEEPS_SCORES = {"ood_label": 5, "batch_size": 3, "input_key": "x", "progress": False}
 
 
@@ -461,7 +388,7 @@ def test_a_setting_that_changes_scores_drops_the_threshold(name, setting, value)
 
 
 def test_every_score_setting_is_covered_and_the_others_keep_the_threshold():
-    from gq_loss._detection import settings_of
+    from gq_loss._settings import settings_of
 
     x = torch.randn(30, 3, 2, 2, dtype=torch.float64)
     for name, make in ALL_DETECTORS.items():
@@ -534,7 +461,7 @@ def test_settings_are_validated_on_assignment_as_at_construction(
 
 
 def test_settings_are_public_and_in_the_repr():
-    from gq_loss._detection import settings_of
+    from gq_loss._settings import settings_of
 
     odin = ODINDetector(mlp(), input_std=torch.tensor([0.5, 0.25, 2.0]), clamp=(0.0, [1, 2, 3]))
     assert odin.input_std == (0.5, 0.25, 2.0)  # immutable: no in-place change bypasses a check
@@ -575,108 +502,13 @@ def test_fitted_state_ends_in_an_underscore():
 # --------------------------------------------------------------------------- streaming data
 
 
-class Stream(torch.utils.data.IterableDataset):
-    """Samples one at a time, with no length (a streaming dataset)."""
-
-    def __init__(self, *tensors: Tensor) -> None:
-        self.tensors = tensors
-
-    def __iter__(self):
-        return iter(zip(*self.tensors, strict=True))
-
-
-@pytest.mark.parametrize("name", list(DETECTORS))
-def test_every_method_takes_an_iterable_without_a_length(name, monkeypatch):
-    x = torch.randn(23, 3, 2, 2, dtype=torch.float64)
-    y = torch.arange(23) % 4
-    stream = DataLoader(Stream(x, y), batch_size=5)
-    with pytest.raises(TypeError):
-        len(stream)  # the defect: DataLoader has __len__, and it raises
-    detector = DETECTORS[name](mlp())
-    if name == "mahalanobis":  # fit from the stream equals fit from the tensors
-        detector.fit((x, y))
-        streamed = MahalanobisDetector(detector.model, layer="1", ridge=1e-3).fit(stream)
-        torch.testing.assert_close(streamed.means_, detector.means_, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(streamed.precision_, detector.precision_, rtol=1e-9, atol=0)
-        detector = streamed
-    expected = detector.score(x)
-    torch.testing.assert_close(detector.score(stream), expected, rtol=1e-12, atol=1e-12)
-    generator = (x[i : i + 4] for i in range(0, 23, 4))  # a generator: no length either
-    torch.testing.assert_close(detector.score(generator), expected, rtol=1e-12, atol=1e-12)
-    threshold = detector.calibrate(x, tpr=0.7).threshold_
-    assert detector.calibrate(stream, tpr=0.7).threshold_ == pytest.approx(threshold, rel=1e-12)
-    assert torch.equal(detector.predict(stream), detector.predict(x))
-    if isinstance(detector, ODINDetector):
-        ood = DataLoader(Stream(x + 3.0), batch_size=5)
-        detector.tune(stream, ood, temperatures=(1.0, 10.0), epsilons=(0.0, 0.01))
-        assert len(detector.tuning_results_) == 4
-        detector.tune(stream, epsilons=(0.0, 0.01))
-    totals = []  # the progress bar simply has no total
-    if importlib.util.find_spec("tqdm") is not None:
-        import tqdm
-
-        original = tqdm.tqdm
-
-        def spy(*args, **kwargs):
-            totals.append(kwargs.get("total"))
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(tqdm, "tqdm", spy)
-        detector.progress = True
-        detector.score(stream)
-        detector.score(x)
-        assert totals == [None, 1]
-
-
 # --------------------------------------------------------------------------- Mahalanobis
-
-
-class ResidualBlock(nn.Module):
-    """Linear -> BatchNorm -> (+= skip) -> ReLU(inplace) -> Linear: after the hooked BatchNorm
-    the residual `+=` and the in-place ReLU overwrite its output, as in a torchvision ResNet."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 6)
-        self.bn = nn.BatchNorm1d(6)
-        self.skip = nn.Linear(4, 6)
-        self.relu = nn.ReLU(inplace=True)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.bn(self.fc(x))
-        out += self.skip(x)
-        return self.head(self.relu(out))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_mahalanobis_hook_copies_the_layer_output_before_in_place_operations(dtype):
-    torch.manual_seed(0)
-    model = ResidualBlock().to(dtype)
-    with torch.no_grad():
-        model.bn.running_mean.normal_()
-        model.bn.running_var.uniform_(0.5, 2.0)
-    model.train()
-    x, y = torch.randn(40, 4, dtype=dtype), torch.arange(40) % 2
-    with torch.no_grad():
-        true = model.eval().bn(model.fc(x)).double()  # the layer's output itself
-    model.train()
-    assert true.min() < -1.0  # what the in-place ReLU would zero
-    detector = MahalanobisDetector(model, layer="bn")
-    torch.testing.assert_close(detector.features(x), true, rtol=0, atol=0)
-    detector.fit((x, y))
-    means = torch.stack([true[y == c].mean(0) for c in (0, 1)])
-    torch.testing.assert_close(detector.means_, means, rtol=1e-12, atol=1e-12)
-    assert all(m.training for m in model.modules())  # mode restored
-    assert not model.bn._forward_hooks
-    # in the working dtype: a float32 model's features are copied as float64
-    assert detector.features(x).dtype == torch.float64
 
 
 def test_float64_work_follows_the_one_device_rule(monkeypatch):
     """MPS has no float64: every score (Mahalanobis included) asks `lacks_float64` where its
     float64 work may run; with no MPS here, the check is made to answer "no float64"."""
-    import gq_loss._detection as detection
+    import gq_loss._runtime as detection
 
     asked: list[str] = []
 
@@ -701,28 +533,6 @@ def test_float64_work_follows_the_one_device_rule(monkeypatch):
         torch.manual_seed(1)
         torch.testing.assert_close(make(model).score(x), scores, rtol=1e-12, atol=1e-12)
         monkeypatch.setattr(detection, "lacks_float64", lacks_float64)
-
-
-def test_mahalanobis_takes_what_the_others_take():
-    x, y = LABELLED
-    net = mlp()
-    by_keyword = MahalanobisDetector(net, layer="1").fit(id_train_data=(x, y))
-    # a plain callable, as the other detectors accept: no eval mode, no placement
-    seen = []
-
-    def spy(t: Tensor) -> Tensor:
-        seen.append(t.dtype)
-        return net(t)
-
-    plain = MahalanobisDetector(spy, feature_fn=lambda t: net[1](net[0](t.double())))
-    plain.fit((x.float(), y))
-    torch.testing.assert_close(plain.means_, by_keyword.means_, rtol=1e-6, atol=1e-6)
-    assert seen == []  # the model is not called with feature_fn
-    with pytest.raises(TypeError, match=r"needs `model` to be a torch.nn.Module"):
-        MahalanobisDetector(spy, layer="1")
-    import gq_loss
-
-    assert not hasattr(gq_loss, "MahalanobisScore")
 
 
 class Wrapped(nn.Module):
@@ -795,35 +605,6 @@ def test_output_errors_point_to_the_argument():
         MSPDetector(model, output=5).score(x)
     with pytest.raises(TypeError, match=r"`output` must be None, a key"):
         odin_perturb(model, x, output=2.5)  # type: ignore[arg-type]
-
-
-def test_mahalanobis_output_names_the_features_in_the_layer_output():
-    class Encoder(nn.Module):  # returns a tuple, like a Hugging Face encoder layer
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(12, 6)
-
-        def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
-            h = self.fc(t.flatten(1))
-            return h, h.sum(1)
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = Encoder()
-            self.head = nn.Linear(6, 5)
-
-        def forward(self, t: Tensor) -> Tensor:
-            return self.head(self.encoder(t)[0])
-
-    net = Net().double()
-    x, y = LABELLED
-    with pytest.raises(TypeError, match=r"`layer` 'encoder' must produce a Tensor, got tuple"):
-        MahalanobisDetector(net, layer="encoder").fit((x, y))
-    by_layer = MahalanobisDetector(net, layer="encoder", output=0).fit((x, y))
-    by_fn = MahalanobisDetector(net, layer="encoder.fc").fit((x, y))
-    assert torch.equal(by_layer.means_, by_fn.means_)
-    assert "output=0" in repr(by_layer)
 
 
 # --------------------------------------------------------------------------- one vocabulary
@@ -907,60 +688,3 @@ class eval_of:
 
 
 # --------------------------------------------------------------------------- dict batches
-
-
-def dict_loader(x: Tensor, y: Tensor, key: str = "pixel_values") -> DataLoader:
-    """A Hugging Face-style image `DataLoader`: batches ``{key: (B, ...), "labels": (B,)}``."""
-
-    def collate(items: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-        return {
-            key: torch.stack([i[0] for i in items]),
-            "labels": torch.stack([i[1] for i in items]),
-        }
-
-    return DataLoader(TensorDataset(x, y), batch_size=7, collate_fn=collate)
-
-
-@pytest.mark.parametrize("name", list(DETECTORS))
-def test_dict_batches_are_read_at_input_key(name):
-    """Detectors used to refuse them ("batches must be tensors, got dict"); they are read at
-    ``input_key`` (default ``"pixel_values"``, Hugging Face's), and Mahalanobis fits from their
-    ``"labels"``."""
-    from transformers import BatchFeature
-
-    torch.manual_seed(0)
-    model = mlp()
-    x = torch.randn(30, 3, 2, 2, dtype=torch.float64)
-    y = torch.arange(30) % 4
-    detector = DETECTORS[name](model)
-    want = detector.score(x)
-    for data in (dict_loader(x, y), BatchFeature({"pixel_values": x, "labels": y})):
-        torch.testing.assert_close(detector.score(data), want.to(torch.float64), rtol=0, atol=1e-12)
-    threshold = detector.calibrate(x, tpr=0.8).threshold_
-    assert detector.calibrate(dict_loader(x, y), tpr=0.8).threshold_ == pytest.approx(threshold)
-    assert torch.equal(detector.predict(dict_loader(x, y)), detector.predict(x))
-    detector.input_key = "image"  # keeps the threshold: it does not change scores
-    assert detector.threshold_ is not None
-    torch.testing.assert_close(detector.score(dict_loader(x, y, "image")), want, rtol=0, atol=1e-12)
-    with pytest.raises(
-        ValueError,
-        match=r"`inputs` gave a dict batch without the key `input_key`='image', with keys "
-        r"\['pixel_values', 'labels'\]; set `input_key=`",
-    ):
-        detector.score(dict_loader(x, y))
-    with pytest.raises(TypeError, match=r"`input_key` must be a str \(a key of dict batches\)"):
-        detector.input_key = 0
-    if name == "mahalanobis":
-        detector.input_key = "pixel_values"
-        fitted = MahalanobisDetector(model, layer="1", ridge=1e-3)
-        for data in (dict_loader(x, y), {"pixel_values": x, "label": y}):
-            fitted.fit(data)
-            torch.testing.assert_close(
-                fitted.means_, MahalanobisDetector(model, layer="1", ridge=1e-3).fit((x, y)).means_
-            )
-        with pytest.raises(
-            ValueError,
-            match=r"must hold the inputs at `input_key`='pixel_values' "
-            r"and the labels at 'labels' or 'label', got keys \['pixel_values'\]",
-        ):
-            fitted.fit([{"pixel_values": x}])

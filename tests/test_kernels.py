@@ -40,7 +40,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 import gq_loss._backends as _backends
 import gq_loss.kernels as kernels
 from gq_loss import class_gradient_norms, gq_loss
-from gq_loss._validation import place_inputs
+from gq_loss._runtime import place_inputs
 from gq_loss.kernels import GRADIENT_METHODS, OPERANDS, auto_choice
 
 

@@ -29,7 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import gq_loss._detection as gq_loss_detection
+import gq_loss._runtime as gq_loss_runtime
 from gq_loss import GQLoss, class_gradient_norms, gq_loss
 from gq_loss._sampled import draw_columns
 from gq_loss.kernels import auto_choice
@@ -475,7 +475,7 @@ def lacking_float64(monkeypatch: pytest.MonkeyPatch, kind: str) -> list[torch.de
         asked.append(device)
         return device.type == kind
 
-    monkeypatch.setattr(gq_loss_detection, "lacks_float64", lacks)
+    monkeypatch.setattr(gq_loss_runtime, "lacks_float64", lacks)
     return asked
 
 

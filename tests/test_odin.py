@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from _models import mlp
 from _plain_odin import plain_odin
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -41,10 +42,6 @@ class Bump(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = 5 * torch.exp(-1e5 * (x[:, 0] - 0.005) ** 2)
         return torch.stack([h, torch.zeros_like(h)], dim=1)
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).double()
 
 
 def conv_bn() -> nn.Module:
@@ -150,6 +147,34 @@ def test_step_raises_predicted_class_log_softmax(temperature, input_std):
         y_hat = model(x).argmax(1, keepdim=True)
         stepped = torch.log_softmax(model(detector.perturb(x)) / temperature, 1)
     assert (stepped.gather(1, y_hat) > clean.gather(1, y_hat)).all()
+
+
+def test_each_batch_is_placed_once(monkeypatch):
+    """ODIN places a batch once (`_runtime.place_inputs`: the copy it differentiates); the
+    perturbed inputs and the logits reuse that placement (it used to place each batch 4 times)."""
+    import gq_loss._runtime as runtime
+    import gq_loss.functional as functional
+
+    calls = []
+    place = runtime.place_inputs
+
+    def counted(model, inputs):
+        calls.append(tuple(inputs.shape))
+        return place(model, inputs)
+
+    monkeypatch.setattr(runtime, "place_inputs", counted)
+    monkeypatch.setattr(functional, "place_inputs", counted)
+    model, x = conv_bn(), torch.rand(6, 3, 2, 2, dtype=torch.float64)
+    want = odin_score(model, x, temperature=10.0, epsilon=0.01, clamp=(0.0, 1.0))
+    assert calls == [(6, 3, 2, 2)]
+    calls.clear()
+    detector = ODINDetector(model, temperature=10.0, epsilon=0.01, clamp=(0.0, 1.0), batch_size=4)
+    assert torch.equal(
+        detector.score(x)[:4],
+        odin_score(model, x[:4], temperature=10.0, epsilon=0.01, clamp=(0.0, 1.0)),
+    )
+    assert calls == [(4, 3, 2, 2), (2, 3, 2, 2), (4, 3, 2, 2)]  # one per batch, and one per call
+    torch.testing.assert_close(detector.score(x), want, rtol=1e-12, atol=1e-12)
 
 
 def test_no_side_effects_on_model_or_input():
@@ -426,7 +451,10 @@ def test_validation():
         detector.score([("a", 1)])
     with pytest.raises(TypeError, match="`inputs` must be a floating tensor"):
         detector.score(torch.ones(3, 12, dtype=torch.long))
-    with pytest.raises(ValueError, match="`inputs` must have a batch dimension"):
+    with pytest.raises(
+        ValueError,
+        match=r"`inputs` must have shape \(B, \.\.\.\) with at least 1 dimension, got \(\)",
+    ):
         detector.score(torch.tensor(1.0))
     with pytest.raises(ValueError, match="`inputs` yielded no samples"):
         detector.score([])
