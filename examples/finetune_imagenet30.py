@@ -125,9 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"JSON {{class folder: ImageNet-1k index}} (recipe {GQ_ALONE})",
     )
     p.add_argument("--lam", type=float, default=None, help=(
-        "GQ weight, required (no default); the study's advice is 1. The authors used 1e-6: with "
+        "GQ weight, required (no default); see 'Choosing lambda' in the README (1 cost accuracy on "
+        "the study's stronger network, 0.1 was harmless). The authors used 1e-6: with "
         f"{GQ_ALONE} lam only scales the step, so lam * lr = 1e-7 leaves the weights where they "
-        "were, and with ce_gq it was measured as a no-op; see 'Choosing lambda' in the README"
+        "were, and with ce_gq it was measured as a no-op (an earlier study, JSON not committed)"
     ))  # fmt: skip
     p.add_argument("--formulation", choices=FORMULATIONS, default="paper")
     p.add_argument("--estimator", choices=ESTIMATORS, default="sampled")

@@ -115,8 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--lam", type=float, default=None, help=(
         "weight of GQ in CE + lam * GQ; 0 trains plain CE. Required (no default): the paper's "
-        "1e-6 was measured as a no-op (GQ's parameter gradient ~2e-7 of CE's) at 9-25x the cost "
-        "of a CE step (docs/benchmarks.md); see 'Choosing lambda' in the README"
+        "1e-6 was measured as a no-op (GQ's parameter gradient ~2e-7 of CE's; an earlier study "
+        "whose JSON is not committed) at 9-25x the cost of a CE step (docs/benchmarks.md); see "
+        "'Choosing lambda' in the README"
     ))  # fmt: skip
     p.add_argument("--formulation", choices=FORMULATIONS, default="paper")
     p.add_argument("--gq-method", choices=GRADIENT_METHODS, default="auto", help="GQLoss `method`")
