@@ -265,7 +265,8 @@ class GQLoss(nn.Module):
     `GQLoss()` is the exact Eq. 7, the quantity its name promises. To experiment with GQ (README,
     "Choosing λ"; the numbers are in `docs/reproduction.md`), start from
     `GQLoss(estimator="sampled", num_sampled=1)` at λ = 0.1 next to cross-entropy, as below, and
-    check accuracy before raising λ: λ = 1 cost 4.6 points of it on the stronger network studied.
+    check accuracy before raising λ: λ = 1 (K = 1) cost 4.6 points of it on the stronger network
+    studied.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
