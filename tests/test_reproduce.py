@@ -129,7 +129,7 @@ def test_report_covers_arms_without_a_ce_run(study: Any) -> None:
 
 
 def test_report_checks_precision_and_shows_noise_and_tuned_odin(study: Any) -> None:
-    def run(auroc: float, noise: float, tuned: float, acc: float) -> dict:
+    def run(auroc: float, noise: float, tuned: float, acc: float, precision: str = "bf16") -> dict:
         sets = {"MNIST": auroc, "uniform": noise}
         ood = {s: {m: {"auroc": a, "fpr95": 1 - a} for m in ("ODIN", "MSP", "energy")}
                for s, a in sets.items()}  # fmt: skip
@@ -139,18 +139,26 @@ def test_report_checks_precision_and_shows_noise_and_tuned_odin(study: Any) -> N
                     "batch_size": 32, "id_eval_size": 64, "ood_size": 32, "threads": 1,
                     "torch": "x", "precision": "bf16"}  # fmt: skip
         return {"accuracy": acc, "ood": ood, "odin_tuned": odin_tuned, "settings": settings,
-                "seconds_per_step": 1.0, "train_log": [{"seconds": 60.0}]}  # fmt: skip
+                "seconds_per_step": 1.0, "train_log": [{"seconds": 60.0}],
+                "precision": precision}  # fmt: skip
 
     runs = {
         "ce_s80": {0: run(0.90, 0.80, 0.91, 0.9), 1: run(0.92, 0.84, 0.93, 0.9)},
         "gq_1_k1_s80": {0: run(0.91, 0.90, 0.95, 0.8), 1: run(0.93, 0.94, 0.97, 0.9)},
-        "gq_1_k1_s80_float32": {0: run(0.95, 0.90, 0.95, 0.8), 1: run(0.97, 0.94, 0.97, 0.9)},
-    }
+        "gq_1_k1_s80_float32": {0: run(0.95, 0.90, 0.95, 0.8, "float32"),
+                                1: run(0.97, 0.94, 0.97, 0.9, "float32")},
+    }  # fmt: skip
     text, _ = study.report.report(runs)
     precision = text.split("## Precision check")[1].split("##")[0]
     assert "| gq_1_k1_s80 | bf16 | 2 | +1.0 ± 0.0 |" in precision
     assert "| gq_1_k1_s80_float32 | float32 | 2 | +5.0 ± 0.0 |" in precision
     assert "| gq_1_k1_s80_float32 − gq_1_k1_s80 (paired) | | 2 | +4.0 ± 0.0 |" in precision
+    # a study run in float32 throughout: both rows say so (the label comes from the runs)
+    for seed_runs in runs.values():
+        for r in seed_runs.values():
+            r["precision"] = "float32"
+    flat = study.report.report(runs)[0].split("## Precision check")[1].split("##")[0]
+    assert "| gq_1_k1_s80 | float32 | 2 |" in flat
     noise = text.split("## The noise sets")[1]
     # real mean +1, all sets (MNIST, uniform) mean (+1 + 10) / 2, tuned +4
     assert "| gq_1_k1_s80 | 2 | +1.0 ± 0.0 | +5.5 ± 0.0 | +4.0 ± 0.0 | -4.0 ± 0.0 |" in noise

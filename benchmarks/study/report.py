@@ -356,9 +356,9 @@ def precision_check(runs: dict, real: list[str], head: dict) -> list[str]:
     """Each float32 twin (``Arm.precision``) next to its bf16 arm: both against their control,
     and twin − bf16 paired, so an effect that bf16's imprecise GQ gradient made shows."""
     lines = ["", "## Precision check: the same arm with GQ and CE in float32", "",
-             "Both arms start from the same bf16-pre-trained weights and see the same batches "
-             "and draws; Δ against CE of the same length (bf16), and float32 − bf16 paired, "
-             "points.", "",
+             "Both arms start from the same pre-trained weights and see the same batches and "
+             "draws; Δ against CE of the same length (in the other arm's precision), and "
+             "float32 − the other arm paired, points.", "",
              "| arm | precision | seeds | Δ ODIN AUROC | Δ ODIN FPR95 | Δ ID accuracy |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     found = False
@@ -370,7 +370,7 @@ def precision_check(runs: dict, real: list[str], head: dict) -> list[str]:
         for name in (bf16, twin):
             h = head.get(name)
             if h and h["seeds"]:
-                lines.append(f"| {name} | {arm.precision if name == twin else 'bf16'} | "
+                lines.append(f"| {name} | {precisions(runs, name)} | "
                              f"{len(h['seeds'])} | {fmt_ci(*h['auroc'])} | {fmt_ci(*h['fpr95'])} "
                              f"| {fmt_ci(*h['accuracy'])} |")  # fmt: skip
         fns = (lambda r: odin_auroc(r, real), lambda r: metric(r, "ODIN", "fpr95", real),
@@ -379,6 +379,11 @@ def precision_check(runs: dict, real: list[str], head: dict) -> list[str]:
         cells = [fmt_ci(*compare(runs, twin, f, bf16)[1]) for f in fns]
         lines.append(f"| {twin} − {bf16} (paired) | | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines if found else []
+
+
+def precisions(runs: dict, name: str) -> str:
+    """The precisions the runs of arm ``name`` recorded (``float32`` where none is recorded)."""
+    return ", ".join(sorted({r.get("precision", "float32") for r in runs[name].values()}))
 
 
 def noise_and_tuned(runs: dict, real: list[str], sets: list[str], head: dict) -> list[str]:
