@@ -32,6 +32,7 @@ a full `backward()`, or not at all under `vmap`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parameter import is_lazy
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointFunction
 
 # --------------------------------------------------------------------------- matched messages
@@ -111,7 +114,7 @@ def dynamo_loaded() -> bool:
 
 
 @contextmanager
-def differentiable_forward() -> Iterator[None]:
+def differentiable_forward(contiguous: bool = False) -> Iterator[None]:
     """The context of GQ's differentiated forward passes (ordinary pass, `jacrev`, the replay).
 
     PyTorch's fused attention kernels (flash and memory-efficient on CUDA, the flash kernel on
@@ -123,13 +126,62 @@ def differentiable_forward() -> Iterator[None]:
     process-wide (PyTorch keeps them so): other threads' forward passes are affected while the
     context is open (documented in `docs/models.md`, "Known limits"). Non-reentrant checkpointed
     regions entered here are recomputed in this context too, even in the caller's `backward()`.
+    `contiguous` (`channels_last_on_cpu` of the pass's model and inputs): convolutions run on
+    contiguous copies of their channels_last operands (`_ContiguousConvolutions`).
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if dynamo_loaded():
             stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(_checkpoints_recompute_inside())
+        if contiguous:
+            stack.enter_context(_ContiguousConvolutions())
         yield
+
+
+_CONVOLUTIONS = frozenset(
+    (torch.conv2d, torch.conv3d, torch.conv_transpose2d, torch.conv_transpose3d)
+)
+
+
+def channels_last_on_cpu(model: Any, x: Tensor) -> bool:
+    """Whether a GQ pass of `model` on `x` would run CPU convolutions in channels_last: `x` on
+    the CPU, and `x` or a 4-D/5-D parameter of `model` not in the default (contiguous) layout."""
+    if x.device.type != "cpu":
+        return False
+    params = model.parameters() if isinstance(model, nn.Module) else ()
+    return any(
+        not is_lazy(t) and t.dim() in (4, 5) and not t.is_contiguous()
+        for t in itertools.chain((x,), params)
+    )
+
+
+class _ContiguousConvolutions(TorchFunctionMode):
+    """Convolutions of a GQ pass on contiguous copies of their 4-D/5-D CPU operands.
+
+    A convolution's output follows its operands' layout, so the whole pass, and every backward
+    pass through it, then runs in the default layout. BatchNorm's train-mode double backward
+    sums over the batch dimension one dimension at a time, and torch 2.13's CPU reduction over
+    dim 0 of a channels_last tensor is 10-40x slower than of a contiguous one: exact GQ on a
+    channels_last BatchNorm CNN ran 1.2-2.3x faster this way (`benchmarks/bench_amp.py`,
+    docs/benchmarks.md). The values are the same up to rounding; the copies are differentiable,
+    so gradients reach the parameters in their own layout.
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _CONVOLUTIONS:
+            args = [_contiguous(a) for a in args]
+            kwargs = {k: _contiguous(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _contiguous(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.dim() in (4, 5) and value.device.type == "cpu":
+        return value.contiguous()
+    return value
 
 
 # torch.utils.checkpoint's non-reentrant implementation; `checkpoint()` looks it up at each call.

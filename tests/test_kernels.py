@@ -250,6 +250,44 @@ def test_train_batchnorm_batch_sum_and_running_stats(operand: str) -> None:
     assert not errors, "\n".join(errors)
 
 
+def test_channels_last_cpu_passes_run_in_the_default_layout() -> None:
+    # The BatchNorm CNN above in channels_last: every method's norms and parameter gradient equal
+    # the float64 batch-sum oracle of the same model in the default layout. GQ's passes ran on
+    # contiguous activations (torch's CPU reductions over the batch dimension of channels_last
+    # tensors are slow); the model, its `.grad` and the caller's own forward keep channels_last.
+    cl = torch.channels_last
+    base = bn_train_model()
+    x = torch.randn(5, 2, 3, 3, dtype=F64)
+    oracle_model = copy.deepcopy(base)
+    want = batch_sum_norms(oracle_model, x, "softmax", 1.0, 1)
+    weights = torch.rand(want.shape, dtype=F64) + 0.5
+    want_grads = grads(oracle_model, want, weights)
+    errors: list[str] = []
+    seen: list[bool] = []  # per BatchNorm2d call: whether its input was contiguous
+    for method, chunk in VARIANTS:
+        model = copy.deepcopy(base).to(memory_format=cl)
+        conv, bn = model[0], model[1]
+        seen.clear()
+        hook = bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+        got = class_gradient_norms(model, x.contiguous(memory_format=cl), create_graph=True,
+                                   method=method, chunk_size=chunk)  # fmt: skip
+        label = f"{method}/{chunk}"
+        compare(errors, label + " value", got, want)
+        (got * weights).sum().backward()
+        compare(errors, label + " grad", [q.grad for q in model.parameters()], want_grads)
+        if not (seen and all(seen)):
+            errors.append(f"{label}: a pass ran BatchNorm on channels_last inputs: {seen}")
+        if not (conv.weight.is_contiguous(memory_format=cl) and conv.weight.grad.is_contiguous(
+                memory_format=cl) and not conv.weight.is_contiguous()):  # fmt: skip
+            errors.append(f"{label}: the weight or its .grad left channels_last")
+        seen.clear()
+        model(x.contiguous(memory_format=cl))
+        hook.remove()
+        if seen != [False]:
+            errors.append(f"{label}: the caller's own forward left channels_last: {seen}")
+    assert not errors, "\n".join(errors)
+
+
 # --------------------------------------------------------------------------- identities
 
 
