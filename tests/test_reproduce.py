@@ -124,6 +124,7 @@ def test_report_covers_arms_without_a_ce_run(study: Any) -> None:
     assert head["gq_only_k1_s390"]["auroc"][0] == pytest.approx(0.10)
     assert head["gq_only_k1_s390"]["accuracy"][0] == pytest.approx(-0.55)
     assert "## The paper's regimes" in text
+    assert "the pre-training's 1 epochs" in text  # the runs' own setting
     assert "| gq_only_k1_s390 | 2 | 70.0 | 15.0 | 55.0 | 65.0 |" in text
     assert "| scratch_gq_1_k1 | 2 | +7.5 ± " in text.split("per OOD set")[1]
 

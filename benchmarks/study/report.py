@@ -235,10 +235,11 @@ def paper_regimes(runs: dict, real: list[str], head: dict) -> list[str]:
              and head.get(n, {}).get("seeds")]  # fmt: skip
     if not names:
         return []
+    epochs = next(iter(runs[names[0]].values())).get("settings", {}).get("pretrain_epochs", "?")
     lines = ["", "## The paper's regimes: from scratch, and GQ alone", "",
              "Each arm next to its control on the same seeds (mean over seeds, %), and the "
              "paired differences (points). `scratch_*`: CE + λ · GQ from random weights for the "
-             "pre-training's 5 epochs, control the CE pre-training. `gq_only_*`: the GQ term "
+             f"pre-training's {epochs} epochs, control the CE pre-training. `gq_only_*`: the GQ term "
              "alone (no CE) for one epoch from the CE weights, control those weights.", "",
              "| arm | seeds | ID acc. control | ID acc. arm | ODIN AUROC control | ODIN AUROC arm "
              "| Δ ODIN AUROC | Δ ODIN FPR95 | Δ ID accuracy |",
