@@ -35,6 +35,10 @@ VMAP_MAX_CLASSES = 32
 #: method always runs first.
 ROUNDS = 3
 MAX_ROUNDS = 15
+#: Timed runs that took this many seconds in all end the timing after any round: slow steps
+#: rank alike in one run each (`benchmarks/bench_probe.py`: a ResNet-18's first call with the
+#: probe took 8.9 s instead of 16.9 s, with the same choices).
+ENOUGH_SECONDS = 1.0
 #: A method more than this many times slower than the fastest in the first timed round is not
 #: timed again.
 DROP_FACTOR = 2.0
@@ -222,7 +226,8 @@ def _time(
     seconds of every run measured.
 
     A warm-up round first, loop first; then timed rounds, each started by another method, at
-    least `ROUNDS` and more (up to `MAX_ROUNDS`) until they took `seconds`. A method is left
+    least `ROUNDS` and more (up to `MAX_ROUNDS`) until they took `seconds`, and no more once
+    they took `ENOUGH_SECONDS` in all (at least one round). A method is left
     out, with the reason in `excluded`, where it fails, where `check` finds a result of it wrong
     (every run is checked: TorchScript, for one, runs another graph from a function's second
     call on), on CUDA where its warm-up needed more memory than is left free, and where it was
@@ -233,7 +238,7 @@ def _time(
     marks: dict[str, int | None] = {}
     spent = timed = 0.0
     for repeat in range(1 + MAX_ROUNDS):
-        if len(times) == 1 or (repeat > ROUNDS and timed >= seconds):
+        if len(times) == 1 or (repeat > ROUNDS and timed >= seconds) or timed >= ENOUGH_SECONDS:
             break
         order = list(times)
         for method in order[repeat % len(order) :] + order[: repeat % len(order)]:
