@@ -36,8 +36,8 @@ VMAP_MAX_CLASSES = 32
 ROUNDS = 3
 MAX_ROUNDS = 15
 #: Timed runs that took this many seconds in all end the timing after any round: slow steps
-#: rank alike in one run each (`benchmarks/bench_probe.py`: a ResNet-18's first call with the
-#: probe took 8.9 s instead of 16.9 s, with the same choices).
+#: rank alike in one run each (`benchmarks/bench_probe.py`: the probe of a CIFAR ResNet-18 at
+#: batch 2 took 13.8 s instead of 26.0 s, with the same choices).
 ENOUGH_SECONDS = 1.0
 #: A method more than this many times slower than the fastest in the first timed round is not
 #: timed again.
