@@ -12,8 +12,8 @@ on models in channels_last (weights and inputs), train mode, N = 10, one thread:
 - precision: the float32 parameter gradient of GQ (``--precision-batch`` images) against the
   same model's float64 gradient, ``||g - g64|| / ||g64||``.
 
-The old behaviour is obtained by patching ``gq_loss.kernels.channels_last_on_cpu`` (and the
-probe's and replay's copies) to return False.
+The old behaviour is obtained by patching ``gq_loss._torch_internals.channels_last_on_cpu`` to
+return False.
 
     python benchmarks/bench_layout.py                         # the table in docs/benchmarks.md
     python benchmarks/bench_layout.py --models wide_bn --batch 8 --repeats 1   # quick
@@ -33,26 +33,20 @@ import torch.nn.functional as F
 from bench_amp import build, once
 from torch import Tensor, nn
 
-import gq_loss._probe
-import gq_loss._recompute
-import gq_loss.kernels
+from gq_loss import _torch_internals
 from gq_loss import gq_loss as gq
-
-USERS = (gq_loss.kernels, gq_loss._probe, gq_loss._recompute)  # modules that import the check
 
 
 @contextlib.contextmanager
 def passes(layout: str) -> Iterator[None]:
     """``"default"``: gq-loss as it is; ``"channels_last"``: its passes left in channels_last."""
-    saved = [m.channels_last_on_cpu for m in USERS]
+    saved = _torch_internals.channels_last_on_cpu
     if layout == "channels_last":
-        for m in USERS:
-            m.channels_last_on_cpu = lambda model, x: False
+        _torch_internals.channels_last_on_cpu = lambda model, x: False
     try:
         yield
     finally:
-        for m, f in zip(USERS, saved, strict=True):
-            m.channels_last_on_cpu = f
+        _torch_internals.channels_last_on_cpu = saved
 
 
 def ce_step(model: nn.Module, x: Tensor, y: Tensor) -> None:

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._recompute import get_rng_state
 from ._runtime import call_model, check_logits
-from ._torch_internals import BufferSwap, channels_last_on_cpu, differentiable_forward
+from ._torch_internals import BufferSwap, differentiable_forward
 
 #: `batched` and `jacrev` differentiate every class of a sample at once; above this many classes
 #: per sample `auto` does not consider them (and does not pay for timing them).
@@ -85,8 +85,7 @@ def probe(
     with warnings.catch_warnings(), _Scratch(model, device) as scratch:
         warnings.simplefilter("ignore")
         try:
-            contiguous = channels_last_on_cpu(model, x)
-            with torch.no_grad(), differentiable_forward(contiguous), scratch.watching():
+            with torch.no_grad(), differentiable_forward(model, x), scratch.watching():
                 logits = call_model(model, x, run.output)
                 check_logits(logits, x.shape[0])
         except Exception:  # the call itself will fail, with its own error

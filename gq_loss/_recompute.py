@@ -31,7 +31,6 @@ from ._torch_internals import (
     AutocastState,
     BufferSwap,
     autocast_as,
-    channels_last_on_cpu,
     differentiable_forward,
     version,
 )
@@ -145,10 +144,9 @@ class RecomputeNorms(torch.autograd.Function):
         total_grads: list[Tensor | None] = [None] * (int(job.input_grad) + len(params))
         with torch.enable_grad(), replay(model, job.rng_state, x.device, job.before):
             xr = x.detach().requires_grad_(True)
-            contiguous = channels_last_on_cpu(model, xr)  # as the forward pass ran
             with (
                 autocast_as(job.autocast),
-                differentiable_forward(contiguous),
+                differentiable_forward(model, xr),
                 second_order_errors(),
             ):
                 # Replay with the very tensors this Function received (also under functional_call).

@@ -20,7 +20,7 @@ Private names and process-wide switches:
 | `Tensor._version` (`version`, `write_back`) | the version counter of a tensor | tells an in-place update that bumps it (`num_batches_tracked += 1`) from a fused kernel's that does not (BatchNorm's running statistics), and a parameter modified in place before `backward()` |
 | `DistributedDataParallel.static_graph` (`ddp_static_graph`) | `torch/nn/parallel/distributed.py`, set in `__init__` | not a documented attribute; GQ's own backward passes would run DDP's one-time static-graph bookkeeping |
 | `nn.modules.dropout._DropoutNd` (`DropoutNd`) | the base of every Dropout layer | which layers draw random numbers (`auto`'s cache key) |
-| `_ContiguousConvolutions`, a `TorchFunctionMode` over GQ's CPU passes of channels_last models (`differentiable_forward(contiguous=True)`) | public API; works around `aten::sum` over dim 0 of channels_last CPU tensors in BatchNorm's double backward | 10-40x slower than contiguous in torch 2.13 (`benchmarks/bench_amp.py --sum-check`); re-measure with `benchmarks/bench_layout.py` after an upgrade and drop it when the two layouts cost the same |
+| `_ContiguousConvolutions`, a `TorchFunctionMode` over GQ's CPU passes of channels_last models (`differentiable_forward(model, x)`) | public API; works around `aten::sum` over dim 0 of channels_last CPU tensors in BatchNorm's double backward | 10-40x slower than contiguous in torch 2.13 (`benchmarks/bench_amp.py --sum-check`); re-measure with `benchmarks/bench_layout.py` after an upgrade and drop it when the two layouts cost the same |
 | autocast state (`autocast_state`, `autocast_as`, `autocast_disabled`) | `torch.is_autocast_enabled(device_type)`, `get_autocast_dtype`, `is_autocast_cache_enabled` | public, but per device type and kept here with the device types GQ knows |
 
 PyTorch raises plain `RuntimeError`s for the refusals GQ translates, so their text is matched:
@@ -115,7 +115,7 @@ def dynamo_loaded() -> bool:
 
 
 @contextmanager
-def differentiable_forward(contiguous: bool = False) -> Iterator[None]:
+def differentiable_forward(model: Any = None, x: Tensor | None = None) -> Iterator[None]:
     """The context of GQ's differentiated forward passes (ordinary pass, `jacrev`, the replay).
 
     PyTorch's fused attention kernels (flash and memory-efficient on CUDA, the flash kernel on
@@ -127,15 +127,16 @@ def differentiable_forward(contiguous: bool = False) -> Iterator[None]:
     process-wide (PyTorch keeps them so): other threads' forward passes are affected while the
     context is open (documented in `docs/models.md`, "Known limits"). Non-reentrant checkpointed
     regions entered here are recomputed in this context too, even in the caller's `backward()`.
-    `contiguous` (`channels_last_on_cpu` of the pass's model and inputs): convolutions run on
-    contiguous copies of their channels_last operands (`_ContiguousConvolutions`).
+    Given the pass's `model` and inputs `x`, where `channels_last_on_cpu(model, x)`, its
+    convolutions run on contiguous copies of their channels_last operands
+    (`_ContiguousConvolutions`).
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if dynamo_loaded():
             stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(_checkpoints_recompute_inside())
-        if contiguous:
+        if x is not None and channels_last_on_cpu(model, x):
             stack.enter_context(_ContiguousConvolutions())
         yield
 

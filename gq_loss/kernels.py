@@ -120,7 +120,7 @@ from ._fsdp import full_parameters, gather_parameters
 from ._gq_settings import OPERANDS, Method, NormSettings, Operand, norm_settings
 from ._plan import plan_method
 from ._runtime import OutputSpec, check_inputs, place_inputs
-from ._torch_internals import channels_last_on_cpu, differentiable_forward
+from ._torch_internals import differentiable_forward
 from ._validation import check_class_indices
 
 __all__ = ["GRADIENT_METHODS", "OPERANDS", "AutoChoice", "auto_choice", "class_gradient_norms"]
@@ -283,8 +283,7 @@ class GradientPass:
             self.method = auto_method(self, settings.chunk_size, width)
         self.backend = BACKENDS[self.method]
         self.state: Any = None  # what the backend's forward keeps for its norms
-        contiguous = channels_last_on_cpu(model, self.x)
-        with second_order_errors(), differentiable_forward(contiguous):
+        with second_order_errors(), differentiable_forward(model, self.x):
             try:
                 self.logits, self.op = self.backend.forward(self)
             except TorchScriptInside as found:  # jacrev's forward, stopped before any effect
