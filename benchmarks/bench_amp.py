@@ -10,6 +10,7 @@ another row), medians. One thread.
     python benchmarks/bench_amp.py --compiled           # a torch.compile'd step against eager
     python benchmarks/bench_amp.py --contiguous --rows ce loop   # the same net, not channels_last
     python benchmarks/bench_amp.py --sum-check          # BatchNorm's double-backward reduction
+    python benchmarks/bench_amp.py --breakdown --batch 32   # convolutions against the other ops
 
 Rows: ``ce``; exact GQ by ``auto``, ``loop``, ``batched``, ``jacrev``; ``sampled_k1``
 (``estimator="sampled", num_sampled=1``); ``loop_gq_fp32``: the bf16 step with GQ's own passes in
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from models import SmallCNN, build_model
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gq_loss import gq_loss
 from gq_loss.kernels import auto_choice
@@ -161,6 +163,65 @@ def profile(args: argparse.Namespace) -> None:
         )
 
 
+class _OpTimer(TorchDispatchMode):
+    """Seconds per kind of aten op: convolutions (forward and backward), ops with operands of
+    two floating dtypes (float32 and bf16), and the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = {"conv": 0.0, "mixed": 0.0, "other": 0.0}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        seconds = time.perf_counter() - start
+        dtypes = {a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()}
+        name = func.__name__
+        kind = "conv" if name.startswith("convolution") else "mixed" if len(dtypes) > 1 else "other"
+        self.seconds[kind] += seconds
+        return out
+
+
+def breakdown(args: argparse.Namespace) -> None:
+    """Where the bf16 time goes: CE and loop steps split into convolutions and the other ops, on
+    the net as it is, with BatchNorm in eval mode, and with its normalisation layers removed."""
+    steps = make_steps()
+    print(f"{args.model}, channels_last, batch {args.batch}, N = {args.classes}, 1 thread; "
+          "ms of one step (medians of 3), and of its aten ops by kind (one step)\n")  # fmt: skip
+    print("| net | step | float32 ms | bf16 ms | convolutions f32 → bf16 | other ops f32 → bf16 "
+          "| of which mixed-dtype (bf16) | loop ÷ CE f32 / bf16 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in ("BatchNorm, train mode", "BatchNorm, eval mode", "no normalisation"):
+        model, x, y = build(args.batch, args.classes, args.contiguous, args.model)
+        if variant.startswith("no"):
+            for name, module in list(model.named_modules()):
+                if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+                    model.set_submodule(name, nn.Identity())
+        if "eval" in variant:
+            model.eval()
+        rows = [(k, bf16) for bf16 in (False, True) for k in ("ce", "loop")]
+        times: dict[tuple[str, bool], list[float]] = {r: [] for r in rows}
+        for r in range(4):
+            for key in rows[r % 4 :] + rows[: r % 4]:
+                seconds = once(steps[key[0]], model, x, y, key[1])
+                if r:
+                    times[key].append(seconds)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        kinds = {}
+        for key in rows:
+            with _OpTimer() as timer:
+                once(steps[key[0]], model, x, y, key[1])
+            kinds[key] = timer.seconds
+        ratio = [med["loop", b] / med["ce", b] for b in (False, True)]
+        for step in ("ce", "loop"):
+            f, b = kinds[step, False], kinds[step, True]
+            other_f, other_b = f["other"] + f["mixed"], b["other"] + b["mixed"]
+            print(f"| {variant} | {step} | {1e3 * med[step, False]:.0f} | {1e3 * med[step, True]:.0f} "
+                  f"| {1e3 * f['conv']:.0f} → {1e3 * b['conv']:.0f} "
+                  f"| {1e3 * other_f:.0f} → {1e3 * other_b:.0f} | {1e3 * b['mixed']:.0f} "
+                  f"| {ratio[0]:.1f}x / {ratio[1]:.1f}x ({ratio[1] / ratio[0]:.2f}) |", flush=True)  # fmt: skip
+
+
 def compiled(args: argparse.Namespace) -> None:
     """A compiled CE + GQ step (GQ is a graph break: it runs eagerly) against the eager step."""
     model, x, y = build(args.batch, args.classes, args.contiguous, args.model)
@@ -221,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contiguous", action="store_true", help="not channels_last")
     parser.add_argument("--sum-check", action="store_true", help="time BatchNorm's reduction")
     parser.add_argument("--compiled-row", default="loop")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="convolutions against the other ops, by precision"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.sum_check:
         sum_check(args)
+    elif args.breakdown:
+        breakdown(args)
     elif args.profile:
         profile(args)
     elif args.compiled:
