@@ -51,6 +51,11 @@ def test_paired_interval(study: Any) -> None:
     assert math.isnan(study.report.paired([0.5])[1])
 
 
+def test_absolute_values_show_no_spread_for_one_seed(study: Any) -> None:
+    assert study.report.ms([0.5, 0.7]) == "60.0 ± 14.1"  # sample std, ddof = 1
+    assert study.report.ms([0.854]) == "85.4"  # not "85.4 ± 0.0"
+
+
 def test_arms_train_for_their_steps_across_epochs(study: Any) -> None:
     x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 10
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))

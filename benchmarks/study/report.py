@@ -257,9 +257,10 @@ def paper_regimes(runs: dict, real: list[str], head: dict) -> list[str]:
 
 
 def ms(values: list[float]) -> str:
-    """``mean ± std`` in percent."""
-    sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{100 * np.mean(values):.1f} ± {100 * sd:.1f}"
+    """``mean ± std`` in percent; one value has no std and is shown alone."""
+    if len(values) < 2:
+        return f"{100 * np.mean(values):.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
 
 
 def dose_arm(name: str, steps: int) -> str:
