@@ -153,8 +153,9 @@ def profile(args: argparse.Namespace) -> None:
     step = make_steps()[args.profile]
     for bf16 in (False, True):
         once(step, model, x, y, bf16)  # warm-up
-        with torch.profiler.profile(record_shapes=True) as prof:
-            once(step, model, x, y, bf16)
+        for _ in range(2):  # the first profiled step of a process runs 2x slower: not shown
+            with torch.profiler.profile(record_shapes=True) as prof:
+                once(step, model, x, y, bf16)
         print(f"\n## {args.profile}, {'bf16 autocast' if bf16 else 'float32'}\n")
         print(
             prof.key_averages(group_by_input_shape=True).table(
