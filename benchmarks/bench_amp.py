@@ -187,7 +187,8 @@ def breakdown(args: argparse.Namespace) -> None:
     """Where the bf16 time goes: CE and loop steps split into convolutions and the other ops, on
     the net as it is, with BatchNorm in eval mode, and with its normalisation layers removed."""
     steps = make_steps()
-    print(f"{args.model}, channels_last, batch {args.batch}, N = {args.classes}, 1 thread; "
+    layout = "contiguous" if args.contiguous else "channels_last"
+    print(f"{args.model}, {layout}, batch {args.batch}, N = {args.classes}, 1 thread; "
           "ms of one step (medians of 3), and of its aten ops by kind (one step)\n")  # fmt: skip
     print("| net | step | float32 ms | bf16 ms | convolutions f32 → bf16 | other ops f32 → bf16 "
           "| of which mixed-dtype (bf16) | loop ÷ CE f32 / bf16 |")  # fmt: skip
@@ -214,13 +215,17 @@ def breakdown(args: argparse.Namespace) -> None:
                 once(steps[key[0]], model, x, y, key[1])
             kinds[key] = timer.seconds
         ratio = [med["loop", b] / med["ce", b] for b in (False, True)]
+        ratios = {
+            "ce": "",
+            "loop": f"{ratio[0]:.1f}x / {ratio[1]:.1f}x ({ratio[1] / ratio[0]:.2f})",
+        }
         for step in ("ce", "loop"):
             f, b = kinds[step, False], kinds[step, True]
             other_f, other_b = f["other"] + f["mixed"], b["other"] + b["mixed"]
             print(f"| {variant} | {step} | {1e3 * med[step, False]:.0f} | {1e3 * med[step, True]:.0f} "
                   f"| {1e3 * f['conv']:.0f} → {1e3 * b['conv']:.0f} "
                   f"| {1e3 * other_f:.0f} → {1e3 * other_b:.0f} | {1e3 * b['mixed']:.0f} "
-                  f"| {ratio[0]:.1f}x / {ratio[1]:.1f}x ({ratio[1] / ratio[0]:.2f}) |", flush=True)  # fmt: skip
+                  f"| {ratios[step]} |", flush=True)  # fmt: skip
 
 
 def compiled(args: argparse.Namespace) -> None:
