@@ -94,6 +94,28 @@ def once(step: Step, model: nn.Module, x: Tensor, y: Tensor, bf16: bool) -> floa
     return time.perf_counter() - start
 
 
+def interleaved_medians(
+    steps: dict[str, Step],
+    rows: list[tuple[str, bool]],
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    repeats: int,
+    label: str = "",
+) -> dict[tuple[str, bool], float]:
+    """Median seconds of each ``(step name, bf16)`` row over ``repeats`` rounds after a warm-up
+    round; each round starts with another row."""
+    times: dict[tuple[str, bool], list[float]] = {r: [] for r in rows}
+    for r in range(1 + repeats):
+        k = r % len(rows)
+        for name, bf16 in rows[k:] + rows[:k]:
+            seconds = once(steps[name], model, x, y, bf16)
+            if r:
+                times[name, bf16].append(seconds)
+        print(f"# {label}round {r} done", file=sys.stderr, flush=True)
+    return {row: statistics.median(v) for row, v in times.items()}
+
+
 def table(args: argparse.Namespace) -> None:
     model, x, y = build(args.batch, args.classes, args.contiguous, args.model)
     steps = make_steps()
@@ -189,7 +211,7 @@ def breakdown(args: argparse.Namespace) -> None:
     steps = make_steps()
     layout = "contiguous" if args.contiguous else "channels_last"
     print(f"{args.model}, {layout}, batch {args.batch}, N = {args.classes}, 1 thread; "
-          "ms of one step (medians of 3), and of its aten ops by kind (one step)\n")  # fmt: skip
+          f"ms of one step (medians of {args.repeats}), and of its aten ops by kind (one step)\n")  # fmt: skip
     print("| net | step | float32 ms | bf16 ms | convolutions f32 → bf16 | other ops f32 → bf16 "
           "| of which mixed-dtype (bf16) | loop ÷ CE f32 / bf16 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
@@ -202,13 +224,7 @@ def breakdown(args: argparse.Namespace) -> None:
         if "eval" in variant:
             model.eval()
         rows = [(k, bf16) for bf16 in (False, True) for k in ("ce", "loop")]
-        times: dict[tuple[str, bool], list[float]] = {r: [] for r in rows}
-        for r in range(4):
-            for key in rows[r % 4 :] + rows[: r % 4]:
-                seconds = once(steps[key[0]], model, x, y, key[1])
-                if r:
-                    times[key].append(seconds)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians(steps, rows, model, x, y, args.repeats, f"{variant}: ")
         kinds = {}
         for key in rows:
             with _OpTimer() as timer:

@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
-import sys
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from bench_amp import build, once
+from bench_amp import build, interleaved_medians
 from torch import Tensor, nn
 
 from gq_loss import _torch_internals
@@ -85,14 +83,7 @@ def table(args: argparse.Namespace, name: str) -> None:
         "channels_last": gq_step("channels_last"),
     }
     rows = [(k, bf16) for bf16 in (False, True) for k in steps]
-    times: dict[tuple[str, bool], list[float]] = {r: [] for r in rows}
-    for r in range(1 + args.repeats):
-        for key in rows[r % len(rows) :] + rows[: r % len(rows)]:
-            seconds = once(steps[key[0]], model, x, y, key[1])
-            if r:
-                times[key].append(seconds)
-        print(f"# {name}: round {r} done", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(steps, rows, model, x, y, args.repeats, f"{name}: ")
     errors = {
         lay: gradient_error(name, args.precision_batch, lay) for lay in ("default", "channels_last")
     }

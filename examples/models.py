@@ -14,8 +14,8 @@ CIFAR models (32x32 input), the architectures of the paper plus two small CPU mo
 ``madry_resnet``   "Madry's ResNet" of the paper: pre-activation WideResNet-34, widen factor 1
 ``fast_cnn``       the airbench-style network of ``fast_cifar.py`` (64/256/256 channels, 2.0 M
                    parameters, 89.6 % on the data pack's JPEG CIFAR-10 with its own recipe,
-                   ``train_cifar.py --recipe fast``); 3-channel input only, and its whitening layer is set from data by
-                   ``fast_cifar.init_whitening`` before training
+                   ``train_cifar.py --recipe fast``); 3-channel input only, and its whitening
+                   layer is set from data by ``fast_cifar.init_whitening`` before training
 =================  ==========================================================================
 
 ImageNet-size models (for ``finetune_imagenet30.py``):
