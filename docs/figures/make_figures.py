@@ -3,9 +3,10 @@
     python docs/figures/make_figures.py          # all four, about 30 s (the demo runs once)
     python docs/figures/make_figures.py --no-demo
 
-- ``answer.png`` (docs/answer.md): what each choice bought in the decision study, paired
-  differences with 95 % intervals, read from the committed per-run JSON files of
-  ``docs/reproduction/study_long/`` with the study's own pairing (``benchmarks/study``).
+- ``answer.png`` (docs/answer.md): what each choice bought in the decision study on both
+  networks, paired differences with 95 % intervals, read from the committed per-run JSON files
+  of ``docs/reproduction/study_long/`` (small CNN) and ``docs/reproduction/study_fast/``
+  (``fast_cnn``) with the study's own pairing (``benchmarks/study``).
 - ``cost.png`` (docs/answer.md, docs/benchmarks.md): the cost of a training step of each GQ
   set-up relative to a CE step, from the study's ``step_costs.json`` (measured side by side).
 - ``protocol.png`` (docs/ood.md): the detectors' protocol, fit / calibrate / predict.
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STUDY = ROOT / "docs" / "reproduction" / "study_long"
+STUDY_FAST = ROOT / "docs" / "reproduction" / "study_fast"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # (arm, control or None for the arm's own, label); every difference is arm - control
@@ -37,6 +39,19 @@ CHOICES = (
     ("gq_1_k1_s320", None, "CE + 1·GQ (sampled K = 1), 320 steps"),
     ("ce_s1600", "gq_1_s80", "CE for 1,600 steps, against CE + GQ\nfor 80 (the same compute)"),
     ("scratch_gq_1_k1", None, "CE + 1·GQ from scratch (K = 1), 5 epochs"),
+    ("gq_only_k1_s390", None, "GQ alone (no CE), 1 epoch"),
+)
+CHOICES_FAST = (
+    ("gq_0.1_k1_s80", None, "CE + 0.1·GQ (K = 1), 80 steps"),
+    ("gq_1_k1_s80", None, "CE + 1·GQ (K = 1), 80 steps"),
+    ("gq_3_k1_s80", None, "CE + 3·GQ (K = 1), 80 steps"),
+    ("gq_1_s80", None, "CE + 1·GQ (exact), 80 steps"),
+    (
+        "ce_s500",
+        "gq_1_k1_s80",
+        "CE for 500 steps, against CE + GQ\n(K = 1) for 80 (the same compute)",
+    ),
+    ("scratch_gq_1_k1", None, "CE + 1·GQ from scratch (K = 1), 10 epochs"),
     ("gq_only_k1_s390", None, "GQ alone (no CE), 1 epoch"),
 )
 
@@ -50,43 +65,60 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def answer_figure(out: Path) -> None:
+def _choice_rows(study: Path, choices: tuple[tuple[str, str | None, str], ...]) -> list[tuple]:
+    """(label, Δ ODIN AUROC, Δ accuracy) of each choice; each Δ a (mean, half-width) pair."""
     from study.report import compare, odin_auroc
     from study.results import load_runs
 
-    runs = load_runs(str(STUDY))
+    runs = load_runs(str(study))
     real = ["MNIST", "textures", "photos"]
     rows = []
-    for arm, control, label in CHOICES:
+    for arm, control, label in choices:
         seeds, auroc = compare(runs, arm, lambda r: odin_auroc(r, real), control)
         _, acc = compare(runs, arm, lambda r: r["accuracy"], control)
-        rows.append((f"{label}\n({len(seeds)} seeds)", auroc, acc))
+        rows.append((f"{label}\n({len(seeds)} seed{'s' if len(seeds) > 1 else ''})", auroc, acc))
+    return rows
+
+
+def answer_figure(out: Path) -> None:
+    networks = (
+        ("small CNN, 72 %", _choice_rows(STUDY, CHOICES)),
+        ("fast_cnn, 89.6 %", _choice_rows(STUDY_FAST, CHOICES_FAST)),
+    )
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    fig, grid = plt.subplots(
+        2, 2, figsize=(11, 9.4), sharex=True,
+        gridspec_kw={"height_ratios": [len(rows) for _, rows in networks]},
+    )  # fmt: skip
     limits = (-6.0, 6.0)
-    for ax, k, title in zip(
-        axes, (1, 2), ("Δ ODIN AUROC (points)", "Δ ID accuracy (points)"), strict=True
-    ):
-        for y, row in enumerate(rows):
-            mean, half = (100 * v for v in row[k])
-            shown = min(max(mean, limits[0]), limits[1])
-            colour = "tab:green" if mean - half > 0 else "tab:red" if mean + half < 0 else "grey"
-            if shown != mean:  # off the axis: a marker at its edge, and the value
-                ax.plot(shown, y, marker="<" if mean < 0 else ">", color=colour, markersize=9)
-                ax.text(shown + (0.4 if mean < 0 else -0.4), y - 0.3, f"{mean:+.0f} ± {half:.0f}",
-                        color=colour, ha="left" if mean < 0 else "right", fontsize=9)  # fmt: skip
-            else:
-                ax.errorbar(mean, y, xerr=0 if math.isnan(half) else half, fmt="o",
-                            color=colour, capsize=4)  # fmt: skip
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_xlim(*limits)
-        ax.set_title(title)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8.5)
-    axes[0].invert_yaxis()
+    for axes, (network, rows) in zip(grid, networks, strict=True):
+        for ax, k, title in zip(
+            axes, (1, 2), ("Δ ODIN AUROC (points)", "Δ ID accuracy (points)"), strict=True
+        ):
+            for y, row in enumerate(rows):
+                mean, half = (100 * v for v in row[k])
+                shown = min(max(mean, limits[0]), limits[1])
+                colour = (
+                    "tab:green" if mean - half > 0 else "tab:red" if mean + half < 0 else "grey"
+                )
+                if shown != mean:  # off the axis: a marker at its edge, and the value
+                    ax.plot(shown, y, marker="<" if mean < 0 else ">", color=colour, markersize=9)
+                    text = f"{mean:+.0f}" if math.isnan(half) else f"{mean:+.0f} ± {half:.0f}"
+                    ax.text(shown + (0.4 if mean < 0 else -0.4), y - 0.3, text, color=colour,
+                            ha="left" if mean < 0 else "right", fontsize=9)  # fmt: skip
+                else:
+                    ax.errorbar(mean, y, xerr=0 if math.isnan(half) else half, fmt="o",
+                                color=colour, capsize=4)  # fmt: skip
+            ax.axvline(0, color="black", linewidth=0.8)
+            ax.set_xlim(*limits)
+            ax.set_ylim(len(rows) - 0.5, -0.5)
+            ax.set_title(f"{title}, {network}", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8.5)
+        axes[1].set_yticks(range(len(rows)), [])
     fig.suptitle(
-        "What each choice bought against CE (small CNN, CIFAR-10; mean and 95 % interval over "
-        "seeds)\ngreen: better than CE, red: worse, grey: cannot be told from CE",
+        "What each choice bought against CE (CIFAR-10; mean and 95 % interval over seeds)\n"
+        "green: better than CE, red: worse, grey: cannot be told from CE",
         fontsize=10.5,
     )
     fig.tight_layout()
