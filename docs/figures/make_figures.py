@@ -90,7 +90,7 @@ def answer_figure(out: Path) -> None:
         2, 2, figsize=(11, 9.4), sharex=True,
         gridspec_kw={"height_ratios": [len(rows) for _, rows in networks]},
     )  # fmt: skip
-    limits = (-6.0, 6.0)
+    limits = (-9.0, 9.0)
     for axes, (network, rows) in zip(grid, networks, strict=True):
         for ax, k, title in zip(
             axes, (1, 2), ("Δ ODIN AUROC (points)", "Δ ID accuracy (points)"), strict=True
